@@ -1,0 +1,208 @@
+"""The DDPM U-Net ε_θ(x_t, t[, y]) (Ho et al. 2020, `diffusion_tf/models/unet.py`), NHWC.
+
+Parameters are always float32; `dtype` only sets the compute precision. Parameter names
+follow the official TensorFlow code (`down_0_block_0`, `mid_attn_1`, `conv_out`, …).
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# DDPM's `default_init`: variance scaling with scale 1, fan_avg, uniform (Glorot uniform).
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zero_init = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of timesteps t [batch] → [batch, dim] float32.
+
+  With h = dim // 2 and frequencies f_i = max_period^(−i / (h − 1)), i = 0 … h−1:
+      emb(t) = [sin(t·f_0), …, sin(t·f_{h−1}), cos(t·f_0), …, cos(t·f_{h−1})],
+  zero-padded by one column when dim is odd (as in the DDPM code).
+  """
+  if dim < 4:
+    raise ValueError(f"timestep embedding dim must be at least 4, got {dim}")
+  half_dim = dim // 2
+  freqs = jnp.exp(-math.log(max_period) / (half_dim - 1) * jnp.arange(half_dim, dtype=jnp.float32))
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """The largest group count ≤ max_groups that divides `channels` (32 for DDPM widths)."""
+  return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def group_norm(channels: int, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1,
+            zero: bool = False) -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=zero_init if zero else default_init,
+                 name=name)
+
+
+def dense(features: int, dtype: jnp.dtype, name: str, zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=zero_init if zero else default_init, name=name)
+
+
+class ResBlock(nn.Module):
+  """GroupNorm → SiLU → conv, + projected time embedding, GroupNorm → SiLU → dropout → conv."""
+  out_ch: int
+  dropout: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    in_ch = x.shape[-1]
+    h = nn.silu(group_norm(in_ch, self.dtype, "norm1")(x))
+    h = conv3x3(self.out_ch, self.dtype, "conv1")(h)
+    h = h + dense(self.out_ch, self.dtype, "temb_proj")(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(group_norm(self.out_ch, self.dtype, "norm2")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = conv3x3(self.out_ch, self.dtype, "conv2", zero=True)(h)
+    if in_ch != self.out_ch:
+      x = dense(self.out_ch, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over the H·W positions, with a residual connection."""
+  num_heads: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, height, width, channels = x.shape
+    if channels % self.num_heads:
+      raise ValueError(f"{channels} channels do not split into {self.num_heads} attention heads")
+    head_dim = channels // self.num_heads
+    h = group_norm(channels, self.dtype, "norm")(x)
+    q, k, v = (
+        dense(channels, self.dtype, name)(h).reshape(batch, height * width, self.num_heads,
+                                                     head_dim)
+        for name in ("q", "k", "v"))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, channels)
+    return x + dense(channels, self.dtype, "proj_out", zero=True)(h)
+
+
+class Downsample(nn.Module):
+  """Halve H and W: 3×3 conv with stride 2, or 2×2 average pooling."""
+  with_conv: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return conv3x3(x.shape[-1], self.dtype, "conv", strides=2)(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Double H and W: nearest neighbour, then (optionally) a 3×3 conv."""
+  with_conv: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = conv3x3(x.shape[-1], self.dtype, "conv")(x)
+    return x
+
+
+class UNet(nn.Module):
+  """The DDPM noise-prediction network.
+
+  `attn_resolutions` lists feature-map heights (e.g. (16,)) where self-attention is used.
+  With `num_classes > 0`, labels index an embedding table of `num_classes + 1` rows whose
+  last row (label `num_classes`) means "no label", for classifier-free guidance.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  out_channels: int = 3
+  num_classes: int = 0
+  dtype: str = "float32"
+  resamp_with_conv: bool = True
+  num_heads: int = 1
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    """x [B, H, W, C], t [B] timestep indices, y [B] labels or None → ε̂ [B, H, W, out] f32."""
+    if x.ndim != 4:
+      raise ValueError(f"UNet expects NHWC images of rank 4, got shape {x.shape}")
+    batch, height, width, _ = x.shape
+    factor = 2**(len(self.ch_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+          f"image size {height}x{width} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
+          f"(ch_mult={tuple(self.ch_mult)})")
+    dtype = jnp.dtype(self.dtype)
+    temb_dim = 4 * self.ch
+    block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+    def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
+      return block_cls(out_ch, self.dropout, dtype, name=name)(h, temb, train)
+
+    def attn_block(h: jax.Array, name: str) -> jax.Array:
+      return AttnBlock(self.num_heads, dtype, name=name)(h)
+
+    t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+    temb = dense(temb_dim, dtype, "temb_dense0")(timestep_embedding(t, self.ch))
+    temb = dense(temb_dim, dtype, "temb_dense1")(nn.silu(temb))
+    if self.num_classes > 0:
+      if y is None:
+        y = jnp.full((batch,), self.num_classes, jnp.int32)
+      temb = temb + nn.Embed(self.num_classes + 1, temb_dim, dtype=dtype,
+                             param_dtype=jnp.float32, name="class_embed")(y)
+    elif y is not None:
+      raise ValueError("class labels y were given, but the model has num_classes=0 "
+                       "(unconditional); set num_classes > 0 or pass y=None")
+
+    hs = [conv3x3(self.ch, dtype, "conv_in")(x)]
+    for level, mult in enumerate(self.ch_mult):
+      for block in range(self.num_res_blocks):
+        h = res_block(hs[-1], self.ch * mult, f"down_{level}_block_{block}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(h, f"down_{level}_attn_{block}")
+        hs.append(h)
+      if level != len(self.ch_mult) - 1:
+        hs.append(Downsample(self.resamp_with_conv, dtype, name=f"down_{level}_downsample")(hs[-1]))
+
+    h = hs[-1]
+    h = res_block(h, h.shape[-1], "mid_block_1")
+    h = attn_block(h, "mid_attn_1")
+    h = res_block(h, h.shape[-1], "mid_block_2")
+
+    for level, mult in reversed(list(enumerate(self.ch_mult))):
+      for block in range(self.num_res_blocks + 1):
+        h = res_block(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * mult,
+                      f"up_{level}_block_{block}")
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(h, f"up_{level}_attn_{block}")
+      if level != 0:
+        h = Upsample(self.resamp_with_conv, dtype, name=f"up_{level}_upsample")(h)
+
+    h = nn.silu(group_norm(h.shape[-1], dtype, "norm_out")(h))
+    h = conv3x3(self.out_channels, dtype, "conv_out", zero=True)(h)
+    return h.astype(jnp.float32)
+
+
+def count_params(params) -> int:
+  """Total number of scalars in a parameter pytree (arrays or `jax.ShapeDtypeStruct`s)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
