@@ -1,6 +1,8 @@
-"""Test setup: eight simulated CPU devices, so parity between 1 and N devices is testable."""
+"""Test setup: eight simulated CPU devices, so parity between 1 and N devices is testable, and a
+persistent compilation cache, so a program compiled by one test is reused by the next."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,3 +10,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "jaxdiff-test-compilation-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

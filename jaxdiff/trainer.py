@@ -1,0 +1,204 @@
+"""The training job: data → compiled train step → metrics, sample grids and checkpoints.
+
+`train(config, workdir)` is everything `train.py` does. It resumes from the newest good
+checkpoint in `workdir` and runs until `config.train.num_steps` steps in total. SIGTERM or
+Ctrl-C saves a checkpoint at the current step and returns cleanly.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training
+from jaxdiff.metric_writer import MetricWriter
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+@dataclasses.dataclass
+class TrainSummary:
+  first_step: int
+  last_step: int
+  seconds: float
+  final_loss: float
+  workdir: str
+  preempted: bool = False
+
+  def __str__(self) -> str:
+    stopped = " (stopped by signal; rerun the same command to resume)" if self.preempted else ""
+    return (f"trained steps {self.first_step}→{self.last_step} in {self.seconds:.0f}s, final loss "
+            f"{self.final_loss:.4f}{stopped}; checkpoints, metrics.jsonl, tensorboard/ and "
+            f"samples/ are in {self.workdir}")
+
+
+class StopSignal:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = None
+
+  @contextlib.contextmanager
+  def installed(self):
+    def handler(signum, frame):
+      del frame
+      self.received = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+
+def save_resolved_config(config, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
+  """A uint8 grid of `config.sample.num_samples` images from the EMA params."""
+  size, channels = config.data.image_size, config.data.num_channels
+  labels = None
+  if config.model.num_classes:
+    labels = np.arange(config.sample.num_samples) % config.model.num_classes
+  result = sampling.generate(
+      model.apply, {"params": ema_params}, schedule, key,
+      num_samples=config.sample.num_samples, image_shape=(size, size, channels),
+      batch_size=config.sample.batch_size, sampler=config.sample.sampler,
+      num_steps=config.sample.num_steps, prediction=config.diffusion.prediction,
+      clip_x0=config.sample.clip_x0, labels=labels, num_classes=config.model.num_classes,
+      guidance_scale=config.sample.guidance_scale, mesh=mesh, progress=False)
+  return images.make_grid(images.to_uint8(np.asarray(result["images"])))
+
+
+def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
+  """{'loss_t_bin_0': mean loss of the first tenth of t, …}; bins with no draws are left out."""
+  return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
+
+
+def train(config, workdir: str) -> TrainSummary:
+  """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  train_config = config.train
+  is_chief = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  parallel.check_divisible(train_config.batch_size, mesh)
+  data.check_model_compatible(config.data, config.model)
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    save_resolved_config(config, workdir)
+
+  model = training.create_model(config)
+  schedule = schedules.from_config(config.diffusion)
+  key = jax.random.key(config.seed)
+  init_key, sample_key = jax.random.split(key)
+  train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh)
+
+  checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
+  if checkpointer.latest_step() is None:
+    state = jax.jit(functools.partial(training.init_state, config, model),
+                    out_shardings=parallel.replicated(mesh))(init_key)
+  else:
+    abstract_state = checkpoint.abstract_train_state(config, model, mesh)
+    state, data_state, _ = checkpointer.restore(abstract_state, config=config)
+    train_iter.set_state(data_state)
+  first_step = int(state.step)
+  train_step = training.make_train_step(model, schedule, config, mesh)
+  writer = MetricWriter(workdir, enabled=is_chief)
+
+  def save(step, wait=False):
+    checkpointer.save(step, state, train_iter.get_state(), config, wait=wait)
+
+  def write_samples(step):
+    grid = sample_grid(model, state.ema_params, schedule, config, mesh,
+                       jax.random.fold_in(sample_key, step))
+    if is_chief:
+      images.save_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grid)
+      writer.write_image(step, "samples", grid)
+
+  start_time = time.perf_counter()
+  last_loss, nonfinite_in_a_row, step = float("nan"), 0, first_step
+  window = {"metrics": [], "time": time.perf_counter()}
+  pending = None  # the previous step's metrics, read after the next step is dispatched
+  progress = tqdm(total=train_config.num_steps, initial=first_step, disable=not is_chief,
+                  unit="step", dynamic_ncols=True)
+
+  def finish_step(step, metrics):
+    """Host-side bookkeeping for a completed step (its metrics are ready or nearly so)."""
+    nonlocal last_loss, nonfinite_in_a_row
+    metrics = jax.device_get(metrics)
+    if metrics["finite"]:
+      nonfinite_in_a_row, last_loss = 0, float(metrics["loss"])
+    else:
+      nonfinite_in_a_row += 1
+      logging.warning("step %d: non-finite loss or gradient (%s in a row); update skipped",
+                      step, nonfinite_in_a_row)
+    window["metrics"].append(metrics)
+    progress.update(1)
+    if step % train_config.log_every == 0 or step == train_config.num_steps:
+      log_window(step)
+    if nonfinite_in_a_row >= train_config.max_nonfinite_steps:
+      raise TrainingError(
+          f"the loss or gradient was non-finite for {nonfinite_in_a_row} steps in a row (last: "
+          f"step {step}); stopped without saving. The newest checkpoint in {workdir} holds the "
+          f"last good state. Lower train.learning_rate or check the data, then rerun.")
+
+  def log_window(step):
+    seconds = time.perf_counter() - window["time"]
+    history = window["metrics"]
+    steps_per_sec = len(history) / max(seconds, 1e-9)
+    finite = [m for m in history if m["finite"]]
+    scalars = {
+        "loss": np.mean([m["loss"] for m in finite]) if finite else float("nan"),
+        "grad_norm": np.mean([m["grad_norm"] for m in finite]) if finite else float("nan"),
+        "learning_rate": history[-1]["learning_rate"],
+        "steps_per_sec": steps_per_sec,
+        "images_per_sec": steps_per_sec * train_config.batch_size,
+        "nonfinite_steps": len(history) - len(finite),
+        **loss_by_t_scalars(np.sum([m["loss_bin_sum"] for m in finite], axis=0),
+                            np.sum([m["loss_bin_count"] for m in finite], axis=0)),
+    }
+    writer.write(step, scalars)
+    progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
+    window["metrics"], window["time"] = [], time.perf_counter()
+
+  sample_every = train_config.sample_every  # 0: no sample grids
+  stop = StopSignal()
+  try:
+    with stop.installed():
+      for step in range(first_step + 1, train_config.num_steps + 1):
+        state, metrics = train_step(state, next(train_iter))
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step, metrics)
+        if step % train_config.checkpoint_every == 0:
+          save(step)
+        if sample_every and step % sample_every == 0:
+          write_samples(step)
+        if stop.received:
+          break
+      if pending is not None:
+        finish_step(*pending)
+      if stop.received:
+        logging.warning("received %s: saving a checkpoint at step %d", stop.received, step)
+      if step > first_step:
+        save(step, wait=True)
+        if sample_every and not stop.received and step % sample_every:
+          write_samples(step)
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+  return TrainSummary(first_step, step, time.perf_counter() - start_time, last_loss, workdir,
+                      preempted=bool(stop.received))
