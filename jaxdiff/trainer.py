@@ -159,16 +159,17 @@ def train(config, workdir: str) -> TrainSummary:
     history = window["metrics"]
     steps_per_sec = len(history) / max(seconds, 1e-9)
     finite = [m for m in history if m["finite"]]
+    mean_of = lambda name: np.mean([m[name] for m in finite], axis=0) if finite else np.nan
     scalars = {
-        "loss": np.mean([m["loss"] for m in finite]) if finite else float("nan"),
-        "grad_norm": np.mean([m["grad_norm"] for m in finite]) if finite else float("nan"),
+        "loss": mean_of("loss"),
+        "grad_norm": mean_of("grad_norm"),
         "learning_rate": history[-1]["learning_rate"],
         "steps_per_sec": steps_per_sec,
         "images_per_sec": steps_per_sec * train_config.batch_size,
         "nonfinite_steps": len(history) - len(finite),
-        **loss_by_t_scalars(np.sum([m["loss_bin_sum"] for m in finite], axis=0),
-                            np.sum([m["loss_bin_count"] for m in finite], axis=0)),
     }
+    if finite:
+      scalars.update(loss_by_t_scalars(mean_of("loss_bin_sum"), mean_of("loss_bin_count")))
     writer.write(step, scalars)
     progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
     window["metrics"], window["time"] = [], time.perf_counter()

@@ -1,0 +1,98 @@
+"""The training job end to end: exact resume, the NaN guard, and `train.py` as a user runs it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff import checkpoint, trainer
+from test_training import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+def job_config(data_dir, **train):
+  config = tiny_config()
+  config.data.data_dir = data_dir
+  config.train.update({"batch_size": 16, "log_every": 1, "checkpoint_every": 3, "sample_every": 0,
+                       **train})
+  return config
+
+
+def logged(workdir, key="loss"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r[key] for r in records}
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  trainer.train(job_config(data_dir, num_steps=6), straight)
+  trainer.train(job_config(data_dir, num_steps=3), resumed)
+  summary = trainer.train(job_config(data_dir, num_steps=6), resumed)
+  assert (summary.first_step, summary.last_step) == (3, 6)
+  expected, actual = logged(straight), logged(resumed)
+  assert sorted(actual) == list(range(1, 7))
+  np.testing.assert_allclose([actual[s] for s in range(1, 7)],
+                             [expected[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_non_finite_losses_stop_training_and_keep_the_last_good_checkpoint(tmp_path, data_dir):
+  workdir = str(tmp_path)
+  config = job_config(data_dir, num_steps=40, learning_rate=1e30, warmup_steps=0,
+                      max_nonfinite_steps=3, checkpoint_every=1)
+  with pytest.raises(trainer.TrainingError, match="non-finite for 3 steps in a row"):
+    trainer.train(config, workdir)
+  steps = checkpoint.Checkpointer(workdir).all_steps()
+  assert steps and max(steps) < 40
+  ema_params, _, _ = checkpoint.load_for_sampling(workdir, mesh=None)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(ema_params)))
+
+
+@pytest.mark.slow
+def test_train_py_writes_everything_stops_on_sigterm_and_resumes(tmp_path, data_dir):
+  workdir = str(tmp_path / "work")
+  flags = [f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           "--config.model.ch=16", "--config.model.ch_mult=(1,2)",
+           "--config.model.num_res_blocks=1", "--config.diffusion.num_timesteps=20",
+           "--config.train.batch_size=16", "--config.train.log_every=2",
+           "--config.train.checkpoint_every=1000", "--config.sample.num_samples=8",
+           "--config.sample.batch_size=8", "--config.sample.num_steps=20"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  command = [sys.executable, os.path.join(REPO, "train.py")] + flags
+  process = subprocess.Popen(command + ["--config.train.num_steps=100000"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    assert process.poll() is None, process.stdout.read()
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  assert "stopped by signal" in output
+  stopped_at = checkpoint.Checkpointer(workdir).latest_step()
+  assert stopped_at is not None and stopped_at >= 2
+
+  finished = subprocess.run(command + [f"--config.train.num_steps={stopped_at + 4}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+  assert finished.returncode == 0, finished.stdout + finished.stderr
+  assert f"trained steps {stopped_at}→{stopped_at + 4}" in finished.stdout
+  for name in ("config.json", "metrics.jsonl", f"samples/step_{stopped_at + 4:07d}.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
+  assert checkpoint.Checkpointer(workdir).latest_step() == stopped_at + 4
+  record = json.loads(open(metrics).readline())
+  assert {"step", "loss", "learning_rate", "grad_norm", "steps_per_sec"} <= set(record)
