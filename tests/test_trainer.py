@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from jaxdiff import checkpoint, trainer
 from test_training import tiny_config
 
@@ -96,3 +98,43 @@ def test_train_py_writes_everything_stops_on_sigterm_and_resumes(tmp_path, data_
   assert checkpoint.Checkpointer(workdir).latest_step() == stopped_at + 4
   record = json.loads(open(metrics).readline())
   assert {"step", "loss", "learning_rate", "grad_norm", "steps_per_sec"} <= set(record)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one(tmp_path, data_dir):
+  """Two hosts of two CPU devices each (jax.distributed on localhost) log the losses that one
+  process computes alone: the data shards, the global batch and the collectives line up."""
+  workdir = str(tmp_path / "two_hosts")
+  overrides = {"data.data_dir": data_dir, "model.ch": 16, "model.ch_mult": (1, 2),
+               "model.num_res_blocks": 1, "model.dropout": 0.1,
+               "diffusion.num_timesteps": 20, "train.batch_size": 16, "train.log_every": 1,
+               "train.checkpoint_every": 3, "train.num_steps": 4, "train.sample_every": 0,
+               "train.warmup_steps": 0}
+  config = default.get_config()
+  for name, value in overrides.items():
+    section, field = name.split(".")
+    config[section][field] = value
+  flags = [f"--config.{name}={value}".replace(" ", "") for name, value in overrides.items()]
+  flags += [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_port()}",
+            "--num_processes=2"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  processes = [subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags,
+                                 f"--process_id={i}"], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output
+  assert "trained steps 0→4" in outputs[0] and "trained steps" not in outputs[1]
+  alone = str(tmp_path / "one_host")
+  trainer.train(config, alone)
+  np.testing.assert_allclose([logged(workdir)[s] for s in range(1, 5)],
+                             [logged(alone)[s] for s in range(1, 5)], rtol=1e-5)
+  assert checkpoint.Checkpointer(workdir).all_steps() == [3, 4]

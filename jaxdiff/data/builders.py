@@ -22,7 +22,9 @@ import io
 import os
 from typing import Iterator
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
@@ -142,7 +144,19 @@ PACKAGED_BUILDERS: dict[str, type[_PackagedDigits]] = {
 
 
 def prepared_builder(name: str, data_dir: str) -> _PackagedDigits:
-  """The builder of a packaged dataset, written to `data_dir` unless it already is there."""
+  """The builder of a packaged dataset, written to `data_dir` unless it already is there.
+
+  With several hosts, host 0 prepares first and the others wait: on a shared data_dir they
+  then find it prepared, on local disks each prepares its own copy.
+  """
+  if jax.process_index() == 0:
+    _prepare(name, data_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"jaxdiff: prepare {name}")
+  return _prepare(name, data_dir)
+
+
+def _prepare(name: str, data_dir: str) -> _PackagedDigits:
   builder = PACKAGED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
     builder.download_and_prepare(
