@@ -20,15 +20,6 @@ CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=
 DDPM_CIFAR10_PARAMS = 35_746_307  # the official diffusion_tf count (the paper's "35.7M")
 
 
-def make_inputs(key: jax.Array, shape: tuple[int, ...], num_classes: int = 0):
-  """A random image batch, timesteps in [0, 1000) and (if num_classes) labels."""
-  x_key, t_key, y_key = jax.random.split(key, 3)
-  x = jax.random.normal(x_key, shape)
-  t = jax.random.randint(t_key, (shape[0],), 0, 1000)
-  y = jax.random.randint(y_key, (shape[0],), 0, num_classes) if num_classes else None
-  return x, t, y
-
-
 @jax.jit
 def perturb(params, key: jax.Array, scale: float = 0.1):
   """Add noise to every parameter, so the zero-initialised layers stop hiding the rest."""
@@ -36,25 +27,30 @@ def perturb(params, key: jax.Array, scale: float = 0.1):
   return unravel(flat + scale * jax.random.normal(key, flat.shape))
 
 
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def apply(model: UNet, params, x, t, y=None, train: bool = False, dropout_key=None):
+  """`model.apply`, compiled once per (model, train, input structure) for the whole module."""
+  rngs = {} if dropout_key is None else {"dropout": dropout_key}
+  return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
+
+
 class Setup(NamedTuple):
   model: UNet
   x: jax.Array
   t: jax.Array
-  y: jax.Array | None
   params: dict  # as initialised
   perturbed: dict  # with noise added, so every layer matters
 
 
-def setup(num_classes: int = 0) -> Setup:
-  model = UNet(**TINY, num_classes=num_classes)
-  x, t, y = make_inputs(jax.random.key(0), (2, 8, 8, 3), num_classes)
-  params = jax.jit(model.init)(jax.random.key(1), x, t, y)["params"]
-  return Setup(model, x, t, y, params, perturb(params, jax.random.key(2)))
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Setup:
-  return setup()
+  """The TINY model, its inputs and parameters, initialised once for the whole module."""
+  model = UNet(**TINY)
+  x_key, t_key, init_key, noise_key = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(x_key, (2, 8, 8, 3))
+  t = jax.random.randint(t_key, (2,), 0, 1000)
+  params = jax.jit(model.init)(init_key, x, t)["params"]
+  return Setup(model, x, t, params, perturb(params, noise_key))
 
 
 @pytest.mark.parametrize("overrides, shape", [
@@ -68,9 +64,10 @@ def tiny() -> Setup:
 def test_output_shape_and_dtype(overrides, shape):
   config = {**TINY, **overrides}
   model = UNet(**config)
-  x, t, y = make_inputs(jax.random.key(0), shape, config.get("num_classes", 0))
-  variables = jax.eval_shape(model.init, jax.random.key(1), x, t, y)
-  out = jax.eval_shape(model.apply, variables, x, t, y)
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+  y = t if config.get("num_classes", 0) else None
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.key(1), x, t, y)
   assert out.shape == shape[:-1] + (config["out_channels"],)
   assert out.dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
@@ -78,17 +75,15 @@ def test_output_shape_and_dtype(overrides, shape):
 
 def test_fresh_network_predicts_zero(tiny):
   # conv_out is zero-initialised, as in DDPM.
-  out = jax.jit(tiny.model.apply)({"params": tiny.params}, tiny.x, tiny.t)
-  np.testing.assert_array_equal(out, 0.0)
+  np.testing.assert_array_equal(apply(tiny.model, tiny.params, tiny.x, tiny.t), 0.0)
 
 
 def test_bfloat16_computes_in_bfloat16(tiny):
-  variables = {"params": tiny.perturbed}
-  out32 = jax.jit(tiny.model.apply)(variables, tiny.x, tiny.t)
-  out16 = jax.jit(UNet(**TINY, dtype="bfloat16").apply)(variables, tiny.x, tiny.t)
+  out32 = apply(tiny.model, tiny.perturbed, tiny.x, tiny.t)
+  out16 = apply(UNet(**TINY, dtype="bfloat16"), tiny.perturbed, tiny.x, tiny.t)
   assert out16.dtype == jnp.float32
   assert not np.array_equal(out16, out32)
-  rel_err = jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32)
+  rel_err = np.linalg.norm(out16 - out32) / np.linalg.norm(out32)
   assert rel_err < 0.05
 
 
@@ -97,9 +92,10 @@ def test_built_from_config_dict():
                                             "resamp_with_conv": True, "num_heads": 1,
                                             "remat": False})
   model = UNet(**model_config)
-  x, t, _ = make_inputs(jax.random.key(0), (1, 8, 8, 3))
-  variables = jax.eval_shape(model.init, jax.random.key(1), x, t)
-  assert jax.eval_shape(model.apply, variables, x, t).shape == (1, 8, 8, 3)
+  x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  out, _ = jax.eval_shape(model.init_with_output, jax.random.key(1), x, t)
+  assert out.shape == (1, 8, 8, 3)
 
 
 def cifar10_param_count(**overrides) -> int:
@@ -132,78 +128,94 @@ def test_timestep_embedding_matches_float64_reference(dim):
 
 
 def train_loss(model: UNet, params, x, t, dropout_key):
-  out = model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_key})
-  return jnp.mean(out**2)
+  return jnp.mean(apply(model, params, x, t, train=True, dropout_key=dropout_key)**2)
+
+
+train_grads = jax.jit(jax.grad(train_loss, argnums=1), static_argnums=0)
 
 
 def test_param_gradients_are_finite_and_reach_the_input_conv(tiny):
-  grad_fn = jax.jit(jax.grad(train_loss, argnums=1), static_argnums=0)
-  grads = grad_fn(tiny.model, tiny.perturbed, tiny.x, tiny.t, jax.random.key(3))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  assert float(jnp.abs(grads["conv_in"]["kernel"]).max()) > 0
-  assert float(jnp.abs(grads["temb_dense0"]["kernel"]).max()) > 0
+  grads = train_grads(tiny.model, tiny.perturbed, tiny.x, tiny.t, jax.random.key(3))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert np.abs(grads["conv_in"]["kernel"]).max() > 0
+  assert np.abs(grads["temb_dense0"]["kernel"]).max() > 0
 
 
-def test_remat_keeps_params_and_gradients(tiny):
+def test_remat_checkpoints_every_res_block_and_keeps_params(tiny):
   rematted = UNet(**TINY, remat=True)
   remat_shapes = jax.eval_shape(rematted.init, jax.random.key(1), tiny.x, tiny.t)["params"]
   assert jax.tree.structure(remat_shapes) == jax.tree.structure(tiny.params)
-  grad_fn = jax.jit(jax.grad(train_loss, argnums=1), static_argnums=0)
-  args = (tiny.perturbed, tiny.x, tiny.t, jax.random.key(3))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grad_fn(rematted, *args), grad_fn(tiny.model, *args))
+  args = (tiny.params, tiny.x, tiny.t, jax.random.key(3))
+  grad_shapes = jax.eval_shape(train_grads, rematted, *args)
+  assert jax.tree.structure(grad_shapes) == jax.tree.structure(tiny.params)
+
+  def num_checkpoints(model: UNet) -> int:
+    jaxpr = jax.make_jaxpr(train_loss, static_argnums=0)(model, *args)
+    return str(jaxpr).count("remat")
+
+  num_res_blocks = len(TINY["ch_mult"]) * (2 * TINY["num_res_blocks"] + 1) + 2
+  assert num_checkpoints(rematted) == num_res_blocks
+  assert num_checkpoints(tiny.model) == 0
 
 
 def test_dropout_only_in_training(tiny):
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(train, key):
-    return tiny.model.apply({"params": tiny.perturbed}, tiny.x, tiny.t, train=train,
-                            rngs={"dropout": key})
+  def run(train, seed):
+    return apply(tiny.model, tiny.perturbed, tiny.x, tiny.t, train=train,
+                 dropout_key=jax.random.key(seed))
 
-  assert not np.allclose(run(True, jax.random.key(1)), run(True, jax.random.key(2)))
-  np.testing.assert_array_equal(run(False, jax.random.key(1)), run(False, jax.random.key(2)))
+  assert not np.allclose(run(True, 1), run(True, 2))
+  np.testing.assert_array_equal(run(False, 1), run(False, 2))
+  np.testing.assert_array_equal(run(False, 1), apply(tiny.model, tiny.perturbed, tiny.x, tiny.t))
 
 
 def test_timestep_conditions_the_output(tiny):
-  apply = jax.jit(tiny.model.apply)
-  variables = {"params": tiny.perturbed}
-  assert not np.allclose(apply(variables, tiny.x, tiny.t), apply(variables, tiny.x, tiny.t + 1))
+  t = jnp.full_like(tiny.t, 10)
+  out = apply(tiny.model, tiny.perturbed, tiny.x, t)
+  assert not np.allclose(out, apply(tiny.model, tiny.perturbed, tiny.x, t + 1))
+  # A scalar timestep is broadcast over the batch.
+  np.testing.assert_array_equal(out, apply(tiny.model, tiny.perturbed, tiny.x, t[0]))
 
 
-def test_class_label_conditions_the_output():
+def test_class_label_conditions_the_output(tiny):
   num_classes = 5
-  model, x, t, y, _, params = setup(num_classes)
-  apply = jax.jit(model.apply)
-  variables = {"params": params}
-  out_0 = apply(variables, x, t, jnp.zeros_like(y))
-  assert not np.allclose(out_0, apply(variables, x, t, jnp.ones_like(y)))
+  model = UNet(**TINY, num_classes=num_classes)
+  x, t, y = tiny.x, tiny.t, jnp.zeros_like(tiny.t)
+  shapes = jax.eval_shape(model.init, jax.random.key(1), x, t, y)["params"]
+  assert set(shapes) == set(tiny.params) | {"class_embed"}
+  table_shape = shapes["class_embed"]["embedding"].shape
+  assert table_shape == (num_classes + 1, 4 * TINY["ch"])
+  table = jax.random.normal(jax.random.key(5), table_shape)
+  params = {**tiny.perturbed, "class_embed": {"embedding": table}}
+  assert not np.allclose(apply(model, params, x, t, y), apply(model, params, x, t, y + 1))
   # y=None means "no label": the extra row num_classes of the embedding table.
-  np.testing.assert_array_equal(apply(variables, x, t),
-                                apply(variables, x, t, jnp.full_like(y, num_classes)))
+  np.testing.assert_array_equal(apply(model, params, x, t),
+                                apply(model, params, x, t, y + num_classes))
 
 
 def test_bad_spatial_size_is_a_clear_error():
   model = UNet(**{**TINY, "ch_mult": (1, 2, 2)})
-  x, t, _ = make_inputs(jax.random.key(0), (1, 6, 6, 3))
+  x = jax.ShapeDtypeStruct((1, 6, 6, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
   with pytest.raises(ValueError, match=r"6x6.*ch_mult=\(1, 2, 2\)"):
     jax.eval_shape(model.init, jax.random.key(1), x, t)
 
 
 def test_labels_for_unconditional_model_is_a_clear_error(tiny):
   with pytest.raises(ValueError, match="num_classes=0"):
-    tiny.model.apply({"params": tiny.params}, tiny.x, tiny.t, jnp.zeros_like(tiny.t))
+    apply(tiny.model, tiny.params, tiny.x, tiny.t, jnp.zeros_like(tiny.t))
 
 
 def test_wrong_rank_is_a_clear_error(tiny):
   with pytest.raises(ValueError, match="rank 4"):
-    tiny.model.apply({"params": tiny.params}, tiny.x[0], tiny.t)
+    apply(tiny.model, tiny.params, tiny.x[0], tiny.t)
 
 
+@pytest.mark.slow
 def test_adam_fits_a_fixed_noise_target(tiny):
   model = UNet(**{**TINY, "dropout": 0.0})
   x, t = tiny.x, tiny.t
   target = jax.random.normal(jax.random.key(4), x.shape)
-  optimizer = optax.adam(3e-3)
+  optimizer = optax.adam(1e-3)
 
   def mse(params):
     return jnp.mean((model.apply({"params": params}, x, t) - target)**2)
@@ -215,8 +227,8 @@ def test_adam_fits_a_fixed_noise_target(tiny):
       loss, grads = jax.value_and_grad(mse)(params)
       updates, opt_state = optimizer.update(grads, opt_state)
       return (optax.apply_updates(params, updates), opt_state), loss
-    (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), length=300)
+    (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), length=150)
     return losses[0], mse(params)
 
   initial, final = map(float, fit(tiny.params))
-  assert final < 0.2 * initial, (initial, final)
+  assert final < 0.1 * initial, (initial, final)

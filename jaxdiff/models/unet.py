@@ -26,7 +26,8 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> 
   if dim < 4:
     raise ValueError(f"timestep embedding dim must be at least 4, got {dim}")
   half_dim = dim // 2
-  freqs = jnp.exp(-math.log(max_period) / (half_dim - 1) * jnp.arange(half_dim, dtype=jnp.float32))
+  exponents = jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - 1)
+  freqs = jnp.exp(-math.log(max_period) * exponents)
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
   emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
@@ -86,10 +87,12 @@ class AttnBlock(nn.Module):
       raise ValueError(f"{channels} channels do not split into {self.num_heads} attention heads")
     head_dim = channels // self.num_heads
     h = group_norm(channels, self.dtype, "norm")(x)
-    q, k, v = (
-        dense(channels, self.dtype, name)(h).reshape(batch, height * width, self.num_heads,
-                                                     head_dim)
-        for name in ("q", "k", "v"))
+
+    def project(name: str) -> jax.Array:  # [B, H·W, heads, head_dim]
+      projected = dense(channels, self.dtype, name)(h)
+      return projected.reshape(batch, height * width, self.num_heads, head_dim)
+
+    q, k, v = project("q"), project("k"), project("v")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, height, width, channels)
@@ -143,7 +146,7 @@ class UNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
                train: bool = False) -> jax.Array:
-    """x [B, H, W, C], t [B] timestep indices, y [B] labels or None → ε̂ [B, H, W, out] f32."""
+    """x [B, H, W, C], t [B] (or scalar) timesteps, y [B] labels or None → [B, H, W, out] f32."""
     if x.ndim != 4:
       raise ValueError(f"UNet expects NHWC images of rank 4, got shape {x.shape}")
     batch, height, width, _ = x.shape
@@ -152,16 +155,11 @@ class UNet(nn.Module):
       raise ValueError(
           f"image size {height}x{width} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
           f"(ch_mult={tuple(self.ch_mult)})")
+    if y is not None and self.num_classes == 0:
+      raise ValueError("class labels y were given, but the model has num_classes=0 "
+                       "(unconditional); set num_classes > 0 or pass y=None")
     dtype = jnp.dtype(self.dtype)
     temb_dim = 4 * self.ch
-    block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-
-    def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
-      return block_cls(out_ch, self.dropout, dtype, name=name)(h, temb, train)
-
-    def attn_block(h: jax.Array, name: str) -> jax.Array:
-      return AttnBlock(self.num_heads, dtype, name=name)(h)
-
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     temb = dense(temb_dim, dtype, "temb_dense0")(timestep_embedding(t, self.ch))
     temb = dense(temb_dim, dtype, "temb_dense1")(nn.silu(temb))
@@ -170,9 +168,14 @@ class UNet(nn.Module):
         y = jnp.full((batch,), self.num_classes, jnp.int32)
       temb = temb + nn.Embed(self.num_classes + 1, temb_dim, dtype=dtype,
                              param_dtype=jnp.float32, name="class_embed")(y)
-    elif y is not None:
-      raise ValueError("class labels y were given, but the model has num_classes=0 "
-                       "(unconditional); set num_classes > 0 or pass y=None")
+
+    block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+    def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
+      return block_cls(out_ch, self.dropout, dtype, name=name)(h, temb, train)
+
+    def attn_block(h: jax.Array, name: str) -> jax.Array:
+      return AttnBlock(self.num_heads, dtype, name=name)(h)
 
     hs = [conv3x3(self.ch, dtype, "conv_in")(x)]
     for level, mult in enumerate(self.ch_mult):
@@ -182,7 +185,8 @@ class UNet(nn.Module):
           h = attn_block(h, f"down_{level}_attn_{block}")
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        hs.append(Downsample(self.resamp_with_conv, dtype, name=f"down_{level}_downsample")(hs[-1]))
+        downsample = Downsample(self.resamp_with_conv, dtype, name=f"down_{level}_downsample")
+        hs.append(downsample(hs[-1]))
 
     h = hs[-1]
     h = res_block(h, h.shape[-1], "mid_block_1")
