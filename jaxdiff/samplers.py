@@ -1,40 +1,225 @@
 """Samplers: each walks the reverse process inside one `jax.lax.scan` with a static step count.
 
-`apply_fn(variables, x_t, t)` returns the network output for a batch x_t at int timesteps
-t of shape [batch]; `prediction` says whether that output is ε, x0 or v.
+Every sampler has the signature
+
+    sampler(apply_fn, variables, schedule, key, shape, *, timesteps=None, prediction="eps",
+            clip_x0=..., trajectory_every=None, **options)
+
+`apply_fn(variables, x_t, t)` returns the network output for a batch x_t at int timesteps t of
+shape [batch]; `prediction` says whether that output is ε, x0 or v. `schedule` is indexed by
+step i = 0 … K−1 and `timesteps[i]` is the timestep the network sees at step i: the full
+chain is (schedule, arange(T)); a K-step sampler uses `respace(schedule, timesteps)` with the
+K timesteps from `spaced_timesteps`. With `trajectory_every=k` a sampler returns
+(x0, frames) where frames[0] is x_T and frames[j] is x after j·k steps (and the last frame x0).
+`x_init` fixes x_T instead of drawing it from `key`.
 """
 
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff import diffusion
+from jaxdiff import diffusion, schedules
 from jaxdiff.schedules import Schedule
 
 ApplyFn = Callable[..., jax.Array]
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
+
+
+def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """`num_steps` distinct timesteps of 0 … T−1, increasing.
+
+  uniform:   round(linspace(0, T−1, K))       — even steps, first 0 and last T−1 (iDDPM, DDIM);
+  trailing:  round(i·T/K) − 1, i = 1 … K      — even steps ending at T−1 (Lin et al. 2024);
+  quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
+  logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice).
+  Rounding collisions are pushed apart so that the K timesteps are distinct.
+  """
+  num_timesteps = schedule.num_timesteps
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be between 1 and T = {num_timesteps}, got {num_steps}")
+  if spacing == "uniform":
+    steps = np.linspace(0, num_timesteps - 1, num_steps)
+  elif spacing == "trailing":
+    steps = np.arange(1, num_steps + 1) * num_timesteps / num_steps - 1
+  elif spacing == "quadratic":
+    steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
+  elif spacing == "logsnr":
+    alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+    log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
+    targets = np.linspace(log_snr[-1], log_snr[0], num_steps)
+    steps = np.interp(targets, log_snr[::-1], np.arange(num_timesteps)[::-1])[::-1]
+  else:
+    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+  steps = np.clip(np.round(steps).astype(np.int64), 0, num_timesteps - 1)
+  for i in range(1, num_steps):
+    steps[i] = max(steps[i], steps[i - 1] + 1)
+  for i in range(num_steps - 1, -1, -1):
+    steps[i] = min(steps[i], num_timesteps - num_steps + i)
+  return steps
+
+
+def respace(schedule: Schedule, timesteps) -> Schedule:
+  """The process that visits only `timesteps` (Improved DDPM §4): ᾱ'_i = ᾱ_{timesteps[i]}, so
+  β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}} = 1 − ∏_{S_{i−1} < s ≤ S_i} (1 − β_s), computed in float64."""
+  timesteps = np.asarray(timesteps)
+  if timesteps.ndim != 1 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 \
+      or timesteps[-1] >= schedule.num_timesteps:
+    raise ValueError("timesteps must be strictly increasing indices into the schedule")
+  alphas = 1.0 - np.asarray(schedule.betas, np.float64)
+  bounds = np.append(-1, timesteps)
+  betas = [1.0 - np.prod(alphas[lo + 1:hi + 1]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+  return schedules.from_betas(betas)
+
+
+def _initial_noise(key, shape, x_init):
+  """x_T: the given one, or a draw from N(0, I)."""
+  return jax.random.normal(key, tuple(shape), jnp.float32) if x_init is None else x_init
+
+
+def _walk(step, carry, key, schedule: Schedule, timesteps, trajectory_every, x_of):
+  """Run `step(carry, (i, t, key)) -> carry` for i = K−1 … 0 in one scan (two with a
+  trajectory: whole chunks of `trajectory_every` steps, then the remainder)."""
+  num_steps = schedule.num_timesteps
+  timesteps = jnp.arange(num_steps) if timesteps is None else jnp.asarray(timesteps)
+  indices = jnp.arange(num_steps - 1, -1, -1)
+  xs = (indices, timesteps[indices], jax.random.split(key, num_steps))
+  scan_step = lambda c, inputs: (step(c, inputs), None)
+  if trajectory_every is None:
+    return jax.lax.scan(scan_step, carry, xs)[0]
+  num_frames, _ = divmod(num_steps, trajectory_every)
+  chunked = jax.tree.map(
+      lambda a: a[:num_frames * trajectory_every].reshape(num_frames, trajectory_every,
+                                                          *a.shape[1:]), xs)
+  rest = jax.tree.map(lambda a: a[num_frames * trajectory_every:], xs)
+  chunk = lambda c, chunk_xs: (jax.lax.scan(scan_step, c, chunk_xs)[0],) * 2
+  carry_at_start = carry
+  carry, carries = jax.lax.scan(chunk, carry, chunked)
+  carry = jax.lax.scan(scan_step, carry, rest)[0]
+  frames = [x_of(carry_at_start)[None], jax.vmap(x_of)(carries)]
+  if num_steps % trajectory_every:
+    frames.append(x_of(carry)[None])
+  return carry, jnp.concatenate(frames)
+
+
+def _sample(step, init_carry, key, schedule, timesteps, trajectory_every, x_of):
+  result = _walk(step, init_carry, key, schedule, timesteps, trajectory_every, x_of)
+  if trajectory_every is None:
+    return x_of(result)
+  carry, frames = result
+  return x_of(carry), frames
 
 
 def ddpm(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
-         prediction: str = "eps", variance: str = "beta", clip_x0: bool = True):
-  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2).
+         timesteps=None, prediction: str = "eps", variance: str = "beta", clip_x0: bool = True,
+         trajectory_every: int | None = None, x_init=None):
+  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the full or a respaced chain.
 
-  x_T ~ N(0, I); for t = T−1 … 0: x_{t−1} = μ̃_t(x̂0, x_t) + σ_t z, z ~ N(0, I), with no noise
-  at the last step; σ_t² = β_t or β̃_t by `variance`; x̂0 clipped to [−1, 1] by `clip_x0`.
+  x_T ~ N(0, I); for i = K−1 … 0: x_{i−1} = μ̃_i(x̂0, x_i) + σ_i z, z ~ N(0, I), with no noise
+  at the last step; σ_i² = β_i or β̃_i by `variance`; x̂0 clipped to [−1, 1] by `clip_x0`.
   """
-  num_steps = schedule.num_timesteps
   init_key, noise_key = jax.random.split(key)
-  x_init = jax.random.normal(init_key, tuple(shape), jnp.float32)
+  x_init = _initial_noise(init_key, shape, x_init)
 
-  def step(x_t, inputs):
-    t, step_key = inputs
-    t_batch = jnp.full(x_t.shape[:1], t, jnp.int32)
-    output = apply_fn(variables, x_t, t_batch)
+  def step(x, inputs):
+    i, t, step_key = inputs
+    index = jnp.full(x.shape[:1], i, jnp.int32)
+    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
     mean, log_variance, _ = diffusion.p_mean_variance(
-        schedule, prediction, x_t, t_batch, output, clip_x0, variance)
-    noise = jax.random.normal(step_key, x_t.shape, x_t.dtype)
-    return mean + (t > 0) * jnp.exp(0.5 * log_variance) * noise, None
+        schedule, prediction, x, index, output, clip_x0, variance)
+    noise = jax.random.normal(step_key, x.shape, x.dtype)
+    return mean + (i > 0) * jnp.exp(0.5 * log_variance) * noise
 
-  timesteps = jnp.arange(num_steps - 1, -1, -1)
-  x0, _ = jax.lax.scan(step, x_init, (timesteps, jax.random.split(noise_key, num_steps)))
-  return x0
+  return _sample(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+
+
+def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
+         timesteps=None, eta: float = 0.0, prediction: str = "eps", clip_x0: bool = True,
+         trajectory_every: int | None = None, x_init=None):
+  """DDIM (Song et al. 2021, eq. 12): from (x̂0, ε̂) at step i,
+
+      x_{i−1} = √ᾱ_{i−1} x̂0 + √(1 − ᾱ_{i−1} − σ_i²) ε̂ + σ_i z,
+      σ_i = η √((1 − ᾱ_{i−1})/(1 − ᾱ_i)) √(1 − ᾱ_i/ᾱ_{i−1}).
+
+  η = 0 is deterministic given x_T; η = 1 has DDPM's posterior variance β̃.
+  """
+  init_key, noise_key = jax.random.split(key)
+  x_init = _initial_noise(init_key, shape, x_init)
+
+  def step(x, inputs):
+    i, t, step_key = inputs
+    index = jnp.full(x.shape[:1], i, jnp.int32)
+    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
+    alpha_bar, alpha_bar_prev = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
+    sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+    noise = jax.random.normal(step_key, x.shape, x.dtype)
+    return (jnp.sqrt(alpha_bar_prev) * x0
+            + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps + sigma * noise)
+
+  return _sample(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+
+
+def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
+               timesteps=None, prediction: str = "eps", clip_x0: bool = False,
+               trajectory_every: int | None = None, x_init=None):
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, deterministic.
+
+  With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_{i−1} − λ_i, a step from i to i−1 is
+      x_{i−1} = (σ_{i−1}/σ_i) x_i − α_{i−1} (e^{−h} − 1) D,
+      D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h,
+  first order (D = x̂0_i) at the first step and at the last, which lands on ᾱ = 1 (x = x̂0).
+  """
+  x_init = _initial_noise(key, shape, x_init)
+  num_steps = schedule.num_timesteps
+  log_snr = lambda alpha_bar: 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
+
+  def step(carry, inputs):
+    x, x0_before, lambda_before = carry
+    i, t, _ = inputs
+    index = jnp.full(x.shape[:1], i, jnp.int32)
+    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    _, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
+    alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
+    lambda_now = log_snr(alpha_bar)
+    first_order = (i == num_steps - 1) | (i == 0)
+    h = log_snr(alpha_bar_next) - lambda_now
+    r = (lambda_now - lambda_before) / jnp.where(first_order, 1.0, h)
+    half_over_r = 0.5 / jnp.where(first_order, 1.0, r)
+    data = jnp.where(first_order, x0, (1 + half_over_r) * x0 - half_over_r * x0_before)
+    x_next = jnp.where(
+        i == 0, x0,
+        jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x
+        - jnp.sqrt(alpha_bar_next) * jnp.expm1(-jnp.where(i == 0, 0.0, h)) * data)
+    return x_next, x0, lambda_now
+
+  carry = (x_init, jnp.zeros_like(x_init), jnp.zeros((), jnp.float32))
+  return _sample(step, carry, key, schedule, timesteps, trajectory_every, lambda c: c[0])
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver}
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver": "logsnr"}
+
+
+def get_sampler(name: str):
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
+  return SAMPLERS[name]
+
+
+def guided(cond_apply_fn: ApplyFn, labels, num_classes: int, guidance_scale: float) -> ApplyFn:
+  """Classifier-free guidance (Ho & Salimans 2022): f̃(x, t) = (1 + w) f(x, t, y) − w f(x, t, ∅),
+  ∅ the null label `num_classes`. w = 0 is exactly the plain conditional model (one network
+  call); otherwise both branches go through the network as one batch."""
+  if guidance_scale == 0:
+    return lambda variables, x, t: cond_apply_fn(variables, x, t, labels)
+
+  def apply_fn(variables, x, t):
+    null = jnp.full_like(labels, num_classes)
+    both = cond_apply_fn(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                         jnp.concatenate([labels, null]))
+    conditional, unconditional = jnp.split(both, 2)
+    return (1 + guidance_scale) * conditional - guidance_scale * unconditional
+
+  return apply_fn

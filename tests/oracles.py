@@ -2,20 +2,28 @@
 
 import jax.numpy as jnp
 
+from jaxdiff import diffusion
 from jaxdiff.schedules import Schedule
 
 
-def gaussian_eps(schedule: Schedule, mean: float, std: float):
-  """apply_fn for data x0 ~ N(mean, std² I): the MMSE noise prediction E[ε | x_t].
+def gaussian_eps(schedule: Schedule, mean, std: float, prediction: str = "eps"):
+  """apply_fn for data x0 ~ N(mean, std² I): the MMSE prediction of ε (or of x0 or v).
 
   x_t = √ᾱ x0 + √(1−ᾱ) ε is Gaussian with mean √ᾱ·mean and variance ᾱ std² + 1 − ᾱ, so
-  E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ·mean) / (ᾱ std² + 1 − ᾱ).
+  E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ·mean) / (ᾱ std² + 1 − ᾱ). `mean` may depend on the class:
+  pass a function of the labels and use the 4-argument form.
   """
 
-  def apply_fn(variables, x_t, t):
-    del variables
+  def predict(x_t, t, data_mean):
     alpha_bar = schedule.alpha_bars[t].reshape(t.shape + (1,) * (x_t.ndim - 1))
-    return (jnp.sqrt(1 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * mean)
-            / (alpha_bar * std**2 + 1 - alpha_bar))
+    eps = (jnp.sqrt(1 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * data_mean)
+           / (alpha_bar * std**2 + 1 - alpha_bar))
+    if prediction == "eps":
+      return eps
+    x0 = diffusion.predict_x0(schedule, x_t, t, eps)
+    return x0 if prediction == "x0" else diffusion.v_target(schedule, x0, t, eps)
 
-  return apply_fn
+  if callable(mean):
+    return lambda variables, x_t, t, labels: predict(
+        x_t, t, mean(labels).reshape(labels.shape + (1,) * (x_t.ndim - 1)))
+  return lambda variables, x_t, t: predict(x_t, t, mean)
