@@ -1,0 +1,63 @@
+"""`sample.py` and the library call behind it, on a tiny workdir trained here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff import sampling, trainer
+from test_trainer import job_config, REPO
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("trained"))
+  config = job_config(str(tmp_path_factory.mktemp("tensorflow_datasets")), num_steps=3)
+  trainer.train(config, path)
+  return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
+def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler):
+  written = sampling.sample_to_dir(workdir, str(tmp_path), sampler=sampler, num_steps=5,
+                                   num_samples=10, batch_size=8, seed=3, trajectory_every=2,
+                                   progress=False)
+  assert sorted(os.path.basename(p) for p in written) == [
+      "samples.npz", "samples.png", "settings.json", "trajectory.png"]
+  arrays = np.load(tmp_path / "samples.npz")
+  assert arrays["images"].shape == (10, 8, 8, 1) and arrays["images"].dtype == np.uint8
+  assert Image.open(tmp_path / "samples.png").size == (4 * 9 + 1, 3 * 9 + 1)  # 10 in a 4×3 grid
+  settings = json.load(open(tmp_path / "settings.json"))
+  assert settings["sampler"] == sampler and settings["checkpoint_step"] == 3
+  again = tmp_path / "again"
+  sampling.sample_to_dir(workdir, str(again), sampler=sampler, num_steps=5, num_samples=10,
+                         batch_size=8, seed=3, progress=False)
+  np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], arrays["images"])
+
+
+@pytest.mark.slow
+def test_sample_py_from_the_command_line(workdir, tmp_path):
+  command = [sys.executable, os.path.join(REPO, "sample.py"), f"--workdir={workdir}",
+             "--sampler=dpm_solver", "--num_steps=4", "--num_samples=4", "--batch_size=4",
+             f"--output_dir={tmp_path}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1)
+  for bad, message in [("--sampler=euler", "unknown sampler 'euler'"),
+                       ("--num_steps=0", "num_steps must be between 1 and T = 100"),
+                       ("--guidance_scale=3", "unconditional")]:
+    result = subprocess.run(command + [bad], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+  missing = subprocess.run(command[:2] + [f"--workdir={tmp_path}/nothing"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 1 and "does not exist" in missing.stderr
