@@ -78,6 +78,12 @@ def _initial_noise(key, shape, x_init):
   return jax.random.normal(key, tuple(shape), jnp.float32) if x_init is None else x_init
 
 
+def _call_network(apply_fn, variables, x, i, t):
+  """(step index i and the network output at timestep t), each broadcast over the batch."""
+  batch = x.shape[:1]
+  return jnp.full(batch, i, jnp.int32), apply_fn(variables, x, jnp.full(batch, t, jnp.int32))
+
+
 def _walk(step, carry, key, schedule: Schedule, timesteps, trajectory_every, x_of):
   """Run `step(carry, (i, t, key)) -> carry` for i = K−1 … 0 in one scan (two with a
   trajectory: whole chunks of `trajectory_every` steps, then the remainder)."""
@@ -124,8 +130,7 @@ def ddpm(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
 
   def step(x, inputs):
     i, t, step_key = inputs
-    index = jnp.full(x.shape[:1], i, jnp.int32)
-    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    index, output = _call_network(apply_fn, variables, x, i, t)
     mean, log_variance, _ = diffusion.p_mean_variance(
         schedule, prediction, x, index, output, clip_x0, variance)
     noise = jax.random.normal(step_key, x.shape, x.dtype)
@@ -149,8 +154,7 @@ def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
 
   def step(x, inputs):
     i, t, step_key = inputs
-    index = jnp.full(x.shape[:1], i, jnp.int32)
-    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    index, output = _call_network(apply_fn, variables, x, i, t)
     eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
     alpha_bar, alpha_bar_prev = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
     sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
@@ -178,8 +182,7 @@ def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Seq
   def step(carry, inputs):
     x, x0_before, lambda_before = carry
     i, t, _ = inputs
-    index = jnp.full(x.shape[:1], i, jnp.int32)
-    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    index, output = _call_network(apply_fn, variables, x, i, t)
     _, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
     alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
     lambda_now = log_snr(alpha_bar)
