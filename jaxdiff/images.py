@@ -31,6 +31,11 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
   return grid
 
 
+def display_scale(image_size: int) -> int:
+  """How much to enlarge small images (8×8 digits) in grids so a person can see them."""
+  return max(1, 32 // image_size)
+
+
 def save_png(path: str, image: np.ndarray) -> None:
   """Write an HWC uint8 image (C = 1 or 3), creating parent folders."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

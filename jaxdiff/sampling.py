@@ -100,7 +100,8 @@ def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None 
   pixels = images.to_uint8(result["images"])
   paths = {name: os.path.join(output_dir, name)
            for name in ("samples.png", "samples.npz", "settings.json", "trajectory.png")}
-  images.save_png(paths["samples.png"], images.make_grid(pixels))
+  scale = images.display_scale(size)
+  images.save_png(paths["samples.png"], images.make_grid(pixels, scale=scale))
   np.savez_compressed(paths["samples.npz"], images=pixels,
                       labels=result["labels"] if result["labels"] is not None
                       else np.full(num_samples, -1, np.int32))
@@ -117,6 +118,6 @@ def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None 
     frames = images.to_uint8(result["trajectory"][:, :8])  # [frames, ≤8 samples, H, W, C]
     images.save_png(paths["trajectory.png"],
                     images.make_grid(frames.swapaxes(0, 1).reshape(-1, *frames.shape[2:]),
-                                     num_columns=frames.shape[0]))
+                                     num_columns=frames.shape[0], scale=scale))
   return list(paths.values())
 

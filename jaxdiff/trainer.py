@@ -79,7 +79,7 @@ def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
       num_steps=config.sample.num_steps, prediction=config.diffusion.prediction,
       clip_x0=config.sample.clip_x0, labels=labels, num_classes=config.model.num_classes,
       guidance_scale=config.sample.guidance_scale, mesh=mesh, progress=False)
-  return images.make_grid(images.to_uint8(np.asarray(result["images"])))
+  return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))
 
 
 def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:

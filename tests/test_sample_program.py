@@ -31,7 +31,8 @@ def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler)
       "samples.npz", "samples.png", "settings.json", "trajectory.png"]
   arrays = np.load(tmp_path / "samples.npz")
   assert arrays["images"].shape == (10, 8, 8, 1) and arrays["images"].dtype == np.uint8
-  assert Image.open(tmp_path / "samples.png").size == (4 * 9 + 1, 3 * 9 + 1)  # 10 in a 4×3 grid
+  # 10 images of 8×8, shown 4× larger, in a 4×3 grid with 1-pixel gaps.
+  assert Image.open(tmp_path / "samples.png").size == (4 * 33 + 1, 3 * 33 + 1)
   settings = json.load(open(tmp_path / "settings.json"))
   assert settings["sampler"] == sampler and settings["checkpoint_step"] == 3
   again = tmp_path / "again"
