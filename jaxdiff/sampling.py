@@ -72,7 +72,8 @@ def _check_labels(labels, num_samples: int, num_classes: int, guidance_scale: fl
   labels = (np.arange(num_samples) % num_classes if labels is None
             else np.broadcast_to(np.asarray(labels, np.int32), (num_samples,)))
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"class labels must be in [0, {num_classes}), got {sorted(set(labels))}")
+    raise ValueError(f"class labels must be in [0, {num_classes}), "
+                     f"got {sorted(set(labels.tolist()))}")
   return labels.astype(np.int32)
 
 

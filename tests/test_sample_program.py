@@ -62,3 +62,17 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
   missing = subprocess.run(command[:2] + [f"--workdir={tmp_path}/nothing"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
   assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_class_conditional_model_trains_with_label_dropout_and_samples_with_guidance(tmp_path):
+  config = job_config(str(tmp_path / "tensorflow_datasets"), num_steps=2, p_uncond=0.2)
+  config.model.num_classes = 10
+  trainer.train(config, str(tmp_path / "work"))
+  sampling.sample_to_dir(str(tmp_path / "work"), str(tmp_path / "out"), sampler="ddim",
+                         num_steps=4, num_samples=8, batch_size=8, class_label=3,
+                         guidance_scale=2.0, progress=False)
+  np.testing.assert_array_equal(np.load(tmp_path / "out" / "samples.npz")["labels"], [3] * 8)
+  with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got \[12\]"):
+    sampling.sample_to_dir(str(tmp_path / "work"), str(tmp_path / "bad"), num_steps=4,
+                           num_samples=8, batch_size=8, class_label=12, progress=False)
