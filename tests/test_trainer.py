@@ -92,7 +92,8 @@ def test_train_py_writes_everything_stops_on_sigterm_and_resumes(tmp_path, data_
                             env=env, capture_output=True, text=True, timeout=300)
   assert finished.returncode == 0, finished.stdout + finished.stderr
   assert f"trained steps {stopped_at}→{stopped_at + 4}" in finished.stdout
-  for name in ("config.json", "metrics.jsonl", f"samples/step_{stopped_at + 4:07d}.png"):
+  final = f"step_{stopped_at + 4:07d}.png"
+  for name in ("config.json", "metrics.jsonl", "losses.png", f"samples/{final}", f"panels/{final}"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
   assert checkpoint.Checkpointer(workdir).latest_step() == stopped_at + 4

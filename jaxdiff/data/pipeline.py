@@ -291,8 +291,10 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size
 
 
 def load_split_numpy(data_config: ml_collections.ConfigDict, split: str | None = None, *,
-                     source_pixels: bool = False) -> tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory: (uint8 images [N, H, W, C], int32 labels [N]); small data only.
+                     source_pixels: bool = False,
+                     limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A split in memory: (uint8 images [N, H, W, C], int32 labels [N]); small data only, or the
+  first `limit` examples.
 
   By default images are as the model sees them (centre-cropped, resized to image_size) on the
   scale 0–255; with `source_pixels` they are the stored records, unchanged (source size and
@@ -300,7 +302,8 @@ def load_split_numpy(data_config: ml_collections.ConfigDict, split: str | None =
   """
   source = sources.open_split(data_config, split or data_config.eval_split)
   preprocess = _preprocess(data_config, source, random_flip=False)
-  records = [source.records[index] for index in range(len(source.records))]
+  count = len(source.records) if limit is None else min(limit, len(source.records))
+  records = [source.records[index] for index in range(count)]
   labels = np.asarray([record["label"] if preprocess.labelled else 0 for record in records],
                       np.int32)
   if source_pixels:

@@ -1,0 +1,67 @@
+"""Pictures that show the idea working: the denoising panel and the loss curves."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+from jaxdiff import diffusion, images
+from jaxdiff.schedules import Schedule
+
+matplotlib.use("Agg")
+from matplotlib import pyplot  # noqa: E402  (after choosing the file-only backend)
+
+PANEL_TIMESTEPS = (50, 250, 500, 750, 950)
+PANEL_COLUMNS = ("x0", "x_t", "noise ε", "predicted ε̂", "x̂0 in one step")
+
+
+def denoising_rows(predict_fn, schedule: Schedule, x0, noise, timesteps, prediction="eps"):
+  """For each t: [x0, x_t, ε, ε̂, x̂0] with x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, ε̂ from the network,
+  and x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t. Returns float [len(timesteps), N, 5, H, W, C].
+
+  `predict_fn(x_t, t)` is the network output (ε, x0 or v by `prediction`) for a batch.
+  """
+  rows = []
+  for timestep in timesteps:
+    t = jnp.full(x0.shape[:1], timestep, jnp.int32)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    eps_hat, _ = diffusion.eps_and_x0(schedule, prediction, x_t, t, predict_fn(x_t, t))
+    x0_hat = diffusion.predict_x0(schedule, x_t, t, eps_hat)
+    rows.append(jnp.stack([x0, x_t, noise, eps_hat, x0_hat], axis=1))
+  return np.asarray(jax.device_get(jnp.stack(rows)))
+
+
+def denoising_panel(rows: np.ndarray) -> np.ndarray:
+  """The rows as one uint8 image: a row per (t, image), the five columns of `denoising_rows`.
+  Images are shown on [−1, 1]; noise on [−3, 3] (3 standard deviations)."""
+  value_range = np.array([1.0, 1.0, 3.0, 3.0, 1.0]).reshape(1, 1, 5, 1, 1, 1)
+  tiles = images.to_uint8(np.clip(rows / value_range, -1, 1))
+  num_t, num_images, num_columns = tiles.shape[:3]
+  flat = tiles.reshape(num_t * num_images * num_columns, *tiles.shape[3:])
+  return images.make_grid(flat, num_columns=num_columns,
+                          scale=images.display_scale(tiles.shape[3]))
+
+
+def plot_losses(metrics_path: str, output_path: str) -> None:
+  """Two plots from metrics.jsonl: the training loss against step, and the loss in each t-bin
+  over the last tenth of training (how hard denoising is at each noise level)."""
+  with open(metrics_path) as f:
+    records = [json.loads(line) for line in f]
+  records = [r for r in records if isinstance(r.get("loss"), float)]
+  if not records:
+    return
+  figure, (curve, by_t) = pyplot.subplots(1, 2, figsize=(10, 3.5))
+  curve.plot([r["step"] for r in records], [r["loss"] for r in records])
+  curve.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+  late = records[-max(1, len(records) // 10):]
+  bins = sorted({k for r in late for k in r if k.startswith("loss_t_bin_")},
+                key=lambda k: int(k.rsplit("_", 1)[1]))
+  means = [np.mean([r[k] for r in late if k in r]) for k in bins]
+  by_t.bar(range(len(bins)), means)
+  by_t.set(xlabel=f"t bin (of {len(bins)}, low t = little noise)", ylabel="loss",
+           title=f"loss by timestep, last {len(late)} logs")
+  figure.tight_layout()
+  figure.savefig(output_path, dpi=100)
+  pyplot.close(figure)
