@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import sampling, trainer
+from jaxdiff import checkpoint, sampling, trainer
 from test_trainer import job_config, REPO
 
 
@@ -76,3 +76,14 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_with_guid
   with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got \[12\]"):
     sampling.sample_to_dir(str(tmp_path / "work"), str(tmp_path / "bad"), num_steps=4,
                            num_samples=8, batch_size=8, class_label=12, progress=False)
+
+
+@pytest.mark.slow
+def test_an_exported_ema_checkpoint_samples_like_its_workdir(workdir, tmp_path):
+  """docs/gpu-sampling.md: export the EMA params, copy them, sample from the export."""
+  checkpoint.export_ema(workdir, str(tmp_path / "export"))
+  for source, out in ((workdir, "from_workdir"), (str(tmp_path / "export"), "from_export")):
+    sampling.sample_to_dir(source, str(tmp_path / out), sampler="ddim", num_steps=4,
+                           num_samples=8, batch_size=8, seed=1, progress=False)
+  np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npz")["images"],
+                                np.load(tmp_path / "from_workdir" / "samples.npz")["images"])
