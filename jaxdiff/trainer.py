@@ -18,6 +18,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training, visualize
+from jaxdiff.evaluation import panels
 from jaxdiff.metric_writer import MetricWriter
 
 
@@ -82,22 +83,6 @@ def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
   return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))
 
 
-def panel_inputs(config, key, num_images: int = 4):
-  """A few held-out images in [−1, 1] (the eval split, or train for datasets without one) and
-  fixed noise for them, so panels from different steps are comparable."""
-  split = config.data.eval_split
-  if split not in data.dataset_info(config.data).num_examples:
-    split = config.data.train_split
-  pixels, _ = data.load_split_numpy(config.data, split, limit=num_images)
-  x0 = pixels.astype(np.float32) / 127.5 - 1.0
-  return x0, np.asarray(jax.random.normal(key, x0.shape))
-
-
-def panel_timesteps(schedule) -> tuple[int, ...]:
-  """DDPM's t = 50, 250, 500, 750, 950 of T = 1000, scaled to the schedule's T."""
-  return tuple(t * schedule.num_timesteps // 1000 for t in visualize.PANEL_TIMESTEPS)
-
-
 def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
   """{'loss_t_bin_0': mean loss of the first tenth of t, …}; bins with no draws are left out."""
   return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
@@ -137,15 +122,12 @@ def train(config, workdir: str) -> TrainSummary:
     checkpointer.save(step, state, train_iter.get_state(), config, wait=wait)
 
   panel_key, sample_key = jax.random.split(sample_key)
-  panel_x0, panel_noise = panel_inputs(config, panel_key)
+  panel_x0, panel_noise = panels.panel_inputs(config, panel_key)
 
   def write_samples(step):
     grid = sample_grid(model, state.ema_params, schedule, config, mesh,
                        jax.random.fold_in(sample_key, step))
-    predict_fn = lambda x_t, t: model.apply({"params": state.ema_params}, x_t, t)
-    panel = visualize.denoising_panel(visualize.denoising_rows(
-        predict_fn, schedule, panel_x0, panel_noise, panel_timesteps(schedule),
-        config.diffusion.prediction))
+    panel = panels.panel(model, state.ema_params, schedule, config, panel_x0, panel_noise)
     if is_chief:
       for folder, image in (("samples", grid), ("panels", panel)):
         images.save_png(os.path.join(workdir, folder, f"step_{step:07d}.png"), image)

@@ -87,3 +87,14 @@ def test_an_exported_ema_checkpoint_samples_like_its_workdir(workdir, tmp_path):
                            num_samples=8, batch_size=8, seed=1, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npz")["images"],
                                 np.load(tmp_path / "from_workdir" / "samples.npz")["images"])
+
+
+@pytest.mark.slow
+def test_evaluate_py_writes_the_denoising_panel(workdir, tmp_path):
+  command = [sys.executable, os.path.join(REPO, "evaluate.py"), f"--workdir={workdir}",
+             "--metric=panel", f"--output={tmp_path / 'panel.png'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  tile = 8 * 4 + 1  # 8×8 digits shown 4× with a gap: 5 t × 4 images rows, 5 columns
+  assert Image.open(tmp_path / "panel.png").size == (5 * tile + 1, 20 * tile + 1)
