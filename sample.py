@@ -4,7 +4,8 @@
       --num_samples=64 --output_dir=out/
 
 Writes OUTPUT_DIR/samples.png (a grid), samples.npz (uint8 NHWC images and labels),
-settings.json (everything used) and, with --trajectory_every=K, trajectory.png.
+settings.json (everything used) and, with --trajectory (or --trajectory_every=K),
+trajectory.png: a row per sample from static (left) to the image (right).
 Needs no dataset and no TensorFlow; runs data-parallel over the local devices.
 """
 
@@ -30,6 +31,8 @@ _CLASS_LABEL = flags.DEFINE_integer("class_label", None,
                                     "Class to sample (conditional models; default: all classes "
                                     "in turn).")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 deterministic, 1 DDPM-like).")
+_TRAJECTORY = flags.DEFINE_bool("trajectory", False,
+                                 "Also save the reverse process (10 frames) as trajectory.png.")
 _TRAJECTORY_EVERY = flags.DEFINE_integer("trajectory_every", None,
                                          "Also save x_t every K steps as trajectory.png.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "samples", "Where the images go.")
@@ -45,7 +48,8 @@ def main(argv):
         sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, num_samples=_NUM_SAMPLES.value,
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, guidance_scale=_GUIDANCE_SCALE.value,
         class_label=_CLASS_LABEL.value, eta=_ETA.value,
-        trajectory_every=_TRAJECTORY_EVERY.value)
+        trajectory_every=_TRAJECTORY_EVERY.value or (
+            max(1, _NUM_STEPS.value // 10) if _TRAJECTORY.value else None))
   except (checkpoint.CheckpointError, ValueError) as error:
     sys.exit(f"error: {error}")
   print("wrote " + ", ".join(written))

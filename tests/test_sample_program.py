@@ -52,6 +52,11 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1)
+  trajectory = subprocess.run(command + ["--trajectory", f"--output_dir={tmp_path}/t"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+  assert trajectory.returncode == 0, trajectory.stderr
+  tile = 8 * 4 + 1  # 4 samples (rows) × 5 frames: x_T and after 1, 2, 3, 4 steps
+  assert Image.open(tmp_path / "t" / "trajectory.png").size == (5 * tile + 1, 4 * tile + 1)
   for bad, message in [("--sampler=euler", "unknown sampler 'euler'"),
                        ("--num_steps=0", "num_steps must be between 1 and T = 100"),
                        ("--guidance_scale=3", "unconditional")]:
