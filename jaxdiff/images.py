@@ -31,6 +31,14 @@ def make_grid(images: np.ndarray, num_columns: int | None = None, padding: int =
   return grid
 
 
+def trajectory_strip(frames: np.ndarray, padding: int = 1, scale: int = 1) -> np.ndarray:
+  """uint8 frames [F, N, H, W, C] (a sampler's trajectory) → one grid image with a row per
+  sample and a column per saved step, x_T on the left and x0 on the right."""
+  frames = np.asarray(frames)
+  by_sample = frames.swapaxes(0, 1).reshape(-1, *frames.shape[2:])
+  return make_grid(by_sample, num_columns=frames.shape[0], padding=padding, scale=scale)
+
+
 def display_scale(image_size: int) -> int:
   """How much to enlarge small images (8×8 digits) in grids so a person can see them."""
   return max(1, 32 // image_size)

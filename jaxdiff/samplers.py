@@ -3,15 +3,19 @@
 Every sampler has the signature
 
     sampler(apply_fn, variables, schedule, key, shape, *, timesteps=None, prediction="eps",
-            clip_x0=..., trajectory_every=None, **options)
+            clip_x0=..., trajectory_every=None, x_init=None, **options)
 
 `apply_fn(variables, x_t, t)` returns the network output for a batch x_t at int timesteps t of
-shape [batch]; `prediction` says whether that output is ε, x0 or v. `schedule` is indexed by
-step i = 0 … K−1 and `timesteps[i]` is the timestep the network sees at step i: the full
-chain is (schedule, arange(T)); a K-step sampler uses `respace(schedule, timesteps)` with the
-K timesteps from `spaced_timesteps`. With `trajectory_every=k` a sampler returns
-(x0, frames) where frames[0] is x_T and frames[j] is x after j·k steps (and the last frame x0).
-`x_init` fixes x_T instead of drawing it from `key`.
+shape [batch]; `prediction` says whether that output is ε, x0 or v (`diffusion.eps_and_x0`
+turns any of them into (ε̂, x̂0)). `schedule` is indexed by step i = 0 … K−1 and
+`timesteps[i]` is the timestep the network sees at step i: the full chain is
+(schedule, arange(T)); a K-step sampler uses `respace(schedule, S)` with the K timesteps S
+from `spaced_timesteps`, which `sample(name, …, num_steps=K)` does for you. With
+`trajectory_every=k` a sampler returns (x0, frames): frames[0] is x_T and frames[j] is x
+after min(j·k, K) steps, so the last frame is x0. `x_init` fixes x_T instead of drawing it.
+
+Clipping x̂0 to [−1, 1] (`clip_x0`) is the default for DDPM and DDIM, made for images in
+[−1, 1]; DPM-Solver++ defaults to no clipping and offers clipping or dynamic thresholding.
 """
 
 from typing import Callable, Sequence
@@ -84,36 +88,33 @@ def _call_network(apply_fn, variables, x, i, t):
   return jnp.full(batch, i, jnp.int32), apply_fn(variables, x, jnp.full(batch, t, jnp.int32))
 
 
-def _walk(step, carry, key, schedule: Schedule, timesteps, trajectory_every, x_of):
-  """Run `step(carry, (i, t, key)) -> carry` for i = K−1 … 0 in one scan (two with a
-  trajectory: whole chunks of `trajectory_every` steps, then the remainder)."""
+def _run_steps(step, carry, key, schedule: Schedule, timesteps, trajectory_every, x_of):
+  """x_of(carry) after `carry = step(carry, (i, t, key_i))` for i = K−1 … 0, in one scan.
+
+  With `trajectory_every = k` also returns frames [1 + ⌈K/k⌉, *x.shape]: frame 0 is x_T and
+  frame j is x after min(j·k, K) steps, kept in a buffer that the scan carries along.
+  """
   num_steps = schedule.num_timesteps
   timesteps = jnp.arange(num_steps) if timesteps is None else jnp.asarray(timesteps)
   indices = jnp.arange(num_steps - 1, -1, -1)
   xs = (indices, timesteps[indices], jax.random.split(key, num_steps))
-  scan_step = lambda c, inputs: (step(c, inputs), None)
   if trajectory_every is None:
-    return jax.lax.scan(scan_step, carry, xs)[0]
-  num_frames, _ = divmod(num_steps, trajectory_every)
-  chunked = jax.tree.map(
-      lambda a: a[:num_frames * trajectory_every].reshape(num_frames, trajectory_every,
-                                                          *a.shape[1:]), xs)
-  rest = jax.tree.map(lambda a: a[num_frames * trajectory_every:], xs)
-  chunk = lambda c, chunk_xs: (jax.lax.scan(scan_step, c, chunk_xs)[0],) * 2
-  carry_at_start = carry
-  carry, carries = jax.lax.scan(chunk, carry, chunked)
-  carry = jax.lax.scan(scan_step, carry, rest)[0]
-  frames = [x_of(carry_at_start)[None], jax.vmap(x_of)(carries)]
-  if num_steps % trajectory_every:
-    frames.append(x_of(carry)[None])
-  return carry, jnp.concatenate(frames)
+    carry, _ = jax.lax.scan(lambda c, inputs: (step(c, inputs), None), carry, xs)
+    return x_of(carry)
+  if trajectory_every < 1:
+    raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
+  x_start = x_of(carry)
+  num_frames = 1 + -(-num_steps // trajectory_every)
+  frames = jnp.zeros((num_frames, *x_start.shape), x_start.dtype).at[0].set(x_start)
 
+  def step_and_record(state, inputs):
+    carry, frames = state
+    carry = step(carry, inputs)
+    # After n = K − i steps, write frame ⌈n/k⌉: its last write is the one after min(jk, K).
+    frame = (num_steps - inputs[0] + trajectory_every - 1) // trajectory_every
+    return (carry, jax.lax.dynamic_update_index_in_dim(frames, x_of(carry), frame, 0)), None
 
-def _sample(step, init_carry, key, schedule, timesteps, trajectory_every, x_of):
-  result = _walk(step, init_carry, key, schedule, timesteps, trajectory_every, x_of)
-  if trajectory_every is None:
-    return x_of(result)
-  carry, frames = result
+  (carry, frames), _ = jax.lax.scan(step_and_record, (carry, frames), xs)
   return x_of(carry), frames
 
 
@@ -136,7 +137,7 @@ def ddpm(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
     noise = jax.random.normal(step_key, x.shape, x.dtype)
     return mean + (i > 0) * jnp.exp(0.5 * log_variance) * noise
 
-  return _sample(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+  return _run_steps(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
 
 
 def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
@@ -147,7 +148,7 @@ def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
       x_{i−1} = √ᾱ_{i−1} x̂0 + √(1 − ᾱ_{i−1} − σ_i²) ε̂ + σ_i z,
       σ_i = η √((1 − ᾱ_{i−1})/(1 − ᾱ_i)) √(1 − ᾱ_i/ᾱ_{i−1}).
 
-  η = 0 is deterministic given x_T; η = 1 has DDPM's posterior variance β̃.
+  η = 0 is deterministic given x_T; η = 1 is DDPM with σ_i² = β̃_i (same keys, same samples).
   """
   init_key, noise_key = jax.random.split(key)
   x_init = _initial_noise(init_key, shape, x_init)
@@ -157,26 +158,41 @@ def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
     index, output = _call_network(apply_fn, variables, x, i, t)
     eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
     alpha_bar, alpha_bar_prev = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
-    sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+    sigma = eta * jnp.sqrt(
+        (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
     noise = jax.random.normal(step_key, x.shape, x.dtype)
     return (jnp.sqrt(alpha_bar_prev) * x0
             + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps + sigma * noise)
 
-  return _sample(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+  return _run_steps(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+
+
+def dynamic_threshold(x0, percentile: float):
+  """Imagen's dynamic thresholding (Saharia et al. 2022): per sample s = max(q_p(|x̂0|), 1),
+  x̂0 ← clip(x̂0, −s, s)/s, so x̂0 ∈ [−1, 1] without flattening everything beyond ±1."""
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  scale = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+  scale = scale.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -scale, scale) / scale
 
 
 def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
                timesteps=None, prediction: str = "eps", clip_x0: bool = False,
+               threshold_percentile: float | None = None, lower_order_final: bool = True,
                trajectory_every: int | None = None, x_init=None):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, deterministic.
 
   With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_{i−1} − λ_i, a step from i to i−1 is
       x_{i−1} = (σ_{i−1}/σ_i) x_i − α_{i−1} (e^{−h} − 1) D,
-      D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h,
-  first order (D = x̂0_i) at the first step and at the last, which lands on ᾱ = 1 (x = x̂0).
+      D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h.
+  Steps are first order (D = x̂0_i) at the start, at the end (which lands on ᾱ = 1, x = x̂0)
+  and, with `lower_order_final` and fewer than 15 steps (as in diffusers), also the step
+  before it, which steadies very short runs. x̂0 is clipped to [−1, 1] by `clip_x0`, or
+  dynamically thresholded at `threshold_percentile` (e.g. 0.995).
   """
   x_init = _initial_noise(key, shape, x_init)
   num_steps = schedule.num_timesteps
+  final_first_order_steps = 2 if lower_order_final and num_steps < 15 else 1
   log_snr = lambda alpha_bar: 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
 
   def step(carry, inputs):
@@ -184,9 +200,11 @@ def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Seq
     i, t, _ = inputs
     index, output = _call_network(apply_fn, variables, x, i, t)
     _, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
+    if threshold_percentile is not None:
+      x0 = dynamic_threshold(x0, threshold_percentile)
     alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
     lambda_now = log_snr(alpha_bar)
-    first_order = (i == num_steps - 1) | (i == 0)
+    first_order = (i == num_steps - 1) | (i < final_first_order_steps)
     h = log_snr(alpha_bar_next) - lambda_now
     r = (lambda_now - lambda_before) / jnp.where(first_order, 1.0, h)
     half_over_r = 0.5 / jnp.where(first_order, 1.0, r)
@@ -198,7 +216,7 @@ def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Seq
     return x_next, x0, lambda_now
 
   carry = (x_init, jnp.zeros_like(x_init), jnp.zeros((), jnp.float32))
-  return _sample(step, carry, key, schedule, timesteps, trajectory_every, lambda c: c[0])
+  return _run_steps(step, carry, key, schedule, timesteps, trajectory_every, lambda c: c[0])
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver}
@@ -211,10 +229,50 @@ def get_sampler(name: str):
   return SAMPLERS[name]
 
 
+def sample(name: str, apply_fn: ApplyFn, variables, schedule: Schedule, key,
+           shape: Sequence[int], *, num_steps: int | None = None, spacing: str | None = None,
+           prediction: str = "eps", **options):
+  """Samples of shape `shape` from sampler `name` on `num_steps` timesteps (default all T)
+  spaced by `spacing` (default DEFAULT_SPACING[name]): the sampler runs on
+  `respace(schedule, S)` and shows the network the original timesteps S.
+
+  `options` go to the sampler (clip_x0, eta, trajectory_every, x_init, …). Respacing is NumPy
+  on the host, so `schedule` must be concrete: under `jax.jit`, close over it.
+  """
+  sampler = get_sampler(name)
+  num_steps = schedule.num_timesteps if num_steps is None else num_steps
+  timesteps = spaced_timesteps(schedule, num_steps, spacing or DEFAULT_SPACING[name])
+  return sampler(apply_fn, variables, respace(schedule, timesteps), key, shape,
+                 timesteps=jnp.asarray(timesteps), prediction=prediction, **options)
+
+
+def check_labels(labels, num_classes: int) -> None:
+  """Raise a ValueError unless the model is class-conditional (num_classes ≥ 1) and every label
+  is one of its classes, 0 ≤ y < num_classes. Traced labels (inside `jax.jit`) are not checked:
+  check them before."""
+  if num_classes < 1:
+    raise ValueError(f"this model is unconditional (num_classes = {num_classes}): class labels "
+                     "and guidance need a class-conditional model")
+  if isinstance(labels, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(f"class labels must be in [0, {num_classes}), got "
+                     f"{sorted(set(values.ravel().tolist()))}")
+
+
 def guided(cond_apply_fn: ApplyFn, labels, num_classes: int, guidance_scale: float) -> ApplyFn:
-  """Classifier-free guidance (Ho & Salimans 2022): f̃(x, t) = (1 + w) f(x, t, y) − w f(x, t, ∅),
-  ∅ the null label `num_classes`. w = 0 is exactly the plain conditional model (one network
-  call); otherwise both branches go through the network as one batch."""
+  """Classifier-free guidance (Ho & Salimans 2022) as an unconditional `apply_fn(variables, x, t)`:
+
+      f̃(x, t) = (1 + w) f(x, t, y) − w f(x, t, ∅),
+
+  with `cond_apply_fn(variables, x, t, y)`, y = `labels` and ∅ the null label `num_classes`.
+  w = 0 is exactly the plain conditional model (one network call, no unconditional branch);
+  otherwise both branches go through the network as one batch of twice the size. ε, x0 and v
+  are affine in each other at fixed (x_t, t), so mixing outputs equals mixing ε̂ (or x̂0).
+  Labels are checked by `check_labels`.
+  """
+  check_labels(labels, num_classes)
   if guidance_scale == 0:
     return lambda variables, x, t: cond_apply_fn(variables, x, t, labels)
 

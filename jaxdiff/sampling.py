@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -20,61 +19,62 @@ def generate(model_apply, variables, schedule, key, *, num_samples: int, image_s
   """`num_samples` images in [−1, 1], `batch_size` at a time, as numpy arrays:
   {'images': [N, H, W, C], 'labels': [N] or None, 'trajectory': [frames, N, H, W, C] or None}.
 
-  `model_apply(variables, x_t, t[, labels])` is the network (e.g. `UNet.apply`). Batch b uses
-  key fold_in(key, b) and draws its noise for the whole batch inside one jitted program whose
-  batch axis is split over the mesh, so the images do not depend on the number of devices.
-  The last partial batch is computed whole and cut.
+  `model_apply(variables, x_t, t[, labels])` is the network (e.g. `UNet.apply`); a conditional
+  model (`num_classes` > 0) gets `labels` (default: the classes in turn) with classifier-free
+  guidance `guidance_scale`. Batch b uses key fold_in(key, b) and draws its noise for the whole
+  batch inside one jitted program whose batch axis is split over the mesh axis `data`, so the
+  images do not depend on the number of devices (or hosts: every host gets every image). The
+  last partial batch is computed whole and cut. `sampler_options` go to the sampler.
   """
-  sampler_fn = samplers.get_sampler(sampler)
-  spacing = spacing or samplers.DEFAULT_SPACING[sampler]
-  num_steps = schedule.num_timesteps if num_steps is None else num_steps
-  timesteps = samplers.spaced_timesteps(schedule, num_steps, spacing)
-  respaced = samplers.respace(schedule, timesteps)
-  labels = _check_labels(labels, num_samples, num_classes, guidance_scale)
-  mesh = mesh or parallel.make_mesh()
+  mesh = parallel.make_mesh() if mesh is None else mesh
   parallel.check_divisible(batch_size, mesh)
+  labels = _labels(labels, num_samples, num_classes, guidance_scale)
   if clip_x0 is not None:
     sampler_options["clip_x0"] = clip_x0
+  batch_sharded = parallel.batch_sharding(mesh)
+  frames_sharded = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
-  def sample_batch(variables, respaced, timesteps, key, batch_labels):
-    apply_fn = (samplers.guided(model_apply, batch_labels, num_classes, guidance_scale)
-                if num_classes else model_apply)
-    return sampler_fn(apply_fn, variables, respaced, key, (batch_size, *image_shape),
-                      timesteps=timesteps, prediction=prediction,
-                      trajectory_every=trajectory_every, **sampler_options)
+  def sample_batch(variables, batch_index, batch_labels):
+    apply_fn = model_apply
+    if num_classes:
+      batch_labels = jax.lax.with_sharding_constraint(batch_labels, batch_sharded)
+      apply_fn = samplers.guided(model_apply, batch_labels, num_classes, guidance_scale)
+    result = samplers.sample(
+        sampler, apply_fn, variables, schedule, jax.random.fold_in(key, batch_index),
+        (batch_size, *image_shape), num_steps=num_steps, spacing=spacing, prediction=prediction,
+        trajectory_every=trajectory_every, **sampler_options)
+    if trajectory_every is None:
+      return jax.lax.with_sharding_constraint(result, batch_sharded), None
+    final, frames = result
+    return (jax.lax.with_sharding_constraint(final, batch_sharded),
+            jax.lax.with_sharding_constraint(frames, frames_sharded))
 
-  replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  out_shardings = batch_sharded if trajectory_every is None else (
-      batch_sharded, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
-  sample_batch = jax.jit(sample_batch, in_shardings=(replicated, replicated, replicated,
-                                                     replicated, batch_sharded),
-                         out_shardings=out_shardings)
+  # Inputs and outputs replicated: every host passes and receives whole batches.
+  sample_batch = jax.jit(sample_batch, in_shardings=parallel.replicated(mesh),
+                         out_shardings=parallel.replicated(mesh))
   num_batches = -(-num_samples // batch_size)
   padded_labels = np.resize(labels if labels is not None else np.zeros(1, np.int32),
                             num_batches * batch_size).astype(np.int32)
-  outputs = []
+  batches = []
   for b in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
     batch_labels = padded_labels[b * batch_size:(b + 1) * batch_size]
-    outputs.append(jax.device_get(sample_batch(variables, respaced, jnp.asarray(timesteps),
-                                               jax.random.fold_in(key, b), batch_labels)))
-  if trajectory_every is None:
-    return {"images": np.concatenate(outputs)[:num_samples], "labels": labels, "trajectory": None}
-  return {"images": np.concatenate([o[0] for o in outputs])[:num_samples], "labels": labels,
-          "trajectory": np.concatenate([o[1] for o in outputs], axis=1)[:, :num_samples]}
+    batches.append(jax.device_get(sample_batch(variables, np.int32(b), batch_labels)))
+  image_batches, frame_batches = zip(*batches)
+  return {"images": np.concatenate(image_batches)[:num_samples], "labels": labels,
+          "trajectory": None if trajectory_every is None
+                        else np.concatenate(frame_batches, axis=1)[:, :num_samples]}
 
 
-def _check_labels(labels, num_samples: int, num_classes: int, guidance_scale: float):
-  if not num_classes:
-    if labels is not None or guidance_scale:
-      raise ValueError("this model is unconditional (model.num_classes = 0): class labels and "
-                       "guidance need a model trained with labels")
+def _labels(labels, num_samples: int, num_classes: int, guidance_scale: float):
+  """Every sample's class label (default: the classes in turn), or None when the model is
+  unconditional and asked for neither labels nor guidance."""
+  if num_classes == 0 and labels is None and guidance_scale == 0:
     return None
-  labels = (np.arange(num_samples) % num_classes if labels is None
-            else np.broadcast_to(np.asarray(labels, np.int32), (num_samples,)))
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"class labels must be in [0, {num_classes}), "
-                     f"got {sorted(set(labels.tolist()))}")
-  return labels.astype(np.int32)
+  samplers.check_labels([] if labels is None else labels, num_classes)
+  if labels is None:
+    return np.arange(num_samples, dtype=np.int32) % num_classes
+  return np.broadcast_to(np.asarray(labels, np.int32), (num_samples,)).copy()
 
 
 def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None = None,
@@ -91,7 +91,8 @@ def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None 
   size, channels = config.data.image_size, config.data.num_channels
   options = {"eta": eta} if sampler == "ddim" else {}
   result = generate(
-      model.apply, {"params": ema_params}, schedules.from_config(config.diffusion), jax.random.key(seed),
+      model.apply, {"params": ema_params}, schedules.from_config(config.diffusion),
+      jax.random.key(seed),
       num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
       sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
       labels=class_label, num_classes=config.model.num_classes,
@@ -117,8 +118,6 @@ def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None 
     del paths["trajectory.png"]
   else:
     frames = images.to_uint8(result["trajectory"][:, :8])  # [frames, ≤8 samples, H, W, C]
-    images.save_png(paths["trajectory.png"],
-                    images.make_grid(frames.swapaxes(0, 1).reshape(-1, *frames.shape[2:]),
-                                     num_columns=frames.shape[0], scale=scale))
+    images.save_png(paths["trajectory.png"], images.trajectory_strip(frames, scale=scale))
   return list(paths.values())
 

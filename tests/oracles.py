@@ -1,6 +1,7 @@
 """Denoisers whose optimal output is known in closed form, for testing samplers and losses."""
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import diffusion
 from jaxdiff.schedules import Schedule
@@ -27,3 +28,16 @@ def gaussian_eps(schedule: Schedule, mean, std: float, prediction: str = "eps"):
     return lambda variables, x_t, t, labels: predict(
         x_t, t, mean(labels).reshape(labels.shape + (1,) * (x_t.ndim - 1)))
   return lambda variables, x_t, t: predict(x_t, t, mean)
+
+
+def gaussian_flow_map(schedule: Schedule, mean: float, std: float, x_T, t_last: int):
+  """Where sampling along the exact probability-flow ODE takes x_T for data N(mean, std² I),
+  ending with the MMSE denoiser at timestep t_last, in float64 NumPy.
+
+  The ODE keeps z = (x_t − √ᾱ_t mean)/√(ᾱ_t std² + 1 − ᾱ_t) fixed, and with ᾱ = ᾱ_{t_last}
+  E[x0 | x_t] = mean + √ᾱ std² z / √(ᾱ std² + 1 − ᾱ).
+  """
+  alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+  scale = lambda a: np.sqrt(a * std**2 + 1 - a)
+  z = (np.asarray(x_T, np.float64) - np.sqrt(alpha_bars[-1]) * mean) / scale(alpha_bars[-1])
+  return mean + np.sqrt(alpha_bars[t_last]) * std**2 * z / scale(alpha_bars[t_last])

@@ -27,3 +27,16 @@ def test_grid_places_images_row_by_row_with_padding_and_scale(tmp_path):
 
 def test_display_scale_enlarges_small_images_only():
   assert [images.display_scale(s) for s in (8, 28, 32, 64)] == [4, 1, 1, 1]
+
+
+def test_trajectory_strip_has_a_row_per_sample_and_a_column_per_frame():
+  # frames[f, n] is filled with 10·n + f, RGB.
+  values = 10 * np.arange(2)[None, :] + np.arange(3)[:, None]
+  frames = (values[:, :, None, None, None] * np.ones((3, 2, 2, 2, 3))).astype(np.uint8)
+  strip = images.trajectory_strip(frames, padding=1)
+  assert strip.shape == (2 * 3 + 1, 3 * 3 + 1, 3)
+  for sample in range(2):
+    for frame in range(3):
+      top, left = 1 + 3 * sample, 1 + 3 * frame
+      np.testing.assert_array_equal(strip[top:top + 2, left:left + 2], 10 * sample + frame)
+  assert images.trajectory_strip(frames, scale=2).shape == (2 * 5 + 1, 3 * 5 + 1, 3)
