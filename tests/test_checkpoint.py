@@ -1,152 +1,350 @@
-"""Checkpoints: bit-exact round trips across topologies, broken steps, mismatched configs."""
+"""Checkpoints: bit-exact round trips across topologies, broken steps, clean-up that keeps good
+steps, mismatched configs, failed writes, sampling restores and exports."""
 
 import functools
 import os
+import re
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from jaxdiff import checkpoint, parallel, training
-from test_training import tiny_config
 
-CONFIG = tiny_config()
+
+def small_config():
+  config = default.get_config()
+  config.model.update(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
+  config.diffusion.num_timesteps = 100
+  return config
+
+
+CONFIG = small_config()
 MODEL = training.create_model(CONFIG)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.cache
-def initial_state(num_devices):
-  mesh = parallel.make_mesh(jax.devices()[:num_devices])
+def mesh_of(num_devices):
+  return parallel.make_mesh(jax.devices()[:num_devices])
+
+
+def make_state(num_devices, seed=7):
+  """A state whose params, EMA params and optimizer state all differ, so a mix-up shows."""
   init = jax.jit(functools.partial(training.init_state, CONFIG, MODEL),
-                 out_shardings=parallel.replicated(mesh))
-  state = init(jax.random.key(7))
-  # Make EMA, optimizer state and params differ, so a mix-up between them is caught.
-  return state.replace(step=state.step + 3,
-                       ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params),
-                       opt_state=jax.tree.map(lambda x: x + 2 if x.dtype.kind == "f" else x,
-                                              state.opt_state))
+                 out_shardings=parallel.replicated(mesh_of(num_devices)))
+  state = init(jax.random.key(seed))
+  return state.replace(
+      step=state.step + 3,
+      ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params),
+      opt_state=jax.tree.map(lambda x: x + 2 if x.dtype.kind == "f" else x + 5, state.opt_state))
+
+
+saved_state = functools.cache(make_state)
 
 
 def host_leaves(state):
   return jax.tree.leaves(jax.device_get(state.replace(rng=jax.random.key_data(state.rng))))
 
 
-def assert_same_state(a, b):
-  for x, y in zip(host_leaves(a), host_leaves(b), strict=True):
+def assert_same_state(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for x, y in zip(host_leaves(actual), host_leaves(expected), strict=True):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(x, y)
+
+
+def assert_same_tree(actual, expected):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
 def abstract(num_devices):
-  return checkpoint.abstract_train_state(CONFIG, MODEL,
-                                         parallel.make_mesh(jax.devices()[:num_devices]))
+  return checkpoint.abstract_train_state(CONFIG, MODEL, mesh_of(num_devices))
+
+
+def files_under(path):
+  """{relative path: bytes} of every file under `path`."""
+  contents = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      with open(os.path.join(root, name), "rb") as f:
+        contents[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return contents
+
+
+def damage(step_dir, item="train"):
+  """Truncate every file of one item of a step to half its length, as a failing disk might."""
+  for relative_path, content in files_under(os.path.join(step_dir, item)).items():
+    with open(os.path.join(step_dir, item, relative_path), "wb") as f:
+      f.write(content[:len(content) // 2])
+
+
+def test_async_save_is_bit_exact_even_if_training_reuses_the_buffers(tmp_path):
+  state = make_state(1)
+  expected = jax.device_get(state.replace(rng=jax.random.key_data(state.rng)))
+  # What the trainer does right after an asynchronous save: a step that donates the state's
+  # buffers (on CPU, JAX copies instead while the save still references them).
+  next_step = jax.jit(lambda s: s.replace(step=s.step + 1,
+                                          params=jax.tree.map(lambda x: x * 2, s.params)),
+                      donate_argnums=0)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, state, {"next_batch": 3, "seed": 0}, CONFIG)
+    next_step(state)
+    checkpointer.wait()
+    restored, data_state, saved_config = checkpointer.restore(abstract(1))
+  assert_same_tree(jax.device_get(restored.replace(rng=jax.random.key_data(restored.rng))),
+                   expected)
+  assert restored.rng.dtype == state.rng.dtype  # a typed key again
+  assert data_state == {"next_batch": 3, "seed": 0}
+  assert saved_config == CONFIG and saved_config.model.ch_mult == (1, 2)
 
 
 @pytest.mark.parametrize("save_devices, restore_devices", [(4, 1), (1, 4)])
-def test_round_trip_across_topologies_is_bit_exact(tmp_path, save_devices, restore_devices):
-  state = initial_state(save_devices)
+def test_a_checkpoint_restores_onto_another_topology(tmp_path, save_devices, restore_devices):
+  state = saved_state(save_devices)
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(3, state, {"batches_yielded": 3}, CONFIG)  # asynchronous
-    checkpointer.wait()
-    restored, data_state, saved_config = checkpointer.restore(abstract(restore_devices), CONFIG)
+    checkpointer.save(3, state, {}, CONFIG, wait=True)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    restored, _, _ = checkpointer.restore(abstract(restore_devices), config=CONFIG)
   assert_same_state(restored, state)
-  assert data_state == {"batches_yielded": 3}
-  assert saved_config == CONFIG
-  for leaf in jax.tree.leaves(restored.params):
-    assert leaf.sharding.mesh.devices.size == restore_devices
+  expected_sharding = parallel.replicated(mesh_of(restore_devices))
+  for leaf in jax.tree.leaves(restored):
+    assert leaf.sharding == expected_sharding
 
 
-def test_existing_step_is_never_overwritten(tmp_path):
-  state = initial_state(1)
+def test_an_existing_step_is_never_overwritten(tmp_path):
+  state = saved_state(1)
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, state, {"n": 1}, CONFIG, wait=True)
     checkpointer.save(3, state.replace(params=state.ema_params), {"n": 2}, CONFIG, wait=True)
     restored, data_state, _ = checkpointer.restore(abstract(1))
+    assert checkpointer.all_steps() == [3]
   assert data_state == {"n": 1}
   assert_same_state(restored, state)
 
 
-def corrupt(step_dir):
-  """Damage every data file of the params item, as a failing disk would."""
-  for root, _, files in os.walk(os.path.join(step_dir, "train")):
-    for name in files:
-      if "ocdbt" in root or name == "_METADATA":
-        with open(os.path.join(root, name), "wb") as f:
-          f.write(b"\0garbage")
-
-
-def test_broken_newest_step_falls_back_and_is_kept_aside(tmp_path, capsys):
-  state = initial_state(1)
-  newer = state.replace(step=state.step + 1)
+def test_a_broken_newest_step_is_reported_left_in_place_and_skipped(tmp_path, caplog):
+  older, newer = saved_state(1), saved_state(1, seed=8)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
-    checkpointer.save(3, state, {"n": 3}, CONFIG, wait=True)
-    checkpointer.save(4, newer, {"n": 4}, CONFIG, wait=True)
-  corrupt(tmp_path / "checkpoints" / "4")
+    checkpointer.save(1, older, {"n": 1}, CONFIG)
+    checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
+  step_2 = tmp_path / "checkpoints" / "2"
+  damage(step_2)
+  damaged = files_under(step_2)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
+    assert checkpointer.latest_step() == 2  # not read yet
     restored, data_state, _ = checkpointer.restore(abstract(1))
-    assert data_state == {"n": 3}
-    assert_same_state(restored, state)
-    assert "step 4 is broken" in capsys.readouterr().out
-    assert (tmp_path / "checkpoints" / "broken_4").is_dir()  # kept for inspection
-    # Training goes on and saves step 4 afresh; the good step 3 is still there.
-    checkpointer.save(4, newer, {"n": 4}, CONFIG, wait=True)
-    assert checkpointer.all_steps() == [3, 4]
+    assert data_state == {"n": 1}
+    assert_same_state(restored, older)
+    assert "checkpoint step 2" in caplog.text and "cannot be read" in caplog.text
+    assert files_under(step_2) == damaged  # untouched, for the user to inspect
+    assert checkpointer.latest_step() == 1
+    # Training goes on from step 1 and saves step 2 afresh: the broken one is moved aside.
+    checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
+    assert checkpointer.all_steps() == [1, 2]
+    assert files_under(tmp_path / "checkpoints_broken" / "2") == damaged
+    restored, data_state, _ = checkpointer.restore(abstract(1))
+  assert data_state == {"n": 2}
+  assert_same_state(restored, newer)
 
 
 def test_every_step_broken_is_a_clear_error(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(3, initial_state(1), {}, CONFIG, wait=True)
-  corrupt(tmp_path / "checkpoints" / "3")
+    checkpointer.save(3, saved_state(1), {}, CONFIG, wait=True)
+  damage(tmp_path / "checkpoints" / "3", "ema_params")
+  before = files_under(tmp_path)
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*steps \[3\]"):
       checkpointer.restore(abstract(1))
-
-
-def test_config_mismatch_names_the_fields(tmp_path):
-  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(3, initial_state(1), {}, CONFIG, wait=True)
-    other = tiny_config()
-    other.model.ch = 32
-    other.data.image_size = 16
-    other.model.dropout = 0.3  # free to change between runs
-    with pytest.raises(checkpoint.CheckpointError) as error:
-      checkpointer.restore(abstract(1), other)
-  message = str(error.value)
-  assert "model.ch 32 (config) vs 16 (checkpoint)" in message
-  assert "data.image_size 16 (config) vs 8 (checkpoint)" in message
-  assert "dropout" not in message
-
-
-def test_sampling_reads_only_the_ema_params(tmp_path):
-  state = initial_state(4)
-  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    checkpointer.save(3, state, {}, CONFIG, wait=True)
-  # Without the optimizer state and params on disk, loading for sampling still works.
-  corrupt(tmp_path / "checkpoints" / "3")
-  ema_params, config, step = checkpoint.load_for_sampling(
-      str(tmp_path), mesh=parallel.make_mesh(jax.devices()[:1]))
-  assert step == 3 and config == CONFIG
-  for x, y in zip(jax.tree.leaves(ema_params), jax.tree.leaves(state.ema_params), strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
-def test_export_holds_the_ema_params_and_config(tmp_path):
-  state = initial_state(1)
-  with checkpoint.Checkpointer(str(tmp_path / "work")) as checkpointer:
-    checkpointer.save(3, state, {}, CONFIG, wait=True)
-  checkpoint.export_ema(str(tmp_path / "work"), str(tmp_path / "export"))
-  ema_params, config, step = checkpoint.load_for_sampling(str(tmp_path / "export"))
-  assert step == 3 and config.model == CONFIG.model
-  for x, y in zip(jax.tree.leaves(ema_params), jax.tree.leaves(state.ema_params), strict=True):
-    np.testing.assert_array_equal(x, y)
-  with pytest.raises(checkpoint.CheckpointError, match="already exists"):
-    checkpoint.export_ema(str(tmp_path / "work"), str(tmp_path / "export"))
-
-
-def test_missing_and_empty_workdirs_and_unwritable_paths(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-    checkpoint.load_for_sampling(str(tmp_path / "nowhere"))
-  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+    with pytest.raises(checkpoint.CheckpointError, match="step 3 .* cannot be read"):
+      checkpointer.restore(abstract(1), step=3)
+  with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*steps \[3\]"):
     checkpoint.load_for_sampling(str(tmp_path))
+  assert files_under(tmp_path) == before
+
+
+def test_clean_up_never_removes_a_good_step_for_an_unverified_newer_one(tmp_path):
+  state = saved_state(1)
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as checkpointer:
+    for step in (1, 2, 3):
+      checkpointer.save(step, state, {"n": step}, CONFIG)
+  damage(tmp_path / "checkpoints" / "3")
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
+    checkpointer.save(4, state, {"n": 4}, CONFIG, wait=True)
+    # Keeping the newest two (3 and 4) would leave one good step: 1, 2 and 3 stay.
+    assert checkpointer.all_steps() == [1, 2, 3, 4]
+    checkpointer.save(5, state, {"n": 5}, CONFIG, wait=True)
+    assert checkpointer.all_steps() == [4, 5]  # two good steps newer than the rest
+
+
+def test_clean_up_after_falling_back_keeps_max_to_keep_good_steps(tmp_path):
+  state = saved_state(1)
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as checkpointer:
+    for step in (1, 2, 3):
+      checkpointer.save(step, state, {"n": step}, CONFIG)
+  damage(tmp_path / "checkpoints" / "3")
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
+    _, data_state, _ = checkpointer.restore(abstract(1))
+    assert data_state == {"n": 2}
+    checkpointer.save(4, state, {"n": 4}, CONFIG, wait=True)
+    assert checkpointer.all_steps() == [2, 4]
+  assert os.listdir(tmp_path / "checkpoints_broken") == ["3"]
+
+
+def test_half_written_steps_are_ignored(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, saved_state(1), {"n": 3}, CONFIG, wait=True)
+  # What a save cut off by preemption leaves: Orbax's temporary folder, never renamed.
+  half_written = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+  (half_written / "train").mkdir(parents=True)
+  (half_written / "train" / "_METADATA").write_bytes(b"{")
+  assert checkpoint.load_for_sampling(str(tmp_path), mesh=mesh_of(1))[2] == 3
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    assert checkpointer.all_steps() == [3]
+    assert checkpointer.restore(abstract(1))[1] == {"n": 3}
+    checkpointer.save(5, saved_state(1), {"n": 5}, CONFIG, wait=True)
+    assert checkpointer.all_steps() == [3, 5]
+  assert half_written.is_dir()  # left alone: another process might still be writing it
+
+
+def test_a_config_that_does_not_match_names_the_fields(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, saved_state(1), {}, CONFIG, wait=True)
+    other = small_config()
+    other.model.ch = 16
+    other.model.ch_mult = (1, 2, 2)
+    other.data.image_size = 16
+    other.diffusion.prediction = "v"
+    other.model.dropout, other.model.dtype = 0.3, "bfloat16"  # free to change between runs
+    other.train.learning_rate = 1.0
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      checkpointer.restore(abstract(1), config=other)
+    compatible = small_config()
+    compatible.model.update(dropout=0.3, remat=True, dtype="bfloat16")
+    compatible.train.update(learning_rate=1.0, batch_size=8)
+    assert checkpointer.restore(abstract(1), config=compatible)[2] == CONFIG
+  message = str(error.value)
+  for difference in ("model.ch 16 (config) vs 8 (checkpoint)",
+                     "model.ch_mult (1, 2, 2) (config) vs (1, 2) (checkpoint)",
+                     "data.image_size 16 (config) vs 8 (checkpoint)",
+                     "diffusion.prediction 'v' (config) vs 'eps' (checkpoint)"):
+    assert difference in message
+  assert str(tmp_path) in message and "\n" not in message
+  assert "dropout" not in message and "dtype" not in message and "learning_rate" not in message
+
+
+def test_sampling_reads_only_the_ema_params_and_config(tmp_path):
+  state = saved_state(4)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, state, {}, CONFIG, wait=True)
+  step_dir = tmp_path / "checkpoints" / "3"
+  for item in ("train", "data"):  # no params, optimizer state, RNG key or data position
+    for relative_path in files_under(step_dir / item):
+      os.remove(step_dir / item / relative_path)
+  ema_params, config, step = checkpoint.load_for_sampling(str(tmp_path), mesh=mesh_of(1))
+  assert step == 3 and config == CONFIG
+  assert_same_tree(ema_params, jax.device_get(state.ema_params))
+  assert all(leaf.sharding == parallel.replicated(mesh_of(1))
+             for leaf in jax.tree.leaves(ema_params))
+
+
+def test_an_export_holds_the_ema_params_and_config(tmp_path):
+  state = saved_state(1)
+  with checkpoint.Checkpointer(str(tmp_path / "work")) as checkpointer:
+    checkpointer.save(3, state, {}, CONFIG)
+    checkpointer.save(4, state.replace(ema_params=state.params), {}, CONFIG)
+  export = checkpoint.export_ema(str(tmp_path / "work"), str(tmp_path / "export"), step=3)
+  assert sorted(os.listdir(export)) == ["config.json", "ema_params", "export.json"]
+  ema_params, config, step = checkpoint.load_for_sampling(export, mesh=mesh_of(2))
+  assert step == 3 and config == CONFIG
+  assert_same_tree(ema_params, jax.device_get(state.ema_params))
+  with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+    checkpoint.export_ema(str(tmp_path / "work"), export)
+
+
+def test_missing_or_empty_workdirs_are_one_line_errors(tmp_path):
+  for load in (checkpoint.load_for_sampling,
+               lambda path: checkpoint.export_ema(path, str(tmp_path / "export"))):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist") as error:
+      load(str(tmp_path / "nowhere"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in") as error:
+      load(str(tmp_path))
+    assert "\n" not in str(error.value)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    assert checkpointer.latest_step() is None
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+      checkpointer.restore(abstract(1))
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, saved_state(1), {}, CONFIG, wait=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint step 5 .*\[3\]"):
+      checkpointer.restore(abstract(1), step=5)
+  with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint step 5 .*\[3\]"):
+    checkpoint.load_for_sampling(str(tmp_path), step=5)
+
+
+def test_a_workdir_under_a_file_is_a_clear_error(tmp_path):
   (tmp_path / "file.txt").write_text("not a folder")
-  with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints"):
+  with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints to .*file.txt"):
     checkpoint.Checkpointer(str(tmp_path / "file.txt" / "workdir"))
+
+
+def test_a_read_only_workdir_is_a_clear_error(tmp_path):
+  read_only = tmp_path / "read_only"
+  read_only.mkdir()
+  read_only.chmod(0o500)
+  try:
+    if os.access(read_only, os.W_OK):
+      pytest.skip("running as root: permissions do not stop writes")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints"):
+      checkpoint.Checkpointer(str(read_only))
+  finally:
+    read_only.chmod(0o700)
+
+
+def tiny_state():
+  """A TrainState of a few numbers: nothing to compile, for a quick process of its own."""
+  return training.TrainState(
+      step=jnp.int32(1), params={"w": jnp.arange(4.0)}, ema_params={"w": jnp.arange(4.0) + 1},
+      opt_state={"count": jnp.int32(1)}, rng=jax.random.key(1))
+
+
+# Runs in its own process, as in training: the failed write's leftover Orbax threads end with it.
+FAILED_WRITE_SCRIPT = """
+import resource, signal, sys
+from jaxdiff import checkpoint
+from tests.test_checkpoint import CONFIG, tiny_state
+checkpointer = checkpoint.Checkpointer(sys.argv[1], max_to_keep=1)
+checkpointer.save(1, tiny_state(), {"n": 1}, CONFIG, wait=True)
+# Writes past 200 bytes now fail with EFBIG, as they would on a full disk (root included).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+  checkpointer.save(2, tiny_state(), {"n": 2}, CONFIG)
+  checkpointer.wait()
+except checkpoint.CheckpointError as error:
+  print("CheckpointError:", error)
+"""
+
+
+def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path):
+  result = subprocess.run([sys.executable, "-c", FAILED_WRITE_SCRIPT, str(tmp_path)], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  message = result.stdout.strip()
+  assert re.fullmatch(r"CheckpointError: could not write checkpoint step 2 .*File too large.*"
+                      r"the earlier steps \[1\] are intact\. Free disk space.*", message), message
+  sharding = parallel.replicated(mesh_of(1))
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                jax.eval_shape(tiny_state))
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=1) as checkpointer:
+    assert checkpointer.all_steps() == [1]
+    restored, data_state, _ = checkpointer.restore(abstract_state)
+  assert data_state == {"n": 1}
+  assert_same_state(restored, tiny_state())
