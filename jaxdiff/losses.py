@@ -39,3 +39,72 @@ def diffusion_loss(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, key
   per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
                          axis=tuple(range(1, x0.ndim)))
   return jnp.mean(per_example), {"per_example_loss": per_example, "t": t}
+
+
+# The variational bound (DDPM eq. 5), per example, in nats:
+#   L = L_T + Σ_{t≥1} L_{t−1} + L_0
+#   L_T     = KL(q(x_T | x0) ‖ N(0, I))
+#   L_{t−1} = KL(q(x_{t−1} | x_t, x0) ‖ p_θ(x_{t−1} | x_t))
+#   L_0     = −log p_θ(x0 | x_1), a Gaussian integrated over each pixel's bin (eq. 13).
+# Timesteps are 0-indexed: index t here is the paper's t + 1, so index 0 is the decoder.
+
+
+def normal_kl(mean_a, log_var_a, mean_b, log_var_b):
+  """KL(N(μ_a, σ_a²) ‖ N(μ_b, σ_b²)) = ½ (log σ_b² − log σ_a² − 1 + σ_a²/σ_b² + (μ_a − μ_b)²/σ_b²),
+  elementwise, in nats."""
+  return 0.5 * (log_var_b - log_var_a - 1.0 + jnp.exp(log_var_a - log_var_b)
+                + jnp.square(mean_a - mean_b) * jnp.exp(-log_var_b))
+
+
+def _log_sub_exp(log_a, log_b):
+  """log(e^a − e^b) for a > b, without cancellation: a + log(1 − e^{b−a})."""
+  delta = log_b - log_a
+  return log_a + jnp.where(delta > -jnp.log(2.0), jnp.log(-jnp.expm1(delta)),
+                           jnp.log1p(-jnp.exp(delta)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_var, num_levels: int):
+  """log P(x) for x on the grid {−1, −1 + Δ, …, 1}, Δ = 2/(num_levels − 1): the mass of
+  N(mean, σ²) on x's bin [x − Δ/2, x + Δ/2], the two end bins reaching to ∓∞ (DDPM eq. 13).
+
+  A bin's mass Φ(z⁺) − Φ(z⁻) is taken on the side of 0 where it does not cancel (Φ(−z⁻) −
+  Φ(−z⁺) when the bin lies above the mean), in log space, so far-off pixels keep their
+  true, tiny likelihood instead of rounding to 0.
+  """
+  inv_std = jnp.exp(-0.5 * log_var)
+  half_bin = 1.0 / (num_levels - 1)
+  z_upper = (x - mean + half_bin) * inv_std
+  z_lower = (x - mean - half_bin) * inv_std
+  above_mean = z_upper + z_lower > 0
+  near, far = jnp.where(above_mean, -z_lower, z_upper), jnp.where(above_mean, -z_upper, z_lower)
+  log_mass = _log_sub_exp(jax.scipy.special.log_ndtr(near), jax.scipy.special.log_ndtr(far))
+  lowest, highest = x < -1.0 + half_bin, x > 1.0 - half_bin
+  log_mass = jnp.where(lowest, jax.scipy.special.log_ndtr(z_upper), log_mass)
+  return jnp.where(highest, jax.scipy.special.log_ndtr(-z_lower), log_mass)
+
+
+def _sum_per_example(x):
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def prior_kl(schedule: Schedule, x0):
+  """L_T = KL(N(√ᾱ_T x0, (1 − ᾱ_T) I) ‖ N(0, I)) per example, in nats."""
+  mean = schedule.sqrt_alpha_bars[-1] * x0
+  log_var = 2.0 * jnp.log(schedule.sqrt_one_minus_alpha_bars[-1])
+  return _sum_per_example(normal_kl(mean, log_var, 0.0, 0.0))
+
+
+def vb_term(apply_fn, variables, schedule: Schedule, x0, t, noise, *, num_levels: int,
+            prediction: str = "eps", variance: str = "beta", clip_x0: bool = True):
+  """The bound's term at index t per example, in nats: L_0 = −log p_θ(x0 | x_1) where t = 0,
+  else L_{t} = KL(q(x_t | x_{t+1}, x0) ‖ p_θ(x_t | x_{t+1})) (paper indices), with x_{t+1} =
+  q_sample(x0, t, noise). `apply_fn(variables, x_t, t)` is the network."""
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  output = apply_fn(variables, x_t, t).astype(jnp.float32)
+  model_mean, model_log_var, _ = diffusion.p_mean_variance(
+      schedule, prediction, x_t, t, output, clip_x0, variance)
+  true_mean, _, true_log_var = diffusion.q_posterior(schedule, x0, x_t, t)
+  kl = _sum_per_example(normal_kl(true_mean, true_log_var, model_mean, model_log_var))
+  decoder_nll = -_sum_per_example(
+      discretized_gaussian_log_likelihood(x0, model_mean, model_log_var, num_levels))
+  return jnp.where(t == 0, decoder_nll, kl)
