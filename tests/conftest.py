@@ -13,3 +13,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), "jaxdiff-test-compilation-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def judged_data_dir(tmp_path_factory) -> str:
+  """A data_dir with digits prepared and its quality classifier trained and cached, once."""
+  from configs import default
+  from jaxdiff.evaluation import classifier
+
+  config = default.get_config()
+  config.data.data_dir = str(tmp_path_factory.mktemp("judged_tensorflow_datasets"))
+  classifier.load_or_train(config.data)
+  return config.data.data_dir
