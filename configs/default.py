@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 50
   train.checkpoint_every = 500
   train.sample_every = 1500      # also at the end; 0 = never
+  train.eval_every = 1500        # config.eval's metrics, also at the end; 0 = never
   train.max_to_keep = 3
   train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
   train.loss_bins = 10            # loss logged in this many bins of t
@@ -71,4 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
   sample.batch_size = 64
   sample.guidance_scale = 0.0
   sample.clip_x0 = True
+
+  # In-training evaluation (evaluate.py takes its own flags).
+  config.eval = eval_config = ml_collections.ConfigDict()
+  eval_config.metrics = ("quality",)  # of bpd, fid, quality (quality: labelled digits only)
+  eval_config.sampler = "dpm_solver"
+  eval_config.num_steps = 20
+  eval_config.num_samples = 256
+  eval_config.batch_size = 128
+  eval_config.bpd_images = 128        # held-out images for bpd; each costs T network calls
+  eval_config.timestep_chunk = 50     # network calls of the bound per image run at once
   return config

@@ -18,7 +18,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training, visualize
-from jaxdiff.evaluation import panels
+from jaxdiff.evaluation import metrics as evaluation, panels
 from jaxdiff.metric_writer import MetricWriter
 
 
@@ -96,6 +96,10 @@ def train(config, workdir: str) -> TrainSummary:
   mesh = parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
   data.check_model_compatible(config.data, config.model)
+  eval_every = train_config.get("eval_every", 0)  # 0: no in-training evaluation
+  if eval_every:
+    for metric in config.eval.metrics:
+      evaluation.check_metric(metric, config.data)
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
     save_resolved_config(config, workdir)
@@ -121,7 +125,7 @@ def train(config, workdir: str) -> TrainSummary:
   def save(step, wait=False):
     checkpointer.save(step, state, train_iter.get_state(), config, wait=wait)
 
-  panel_key, sample_key = jax.random.split(sample_key)
+  panel_key, eval_key, sample_key = jax.random.split(sample_key, 3)
   panel_x0, panel_noise = panels.panel_inputs(config, panel_key)
 
   def write_samples(step):
@@ -132,6 +136,12 @@ def train(config, workdir: str) -> TrainSummary:
       for folder, image in (("samples", grid), ("panels", panel)):
         images.save_png(os.path.join(workdir, folder, f"step_{step:07d}.png"), image)
         writer.write_image(step, folder, image)
+
+  def evaluate(step):
+    start = time.perf_counter()
+    scalars = evaluation.training_scalars(model, state.ema_params, config, mesh,
+                                          jax.random.fold_in(eval_key, step))
+    writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
   start_time = time.perf_counter()
   last_loss, nonfinite_in_a_row, step = float("nan"), 0, first_step
@@ -193,6 +203,8 @@ def train(config, workdir: str) -> TrainSummary:
           save(step)
         if sample_every and step % sample_every == 0:
           write_samples(step)
+        if eval_every and step % eval_every == 0:
+          evaluate(step)
         if stop.received:
           break
       if pending is not None:
@@ -203,6 +215,8 @@ def train(config, workdir: str) -> TrainSummary:
         save(step, wait=True)
         if sample_every and not stop.received and step % sample_every:
           write_samples(step)
+        if eval_every and not stop.received and step % eval_every:
+          evaluate(step)
   finally:
     progress.close()
     checkpointer.close()

@@ -14,9 +14,9 @@ from test_trainer import job_config, REPO
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, judged_data_dir):
   path = str(tmp_path_factory.mktemp("trained"))
-  config = job_config(str(tmp_path_factory.mktemp("tensorflow_datasets")), num_steps=3)
+  config = job_config(judged_data_dir, num_steps=3)
   trainer.train(config, path)
   return path
 
@@ -103,3 +103,35 @@ def test_evaluate_py_writes_the_denoising_panel(workdir, tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   tile = 8 * 4 + 1  # 8×8 digits shown 4× with a gap: 5 t × 4 images rows, 5 columns
   assert Image.open(tmp_path / "panel.png").size == (5 * tile + 1, 20 * tile + 1)
+
+
+def run_evaluate_py(*flags):
+  command = [sys.executable, os.path.join(REPO, "evaluate.py"), *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric,flags,numbers", [
+    ("bpd", ["--num_images=16", "--batch_size=8"],
+     ["bpd", "prior_bpd", "diffusion_bpd", "decoder_bpd", "uniform_bpd"]),
+    ("quality", ["--num_samples=16", "--batch_size=8", "--num_steps=3", "--sampler=ddim"],
+     ["frechet", "frechet_real_vs_real", "frechet_noise_vs_real", "class_entropy_bits"]),
+])
+def test_evaluate_py_prints_a_table_and_writes_json(workdir, tmp_path, metric, flags, numbers):
+  output = tmp_path / f"{metric}.json"
+  result = run_evaluate_py(f"--workdir={workdir}", f"--metric={metric}", f"--output={output}",
+                           *flags)
+  assert result.returncode == 0, result.stdout + result.stderr
+  with open(output) as f:
+    written = json.load(f)
+  assert written["checkpoint_step"] == 3 and written["dataset"] == "digits"
+  for name in numbers:
+    assert np.isfinite(written[name])
+    assert any(line.split()[:1] == [name] for line in result.stdout.splitlines())
+
+
+def test_evaluate_py_names_a_missing_checkpoint(workdir):
+  result = run_evaluate_py(f"--workdir={workdir}", "--metric=bpd", "--checkpoint_step=999")
+  assert result.returncode != 0
+  assert result.stderr.startswith("error:") and "999" in result.stderr

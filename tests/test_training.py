@@ -17,7 +17,8 @@ def tiny_config(**model):
   config.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                       dropout=0.1, **model)
   config.diffusion.num_timesteps = 100
-  config.train.update(batch_size=32, learning_rate=2e-3, warmup_steps=10, num_steps=200)
+  config.train.update(batch_size=32, learning_rate=2e-3, warmup_steps=10, num_steps=200,
+                      eval_every=0)
   return config
 
 

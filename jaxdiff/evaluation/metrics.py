@@ -1,0 +1,131 @@
+"""Evaluating a model's EMA params: bits/dim on held-out data, and FID or the offline quality
+score of its samples. Used by `evaluate.py` and by the trainer every `train.eval_every` steps."""
+
+import itertools
+import math
+import time
+
+import jax
+import numpy as np
+
+from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training
+from jaxdiff.evaluation import likelihood, quality
+
+METRICS = ("bpd", "fid", "quality")
+
+
+def check_metric(metric: str, data_config) -> None:
+  """A clear error, before any work, for a metric that cannot run on this dataset or machine."""
+  if metric not in METRICS:
+    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+  if metric == "quality" and data.dataset_info(data_config).num_classes < 2:
+    raise ValueError(f"the quality score judges digits with a classifier trained on labels; "
+                     f"{data_config.dataset!r} has none: use metric fid or bpd")
+  if metric == "fid":
+    from jaxdiff.evaluation import fid
+    fid.check_available()
+
+
+def generate_uint8(model, params, config, mesh, key, *, sampler: str, num_steps: int,
+                   num_samples: int, batch_size: int):
+  """Samples as uint8 [N, H, W, C] and the classes asked for (None when unconditional);
+  conditional models get the classes in turn, without guidance."""
+  size, channels = config.data.image_size, config.data.num_channels
+  result = sampling.generate(
+      model.apply, {"params": params}, schedules.from_config(config.diffusion), key,
+      num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
+      sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
+      num_classes=config.model.num_classes, mesh=mesh, progress=False)
+  return images.to_uint8(result["images"]), result["labels"]
+
+
+def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = None,
+                 batch_size: int = 128, variance: str = "beta", timestep_chunk: int = 50) -> dict:
+  """The bound in bits/dim on config.data.eval_split (its first `num_images`, default all),
+  with the uniform baseline log2(levels) beside it."""
+  schedule = schedules.from_config(config.diffusion)
+  levels = likelihood.pixel_levels(data.dataset_info(config.data), config.data.image_size)
+  bound_fn = likelihood.make_bound_fn(
+      model.apply, schedule, mesh, num_levels=levels, num_classes=config.model.num_classes,
+      prediction=config.diffusion.prediction, variance=variance,
+      timestep_chunk=min(timestep_chunk, schedule.num_timesteps))
+  batches = data.make_eval_iterator(config.data, batch_size, mesh)
+  try:
+    chosen = batches if num_images is None else itertools.islice(
+        batches, math.ceil(num_images / batch_size))
+    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    result = likelihood.bits_per_dim(bound_fn, {"params": params}, chosen, key, image_shape)
+  finally:
+    batches.close()
+  return {"metric": f"NLL bound, bits/dim (DDPM L_vlb, {levels}-level discretised decoder, "
+                    f"σ² = {variance})",
+          **result, "uniform_bpd": math.log2(levels), "pixel_levels": levels}
+
+
+def sample_metric(metric: str, model, params, config, mesh, key, *, sampler: str,
+                  num_steps: int, num_samples: int, batch_size: int) -> dict:
+  """FID or the quality score of `num_samples` samples from `sampler` with `num_steps` steps."""
+  start = time.perf_counter()
+  samples, labels = generate_uint8(model, params, config, mesh, key, sampler=sampler,
+                                   num_steps=num_steps, num_samples=num_samples,
+                                   batch_size=batch_size)
+  sampling_seconds = time.perf_counter() - start
+  if metric == "quality":
+    result = quality.quality_score(samples, config.data, labels=labels)
+  else:
+    from jaxdiff.evaluation import fid
+    result = fid.fid_of_samples(samples, config.data, mesh=mesh)
+  return {**result, "sampler": sampler, "num_steps": num_steps,
+          "sampling_seconds": sampling_seconds}
+
+
+def evaluate(metric: str, model, params, config, mesh, key, **options) -> dict:
+  """`bits_per_dim` for 'bpd', else `sample_metric`; options go to the one chosen."""
+  check_metric(metric, config.data)
+  if metric == "bpd":
+    return bits_per_dim(model, params, config, mesh, key, **options)
+  return sample_metric(metric, model, params, config, mesh, key, **options)
+
+
+def evaluate_checkpoint(workdir: str, metric: str, *, checkpoint_step: int | None = None,
+                        seed: int = 0, **options) -> dict:
+  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices;
+  the result also names the checkpoint, dataset and device count."""
+  params, config, step = checkpoint.load_for_sampling(workdir, checkpoint_step)
+  check_metric(metric, config.data)
+  mesh = parallel.make_mesh(jax.local_devices())
+  start = time.perf_counter()
+  result = evaluate(metric, training.create_model(config), params, config, mesh,
+                    jax.random.key(seed), **options)
+  return {**result, "checkpoint_step": step, "dataset": config.data.dataset, "seed": seed,
+          "devices": mesh.devices.size, "seconds": time.perf_counter() - start}
+
+
+def training_scalars(model, params, config, mesh, key) -> dict:
+  """What the trainer logs every `train.eval_every` steps: the numbers of each metric in
+  `config.eval.metrics`, named 'eval/<metric>/<number>'."""
+  eval_config = config.eval
+  scalars = {}
+  for index, metric in enumerate(eval_config.metrics):
+    metric_key = jax.random.fold_in(key, index)
+    if metric == "bpd":
+      result = bits_per_dim(model, params, config, mesh, metric_key,
+                            num_images=eval_config.bpd_images,
+                            batch_size=eval_config.batch_size,
+                            timestep_chunk=eval_config.timestep_chunk)
+    else:
+      result = sample_metric(metric, model, params, config, mesh, metric_key,
+                             sampler=eval_config.sampler, num_steps=eval_config.num_steps,
+                             num_samples=eval_config.num_samples,
+                             batch_size=eval_config.batch_size)
+    scalars.update({f"eval/{metric}/{name}": value for name, value in result.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
+  return scalars
+
+
+def format_table(result: dict) -> str:
+  """A two-column text table of a result's scalars (lists and long values left to the JSON)."""
+  rows = [(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+          for name, value in result.items() if not isinstance(value, (list, dict))]
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
