@@ -5,8 +5,9 @@ devices are present.
   python -m benchmarks.benchmark --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16
 
 Each number is the median of `--repeats` timed calls after a warm-up call, synchronised with
-`block_until_ready` (and, for the peer, by reading its outputs back). jaxdiff and the peer are
-timed in turn within each repeat, so both see the same machine load. Reported:
+`block_until_ready` (and, for the peer, by reading its outputs back). The peer runs after
+jaxdiff in a process of its own (`benchmarks/peer_diffusers.py`), the same way; run the
+benchmark on an otherwise idle machine. Reported:
   * train: images/s and steps/s of the real train step (`training.make_train_step`: loss,
     Adam, gradient clipping, EMA, data parallel over every device), its compile time, its
     FLOPs per image from XLA's cost analysis, and the model FLOPs utilisation (MFU): achieved
@@ -26,6 +27,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import flax
@@ -38,7 +41,8 @@ from jaxdiff.models import count_params
 
 
 def median_seconds(fn, repeats: int) -> float:
-  """Median wall time of `fn()` (which must block until its work is done)."""
+  """Median wall time of `fn()` (which must block until its work is done), after one warm-up."""
+  fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -155,36 +159,14 @@ def run(args) -> dict:
   result["jaxdiff"] = {"params": bench.num_params,
                        "train_compile_seconds": bench.train_compile_seconds,
                        "train_flops_per_image": bench.train_flops_per_image}
-  peer = None
-  if args.peer:
-    from benchmarks import peer_diffusers
-    peer = peer_diffusers.PeerBench(config, args.batch_size)
-    result["peer"] = {"name": peer.name, "params": peer.num_params, "threads": peer.threads}
-
-  def timed_side_by_side(name, jaxdiff_fn, peer_fn, images_per_call):
-    """Median seconds of each, timed in turn within every repeat."""
-    jaxdiff_fn()
-    if peer_fn:
-      peer_fn()
-    times = {"jaxdiff": [], "peer": []}
-    for _ in range(args.repeats):
-      for side, fn in (("jaxdiff", jaxdiff_fn), ("peer", peer_fn)):
-        if fn:
-          start = time.perf_counter()
-          fn()
-          times[side].append(time.perf_counter() - start)
-    for side, values in times.items():
-      if values:
-        seconds = statistics.median(values)
-        result[side][f"{name}_seconds"] = seconds
-        result[side][f"{name}_images_per_sec"] = images_per_call / seconds
-
-  timed_side_by_side("train_step", bench.train_step, peer and peer.train_step, args.batch_size)
+  result["jaxdiff"]["train_step_seconds"] = median_seconds(bench.train_step, args.repeats)
+  result["jaxdiff"]["forward_seconds"] = median_seconds(bench.forward_fn(args.num_samples),
+                                                        args.repeats)
+  for name, images in (("train_step", args.batch_size), ("forward", args.num_samples)):
+    result["jaxdiff"][f"{name}_images_per_sec"] = images / result["jaxdiff"][f"{name}_seconds"]
   result["jaxdiff"]["train_mfu"] = (bench.train_flops_per_image
                                     * result["jaxdiff"]["train_step_images_per_sec"]
                                     / (result["matmul_peak_flops"] * mesh.devices.size))
-  timed_side_by_side("forward", bench.forward_fn(args.num_samples),
-                     peer and peer.forward_fn(args.num_samples), args.num_samples)
   result["jaxdiff"]["samplers"] = {}
   for name, num_steps in parse_samplers(args.samplers):
     sample, compile_seconds = bench.sampler_fn(name, num_steps, args.num_samples)
@@ -194,21 +176,33 @@ def run(args) -> dict:
         "images_per_sec": args.num_samples / seconds, "seconds": seconds,
         "compile_seconds": compile_seconds,
         f"compile_seconds_at_{10 * num_steps}_steps": compile_seconds_10x}
-    if peer and name == "ddim":
-      seconds = median_seconds(peer.ddim_fn(num_steps, args.num_samples), args.repeats)
-      result["peer"].setdefault("samplers", {})[f"ddim:{num_steps}"] = {
-          "images_per_sec": args.num_samples / seconds, "seconds": seconds}
-  if peer:
+  result["peak_host_memory_bytes"] = peak_host_memory_bytes()
+  result["peak_device_memory_bytes"] = device_memory_bytes()
+  if args.peer:
+    ddim_steps = [steps for name, steps in parse_samplers(args.samplers) if name == "ddim"]
+    result["peer"] = run_peer(args, ddim_steps)
     result["ratios"] = {
         metric: result["jaxdiff"][metric] / result["peer"][metric]
         for metric in ("train_step_images_per_sec", "forward_images_per_sec")}
-    for key, entry in result["peer"].get("samplers", {}).items():
+    for key, entry in result["peer"]["samplers"].items():
       result["ratios"][f"{key}_images_per_sec"] = (
           result["jaxdiff"]["samplers"][key]["images_per_sec"] / entry["images_per_sec"])
-  result["peak_host_memory_bytes"] = peak_host_memory_bytes()
-  result["peak_device_memory_bytes"] = device_memory_bytes()
   result["load_average_after"] = os.getloadavg()
   return result
+
+
+def run_peer(args, ddim_steps) -> dict:
+  """The peer's numbers, measured in a process of its own once jaxdiff's are done: in one
+  process the two runtimes' thread pools slow each other (jaxdiff's train step lost ~20%)."""
+  command = [sys.executable, "-m", "benchmarks.peer_diffusers", f"--config={args.config}",
+             f"--batch_size={args.batch_size}", f"--num_samples={args.num_samples}",
+             f"--dtype={args.dtype}", f"--repeats={args.repeats}",
+             f"--ddim_steps={','.join(map(str, ddim_steps))}"]
+  finished = subprocess.run(command, capture_output=True, text=True, check=False,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if finished.returncode:
+    raise RuntimeError(f"the peer failed (pip install -e '.[bench]'?):\n{finished.stderr[-2000:]}")
+  return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def format_table(result: dict) -> str:

@@ -8,12 +8,16 @@ CPU cores (`torch.set_num_threads(os.cpu_count())`), in PyTorch's default NCHW l
 (`torch.compile` needs a C++ toolchain per shape and is left to `--peer_compile`).
 """
 
+import argparse
+import json
 import os
+import resource
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from benchmarks import benchmark
 from jaxdiff.models.unet import num_groups
 
 
@@ -112,3 +116,32 @@ class PeerBench:
           x = scheduler.step(eps, t, x).prev_sample
       x.sum().item()
     return sample
+
+
+def main():
+  """Times the peer for benchmarks/benchmark.py and prints its numbers as one JSON line."""
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("--config", required=True)
+  parser.add_argument("--batch_size", type=int, required=True)
+  parser.add_argument("--num_samples", type=int, required=True)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--ddim_steps", default="", help="Comma-separated DDIM step counts.")
+  args = parser.parse_args()
+  peer = PeerBench(benchmark.load_config(args.config, args.dtype), args.batch_size, args.dtype)
+  result = {"name": peer.name, "params": peer.num_params, "threads": peer.threads}
+  for name, fn, images in (("train_step", peer.train_step, args.batch_size),
+                           ("forward", peer.forward_fn(args.num_samples), args.num_samples)):
+    seconds = benchmark.median_seconds(fn, args.repeats)
+    result[f"{name}_seconds"], result[f"{name}_images_per_sec"] = seconds, images / seconds
+  result["samplers"] = {}
+  for num_steps in [int(steps) for steps in args.ddim_steps.split(",") if steps]:
+    seconds = benchmark.median_seconds(peer.ddim_fn(num_steps, args.num_samples), args.repeats)
+    result["samplers"][f"ddim:{num_steps}"] = {"images_per_sec": args.num_samples / seconds,
+                                               "seconds": seconds}
+  result["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
