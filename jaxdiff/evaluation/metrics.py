@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training
-from jaxdiff.evaluation import likelihood, quality
+from jaxdiff.evaluation import fid, likelihood, quality
 
 METRICS = ("bpd", "fid", "quality")
 
@@ -22,7 +22,6 @@ def check_metric(metric: str, data_config) -> None:
     raise ValueError(f"the quality score judges digits with a classifier trained on labels; "
                      f"{data_config.dataset!r} has none: use metric fid or bpd")
   if metric == "fid":
-    from jaxdiff.evaluation import fid
     fid.check_available()
 
 
@@ -73,7 +72,6 @@ def sample_metric(metric: str, model, params, config, mesh, key, *, sampler: str
   if metric == "quality":
     result = quality.quality_score(samples, config.data, labels=labels)
   else:
-    from jaxdiff.evaluation import fid
     result = fid.fid_of_samples(samples, config.data, mesh=mesh)
   return {**result, "sampler": sampler, "num_steps": num_steps,
           "sampling_seconds": sampling_seconds}
