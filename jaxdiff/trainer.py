@@ -88,6 +88,17 @@ def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
   return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
 
 
+def check_intervals(train_config) -> None:
+  """Step intervals are whole numbers: log_every ≥ 1; the others ≥ 0, where 0 means never
+  (checkpoint_every = 0: only at the end and on a stop signal)."""
+  minimum = {"log_every": 1, "checkpoint_every": 0, "sample_every": 0, "eval_every": 0}
+  for name, low in minimum.items():
+    value = train_config.get(name, low)
+    if not isinstance(value, int) or value < low:
+      raise ValueError(f"config.train.{name} = {value!r}: expected a whole number of steps ≥ {low}"
+                       f"{' (0 means never)' if low == 0 else ''}.")
+
+
 def train(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -95,6 +106,7 @@ def train(config, workdir: str) -> TrainSummary:
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
+  check_intervals(train_config)
   data.check_model_compatible(config.data, config.model)
   eval_every = train_config.get("eval_every", 0)  # 0: no in-training evaluation
   if eval_every:
@@ -199,7 +211,7 @@ def train(config, workdir: str) -> TrainSummary:
         if pending is not None:
           finish_step(*pending)
         pending = (step, metrics)
-        if step % train_config.checkpoint_every == 0:
+        if train_config.checkpoint_every and step % train_config.checkpoint_every == 0:
           save(step)
         if sample_every and step % sample_every == 0:
           write_samples(step)

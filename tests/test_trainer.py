@@ -171,6 +171,20 @@ def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data
   assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.parametrize("name, value", [("log_every", 0), ("checkpoint_every", -1),
+                                         ("eval_every", -5)])
+def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir, name, value):
+  config = job_config(data_dir, num_steps=2, **{name: value})
+  with pytest.raises(ValueError, match=f"config.train.{name} = {value}: expected a whole number"):
+    trainer.train(config, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "work")
+
+
+def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
+  trainer.train(job_config(data_dir, num_steps=4, checkpoint_every=0), str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4]
+
+
 @pytest.mark.slow
 def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(tmp_path, data_dir):
   """Digits take 17 values: a uniform model costs log2 17 ≈ 4.09 bits/dim. 300 steps of the
