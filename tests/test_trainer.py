@@ -185,6 +185,19 @@ def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4]
 
 
+@pytest.mark.parametrize("num_images, batch_size", [(5, 128), (11, 8)])
+def test_bits_per_dim_counts_exactly_the_images_asked_for(data_dir, num_images, batch_size):
+  config = job_config(data_dir)
+  config.diffusion.num_timesteps = 10
+  model = training.create_model(config)
+  params = training.init_state(config, model, jax.random.key(0)).ema_params
+  result = evaluation.bits_per_dim(model, params, config, parallel.make_mesh(),
+                                   jax.random.key(1), num_images=num_images,
+                                   batch_size=batch_size, timestep_chunk=5)
+  assert result["num_images"] == num_images
+  assert np.isfinite(result["bpd"]) and result["bpd"] > 0
+
+
 @pytest.mark.slow
 def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(tmp_path, data_dir):
   """Digits take 17 values: a uniform model costs log2 17 ≈ 4.09 bits/dim. 300 steps of the
