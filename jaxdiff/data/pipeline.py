@@ -128,19 +128,21 @@ def host_train_batches(
 
 def host_eval_batches(
     data_config: ml_collections.ConfigDict, global_batch_size: int, split: str | None = None, *,
-    start_batch: int = 0, process_index: int | None = None, process_count: int | None = None,
+    limit: int | None = None, start_batch: int = 0, process_index: int | None = None,
+    process_count: int | None = None,
 ) -> grain.IterDataset:
-  """This host's numpy batches of one pass over an eval split, in order, not flipped.
+  """This host's numpy batches of one pass over an eval split (or its first `limit` examples),
+  in order, not flipped.
 
-  The split is padded with repeats of its first examples to a whole number of global batches;
+  The pass is padded with repeats of its first examples to a whole number of global batches;
   each batch also has 'mask': bool [B/P], False on padding.
   """
   process_index, process_count = _hosts(process_index, process_count)
   source = sources.open_split(data_config, split or data_config.eval_split)
-  num_examples = len(source.records)
+  num_examples = len(source.records) if limit is None else min(limit, len(source.records))
   num_batches = -(-num_examples // global_batch_size)
   padded_length = num_batches * global_batch_size
-  examples = (grain.MapDataset.source(source.records)
+  examples = (grain.MapDataset.source(source.records)[:num_examples]
               .repeat(-(-padded_length // num_examples))[:padded_length]
               .map(_preprocess(data_config, source, random_flip=False))
               .map_with_index(_MaskPadding(num_examples)))
@@ -281,13 +283,16 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
-                       mesh: Mesh, split: str | None = None) -> GlobalBatchIterator:
-  """One ordered pass over `split` (default eval_split), padded; 'mask' marks real examples."""
+                       mesh: Mesh, split: str | None = None,
+                       limit: int | None = None) -> GlobalBatchIterator:
+  """One ordered pass over `split` (default eval_split), or its first `limit` examples, padded;
+  'mask' marks real examples."""
   parallel.check_divisible(global_batch_size, mesh)
   split = split or data_config.eval_split
   return GlobalBatchIterator(
-      lambda start: host_eval_batches(data_config, global_batch_size, split, start_batch=start),
-      mesh, data_config.prefetch, _identity(data_config, split, global_batch_size))
+      lambda start: host_eval_batches(data_config, global_batch_size, split, limit=limit,
+                                      start_batch=start),
+      mesh, data_config.prefetch, _identity(data_config, split, global_batch_size, limit=limit))
 
 
 def load_split_numpy(data_config: ml_collections.ConfigDict, split: str | None = None, *,

@@ -5,7 +5,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training
@@ -38,20 +37,6 @@ def generate_uint8(model, params, config, mesh, key, *, sampler: str, num_steps:
   return images.to_uint8(result["images"]), result["labels"]
 
 
-def _first_images(batches, num_images: int, mesh):
-  """The global batches that hold the first `num_images` real images, with 'mask' cleared on
-  every later row, so that a partly used batch counts only the images asked for."""
-  keep_first = jax.jit(lambda mask, limit: mask & (jnp.cumsum(mask) <= limit),
-                       out_shardings=parallel.batch_sharding(mesh))
-  remaining = num_images
-  for batch in batches:
-    if remaining <= 0:
-      return
-    mask = keep_first(batch["mask"], remaining)
-    remaining -= int(jax.device_get(mask.sum()))
-    yield {**batch, "mask": mask}
-
-
 def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = None,
                  batch_size: int = 128, variance: str = "beta", timestep_chunk: int = 50) -> dict:
   """The bound in bits/dim on config.data.eval_split (its first `num_images`, default all),
@@ -64,11 +49,10 @@ def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = N
       timestep_chunk=min(timestep_chunk, schedule.num_timesteps))
   if num_images is not None:
     batch_size = min(batch_size, math.ceil(num_images / mesh.size) * mesh.size)
-  batches = data.make_eval_iterator(config.data, batch_size, mesh)
+  batches = data.make_eval_iterator(config.data, batch_size, mesh, limit=num_images)
   try:
-    chosen = batches if num_images is None else _first_images(batches, num_images, mesh)
     image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    result = likelihood.bits_per_dim(bound_fn, {"params": params}, chosen, key, image_shape)
+    result = likelihood.bits_per_dim(bound_fn, {"params": params}, batches, key, image_shape)
   finally:
     batches.close()
   return {"metric": f"NLL bound, bits/dim (DDPM L_vlb, {levels}-level discretised decoder, "
