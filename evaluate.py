@@ -19,7 +19,8 @@ import sys
 from absl import app, flags, logging
 
 from jaxdiff import checkpoint, samplers
-from jaxdiff.evaluation import metrics, panels
+from jaxdiff.evaluation import metrics
+from jaxdiff.jobs import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or export).", required=True)
 _METRIC = flags.DEFINE_enum("metric", "quality", ["panel", *metrics.METRICS], "What to compute.")
@@ -54,10 +55,10 @@ def main(argv):
   metric = _METRIC.value
   try:
     if metric == "panel":
-      print("wrote", panels.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
+      print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
                                         _CHECKPOINT_STEP.value))
       return
-    result = metrics.evaluate_checkpoint(_WORKDIR.value, metric,
+    result = evaluate.run(_WORKDIR.value, metric,
                                          checkpoint_step=_CHECKPOINT_STEP.value,
                                          seed=_SEED.value, **metric_options(metric))
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as error:
@@ -67,7 +68,7 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
-  print(metrics.format_table(result))
+  print(evaluate.format_table(result))
   print("wrote", os.path.abspath(output))
 
 

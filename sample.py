@@ -13,7 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxdiff import checkpoint, sampling
+from jaxdiff import checkpoint
+from jaxdiff.jobs import sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export folder.",
                                required=True)
@@ -43,7 +44,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
   try:
-    written = sampling.sample_to_dir(
+    written = sample.run(
         _WORKDIR.value, _OUTPUT_DIR.value, checkpoint_step=_CHECKPOINT_STEP.value,
         sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, num_samples=_NUM_SAMPLES.value,
         batch_size=_BATCH_SIZE.value, seed=_SEED.value, guidance_scale=_GUIDANCE_SCALE.value,

@@ -14,7 +14,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff import checkpoint, trainer
+from jaxdiff import checkpoint
+from jaxdiff.jobs import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                           "Config file (a get_config() returning a ConfigDict).")
@@ -35,8 +36,8 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    summary = trainer.train(_CONFIG.value, _WORKDIR.value)
-  except (trainer.TrainingError, checkpoint.CheckpointError, ValueError) as error:
+    summary = train.run(_CONFIG.value, _WORKDIR.value)
+  except (train.TrainingError, checkpoint.CheckpointError, ValueError) as error:
     sys.exit(f"error: {error}")
   if jax.process_index() == 0:
     print(summary)

@@ -8,7 +8,7 @@ Each number is the median of `--repeats` timed calls after a warm-up call, synch
 `block_until_ready` (and, for the peer, by reading its outputs back). The peer runs after
 jaxdiff in a process of its own (`benchmarks/peer_diffusers.py`), the same way; run the
 benchmark on an otherwise idle machine. Reported:
-  * train: images/s and steps/s of the real train step (`training.make_train_step`: loss,
+  * train: images/s and steps/s of the real train step (`train_step.make_train_step`: loss,
     Adam, gradient clipping, EMA, data parallel over every device), its compile time, its
     FLOPs per image from XLA's cost analysis, and the model FLOPs utilisation (MFU): achieved
     FLOP/s over the devices' peak (one device's, measured in the same run with a large matmul
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parallel, samplers, schedules, training
+from jaxdiff import parallel, samplers, schedules, train_step
 from jaxdiff.models import count_params
 
 
@@ -75,20 +75,20 @@ class JaxdiffBench:
   def __init__(self, config, batch_size: int, mesh):
     self.config, self.batch_size, self.mesh = config, batch_size, mesh
     config.train.batch_size = batch_size
-    self.model = training.create_model(config)
+    self.model = train_step.create_model(config)
     self.schedule = schedules.from_config(config.diffusion)
     size, channels = config.data.image_size, config.data.num_channels
     self.image_shape = (size, size, channels)
-    self.state = jax.jit(lambda key: training.init_state(config, self.model, key),
+    self.state = jax.jit(lambda key: train_step.init_state(config, self.model, key),
                          out_shardings=parallel.replicated(mesh))(jax.random.key(0))
     self.num_params = count_params(self.state.params)
     rng = np.random.default_rng(0)
     self.batch = parallel.global_batch(
         {"image": rng.uniform(-1, 1, (batch_size, *self.image_shape)).astype(np.float32),
          "label": np.zeros(batch_size, np.int32)}, mesh)
-    train_step = training.make_train_step(self.model, self.schedule, config, mesh)
+    step_fn = train_step.make_train_step(self.model, self.schedule, config, mesh)
     start = time.perf_counter()
-    self.compiled_step = train_step.lower(self.state, self.batch).compile()
+    self.compiled_step = step_fn.lower(self.state, self.batch).compile()
     self.train_compile_seconds = time.perf_counter() - start
     # XLA's cost analysis counts the partitioned program, i.e. one device's share.
     self.train_flops_per_image = (self.compiled_step.cost_analysis()["flops"]

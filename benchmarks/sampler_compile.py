@@ -3,7 +3,7 @@
   python benchmarks/sampler_compile.py [--output benchmarks/results/sampler_compile.json]
 
 A sampler is one `lax.scan`, so its compile time should not depend on the step count: the
-program is traced and compiled the way `sampling.generate` builds it (`samplers.sample` under
+program is traced and compiled the way `generate.generate` builds it (`samplers.sample` under
 `jax.jit`, the schedule closed over) and `.lower(...).compile()` is timed, with no compilation
 cache. Prints a table and writes JSON (device, versions, timings, the 1000/10 ratios).
 """

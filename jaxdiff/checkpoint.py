@@ -38,7 +38,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from jaxdiff import parallel, training
+from jaxdiff import parallel, train_step
 
 ITEM_NAMES = ("train", "ema_params", "data", "config")
 EXPORT_MARKER = "export.json"
@@ -109,14 +109,7 @@ def check_config_compatible(saved_config, config, where: str = "the checkpoint")
         f"Use the checkpoint's config (its config.json) or a fresh --workdir.")
 
 
-def abstract_train_state(config, model, mesh: Mesh) -> training.TrainState:
-  """The TrainState's shapes and dtypes, replicated over `mesh`: the target a restore fills."""
-  shapes = jax.eval_shape(lambda key: training.init_state(config, model, key), jax.random.key(0))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
-
-
-def _train_item(state: training.TrainState, rng_data) -> dict:
+def _train_item(state: train_step.TrainState, rng_data) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "rng": rng_data}
 
@@ -195,7 +188,7 @@ class Checkpointer:
     steps = [step for step in self.all_steps() if step not in self._broken_steps]
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: training.TrainState, data_state: dict, config, *,
+  def save(self, step: int, state: train_step.TrainState, data_state: dict, config, *,
            wait: bool = False) -> None:
     """Start writing `state`, the data iterator's state and the config as `step`; training
     goes on while it is written. `wait`: return only once it is on disk (preemption, the end).
@@ -238,11 +231,11 @@ class Checkpointer:
         f"{step}.orbax-checkpoint-tmp* folder can go) or fix permissions, then rerun to "
         f"resume.") from error
 
-  def restore(self, abstract_state: training.TrainState, step: int | None = None, *,
-              config=None) -> tuple[training.TrainState, dict, ml_collections.ConfigDict]:
+  def restore(self, abstract_state: train_step.TrainState, step: int | None = None, *,
+              config=None) -> tuple[train_step.TrainState, dict, ml_collections.ConfigDict]:
     """(state, data_state, saved config) from `step`, or else the newest step that restores.
 
-    The arrays land with the shardings of `abstract_state` (see `abstract_train_state`),
+    The arrays land with the shardings of `abstract_state` (see `train_step.abstract_state`),
     whatever topology wrote them. With `config`, the checkpoint's config is checked first
     (CheckpointError naming the fields that differ). A step that cannot be read is reported
     and left in place, and the next newest is tried.
@@ -280,7 +273,7 @@ class Checkpointer:
         f"(step {broken[-1]}: {_describe(self._broken_steps[broken[-1]])}). They are left as "
         f"they are; restore a copy or start a fresh --workdir.")
 
-  def _restore_step(self, step: int, abstract_state: training.TrainState, config):
+  def _restore_step(self, step: int, abstract_state: train_step.TrainState, config):
     try:
       saved = self._manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
@@ -297,7 +290,7 @@ class Checkpointer:
     except Exception as error:  # whatever the cause, this step cannot be used
       raise _UnreadableStep() from error
     train = arrays["train"]
-    state = training.TrainState(
+    state = train_step.TrainState(
         step=train["step"], params=train["params"], ema_params=arrays["ema_params"],
         opt_state=train["opt_state"],
         rng=jax.random.wrap_key_data(train["rng"], impl=_key_impl(abstract_state.rng)))
@@ -339,7 +332,7 @@ def _checkpoint_steps(directory: str) -> list[int]:
 
 
 def _abstract_ema_params(config, mesh: Mesh):
-  return abstract_train_state(config, training.create_model(config), mesh).ema_params
+  return train_step.abstract_state(config, train_step.create_model(config), mesh).ema_params
 
 
 def load_for_sampling(path: str, step: int | None = None, mesh: Mesh | None = None):

@@ -25,6 +25,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def state_shardings(abstract_state, mesh: Mesh):
+  """The sharding of every leaf of the train state (or any part of it, such as the EMA params)
+  over `mesh`: the one place that decides it. Init, restore, the train step and sampling all use
+  it. Today every leaf is replicated."""
+  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+
+
 def global_batch(local_batch, mesh: Mesh):
   """Host-local numpy batch (this host's rows) -> one global array sharded over `data`.
 

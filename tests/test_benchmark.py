@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from benchmarks import benchmark
-from jaxdiff import training
+from jaxdiff import train_step
 from jaxdiff.models import count_params
 
 
@@ -35,7 +35,7 @@ def test_benchmark_reports_throughput_flops_and_mfu(tmp_path):
 def test_the_peer_has_the_same_parameter_count(config_path):
   from benchmarks import peer_diffusers
   config = benchmark.load_config(config_path, "float32")
-  model = training.create_model(config)
-  shapes = jax.eval_shape(lambda key: training.init_state(config, model, key), jax.random.key(0))
+  model = train_step.create_model(config)
+  shapes = jax.eval_shape(lambda key: train_step.init_state(config, model, key), jax.random.key(0))
   peer = peer_diffusers.unet2d_from_config(config)
   assert sum(p.numel() for p in peer.parameters()) == count_params(shapes.params)

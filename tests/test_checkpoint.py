@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import checkpoint, parallel, training
+from jaxdiff import checkpoint, parallel, train_step
 
 
 def small_config():
@@ -24,7 +24,7 @@ def small_config():
 
 
 CONFIG = small_config()
-MODEL = training.create_model(CONFIG)
+MODEL = train_step.create_model(CONFIG)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,7 +34,7 @@ def mesh_of(num_devices):
 
 def make_state(num_devices, seed=7):
   """A state whose params, EMA params and optimizer state all differ, so a mix-up shows."""
-  init = jax.jit(functools.partial(training.init_state, CONFIG, MODEL),
+  init = jax.jit(functools.partial(train_step.init_state, CONFIG, MODEL),
                  out_shardings=parallel.replicated(mesh_of(num_devices)))
   state = init(jax.random.key(seed))
   return state.replace(
@@ -64,7 +64,7 @@ def assert_same_tree(actual, expected):
 
 
 def abstract(num_devices):
-  return checkpoint.abstract_train_state(CONFIG, MODEL, mesh_of(num_devices))
+  return train_step.abstract_state(CONFIG, MODEL, mesh_of(num_devices))
 
 
 def files_under(path):
@@ -309,7 +309,7 @@ def test_a_read_only_workdir_is_a_clear_error(tmp_path):
 
 def tiny_state():
   """A TrainState of a few numbers: nothing to compile, for a quick process of its own."""
-  return training.TrainState(
+  return train_step.TrainState(
       step=jnp.int32(1), params={"w": jnp.arange(4.0)}, ema_params={"w": jnp.arange(4.0) + 1},
       opt_state={"count": jnp.int32(1)}, rng=jax.random.key(1))
 

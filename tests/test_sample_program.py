@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import checkpoint, sampling, trainer
+from jaxdiff import checkpoint
+from jaxdiff.jobs import sample, train
 from test_trainer import job_config, REPO
 
 
@@ -17,14 +18,14 @@ from test_trainer import job_config, REPO
 def workdir(tmp_path_factory, judged_data_dir):
   path = str(tmp_path_factory.mktemp("trained"))
   config = job_config(judged_data_dir, num_steps=3)
-  trainer.train(config, path)
+  train.run(config, path)
   return path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
 def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler):
-  written = sampling.sample_to_dir(workdir, str(tmp_path), sampler=sampler, num_steps=5,
+  written = sample.run(workdir, str(tmp_path), sampler=sampler, num_steps=5,
                                    num_samples=10, batch_size=8, seed=3, trajectory_every=2,
                                    progress=False)
   assert sorted(os.path.basename(p) for p in written) == [
@@ -36,7 +37,7 @@ def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler)
   settings = json.load(open(tmp_path / "settings.json"))
   assert settings["sampler"] == sampler and settings["checkpoint_step"] == 3
   again = tmp_path / "again"
-  sampling.sample_to_dir(workdir, str(again), sampler=sampler, num_steps=5, num_samples=10,
+  sample.run(workdir, str(again), sampler=sampler, num_steps=5, num_samples=10,
                          batch_size=8, seed=3, progress=False)
   np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], arrays["images"])
 
@@ -73,13 +74,13 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
 def test_class_conditional_model_trains_with_label_dropout_and_samples_with_guidance(tmp_path):
   config = job_config(str(tmp_path / "tensorflow_datasets"), num_steps=2, p_uncond=0.2)
   config.model.num_classes = 10
-  trainer.train(config, str(tmp_path / "work"))
-  sampling.sample_to_dir(str(tmp_path / "work"), str(tmp_path / "out"), sampler="ddim",
+  train.run(config, str(tmp_path / "work"))
+  sample.run(str(tmp_path / "work"), str(tmp_path / "out"), sampler="ddim",
                          num_steps=4, num_samples=8, batch_size=8, class_label=3,
                          guidance_scale=2.0, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "samples.npz")["labels"], [3] * 8)
   with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got \[12\]"):
-    sampling.sample_to_dir(str(tmp_path / "work"), str(tmp_path / "bad"), num_steps=4,
+    sample.run(str(tmp_path / "work"), str(tmp_path / "bad"), num_steps=4,
                            num_samples=8, batch_size=8, class_label=12, progress=False)
 
 
@@ -88,7 +89,7 @@ def test_an_exported_ema_checkpoint_samples_like_its_workdir(workdir, tmp_path):
   """docs/gpu-sampling.md: export the EMA params, copy them, sample from the export."""
   checkpoint.export_ema(workdir, str(tmp_path / "export"))
   for source, out in ((workdir, "from_workdir"), (str(tmp_path / "export"), "from_export")):
-    sampling.sample_to_dir(source, str(tmp_path / out), sampler="ddim", num_steps=4,
+    sample.run(source, str(tmp_path / out), sampler="ddim", num_steps=4,
                            num_samples=8, batch_size=8, seed=1, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npz")["images"],
                                 np.load(tmp_path / "from_workdir" / "samples.npz")["images"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import parallel, samplers, sampling, schedules
+from jaxdiff import parallel, samplers, generate, schedules
 from oracles import gaussian_eps, gaussian_flow_map
 
 SCHEDULE = schedules.linear(1000)
@@ -286,28 +286,28 @@ def test_generate_is_the_same_on_one_and_eight_devices_and_cuts_the_last_batch()
   common = dict(image_shape=(2, 2, 1), batch_size=8, sampler="ddim", num_steps=10,
                 progress=False)
   apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
-  one = sampling.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
+  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
                           mesh=parallel.make_mesh(jax.devices()[:1]), **common)
-  eight = sampling.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
+  eight = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   assert one["images"].shape == (20, 2, 2, 1) and one["labels"] is None
   assert one["trajectory"] is None
   np.testing.assert_array_equal(eight["images"], one["images"])
-  whole = sampling.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=24,
+  whole = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=24,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   np.testing.assert_array_equal(whole["images"][:20], one["images"])
   assert len(np.unique(whole["images"][:, 0, 0, 0])) == 24  # every batch has its own noise
 
 
 def test_generate_with_labels_guidance_and_trajectory():
-  result = sampling.generate(
+  result = generate.generate(
       class_oracle(), None, SCHEDULE, jax.random.key(7), num_samples=6, image_shape=(2, 2, 1),
       batch_size=8, sampler="dpm_solver", num_steps=10, num_classes=5, guidance_scale=1.0,
       trajectory_every=5, progress=False)
   np.testing.assert_array_equal(result["labels"], [0, 1, 2, 3, 4, 0])
   assert result["trajectory"].shape == (3, 6, 2, 2, 1)
   np.testing.assert_array_equal(result["trajectory"][-1], result["images"])
-  fixed = sampling.generate(
+  fixed = generate.generate(
       class_oracle(), None, SCHEDULE, jax.random.key(7), num_samples=6, image_shape=(2, 2, 1),
       batch_size=8, sampler="dpm_solver", num_steps=10, num_classes=5, guidance_scale=1.0,
       labels=[0, 1, 2, 3, 4, 0], progress=False)
@@ -317,11 +317,11 @@ def test_generate_with_labels_guidance_and_trajectory():
 def test_generate_rejects_bad_requests():
   common = dict(num_samples=4, image_shape=(2, 2, 1), batch_size=8, progress=False)
   with pytest.raises(ValueError, match="unconditional"):
-    sampling.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
                       guidance_scale=2.0, **common)
   with pytest.raises(ValueError, match=r"class labels must be in \[0, 5\), got \[7\]"):
-    sampling.generate(class_oracle(), None, SCHEDULE, jax.random.key(0), labels=7,
+    generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(0), labels=7,
                       num_classes=5, **common)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    sampling.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
                       **{**common, "batch_size": 6})

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import checkpoint, parallel, trainer, training
-from jaxdiff.evaluation import metrics as evaluation
+from jaxdiff import checkpoint, parallel, train_step
+from jaxdiff.evaluation import metrics
+from jaxdiff.jobs import train
 from test_training import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +42,9 @@ def logged(workdir, key="loss"):
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  trainer.train(job_config(data_dir, num_steps=6), straight)
-  trainer.train(job_config(data_dir, num_steps=3), resumed)
-  summary = trainer.train(job_config(data_dir, num_steps=6), resumed)
+  train.run(job_config(data_dir, num_steps=6), straight)
+  train.run(job_config(data_dir, num_steps=3), resumed)
+  summary = train.run(job_config(data_dir, num_steps=6), resumed)
   assert (summary.first_step, summary.last_step) == (3, 6)
   expected, actual = logged(straight), logged(resumed)
   assert sorted(actual) == list(range(1, 7))
@@ -55,8 +56,8 @@ def test_non_finite_losses_stop_training_and_keep_the_last_good_checkpoint(tmp_p
   workdir = str(tmp_path)
   config = job_config(data_dir, num_steps=40, learning_rate=1e30, warmup_steps=0,
                       max_nonfinite_steps=3, checkpoint_every=1)
-  with pytest.raises(trainer.TrainingError, match="non-finite for 3 steps in a row"):
-    trainer.train(config, workdir)
+  with pytest.raises(train.TrainingError, match="non-finite for 3 steps in a row"):
+    train.run(config, workdir)
   steps = checkpoint.Checkpointer(workdir).all_steps()
   assert steps and max(steps) < 40
   ema_params, _, _ = checkpoint.load_for_sampling(workdir, mesh=None)
@@ -138,7 +139,7 @@ def test_two_processes_train_as_one(tmp_path, data_dir):
     assert process.returncode == 0, output
   assert "trained steps 0→4" in outputs[0] and "trained steps" not in outputs[1]
   alone = str(tmp_path / "one_host")
-  trainer.train(config, alone)
+  train.run(config, alone)
   np.testing.assert_allclose([logged(workdir)[s] for s in range(1, 5)],
                              [logged(alone)[s] for s in range(1, 5)], rtol=1e-5)
   assert checkpoint.Checkpointer(workdir).all_steps() == [3, 4]
@@ -149,7 +150,7 @@ def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path,
   config.eval.update(metrics=("quality", "bpd"), num_samples=32, batch_size=16, num_steps=5,
                      bpd_images=16)
   workdir = str(tmp_path / "work")
-  trainer.train(config, workdir)
+  train.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evaluations = {r["step"]: r for r in map(json.loads, f) if "eval/seconds" in r}
   assert sorted(evaluations) == [3, 4]  # every 3 steps, and at the end
@@ -167,7 +168,7 @@ def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data
   config = job_config(data_dir, num_steps=2, eval_every=1)
   config.eval.metrics = ("likelihood",)
   with pytest.raises(ValueError, match="unknown metric 'likelihood'"):
-    trainer.train(config, str(tmp_path / "work"))
+    train.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 
 
@@ -176,12 +177,12 @@ def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data
 def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir, name, value):
   config = job_config(data_dir, num_steps=2, **{name: value})
   with pytest.raises(ValueError, match=f"config.train.{name} = {value}: expected a whole number"):
-    trainer.train(config, str(tmp_path / "work"))
+    train.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 
 
 def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
-  trainer.train(job_config(data_dir, num_steps=4, checkpoint_every=0), str(tmp_path))
+  train.run(job_config(data_dir, num_steps=4, checkpoint_every=0), str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4]
 
 
@@ -189,9 +190,9 @@ def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
 def test_bits_per_dim_counts_exactly_the_images_asked_for(data_dir, num_images, batch_size):
   config = job_config(data_dir)
   config.diffusion.num_timesteps = 10
-  model = training.create_model(config)
-  params = training.init_state(config, model, jax.random.key(0)).ema_params
-  result = evaluation.bits_per_dim(model, params, config, parallel.make_mesh(),
+  model = train_step.create_model(config)
+  params = train_step.init_state(config, model, jax.random.key(0)).ema_params
+  result = metrics.bits_per_dim(model, params, config, parallel.make_mesh(),
                                    jax.random.key(1), num_images=num_images,
                                    batch_size=batch_size, timestep_chunk=5)
   assert result["num_images"] == num_images
@@ -203,9 +204,9 @@ def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(tmp_path, da
   """Digits take 17 values: a uniform model costs log2 17 ≈ 4.09 bits/dim. 300 steps of the
   tiny U-Net bring the bound to about 3.9 (the 1,500-step default model reaches 2.99)."""
   config = job_config(data_dir, num_steps=300, checkpoint_every=300, log_every=50)
-  trainer.train(config, str(tmp_path))
+  train.run(config, str(tmp_path))
   params, config, _ = checkpoint.load_for_sampling(str(tmp_path))
-  result = evaluation.bits_per_dim(training.create_model(config), params, config,
+  result = metrics.bits_per_dim(train_step.create_model(config), params, config,
                                    parallel.make_mesh(), jax.random.key(0), num_images=64,
                                    batch_size=32)
   assert result["uniform_bpd"] == pytest.approx(np.log2(17))

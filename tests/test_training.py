@@ -9,7 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from configs import default
-from jaxdiff import parallel, schedules, training
+from jaxdiff import parallel, schedules, train_step
 
 
 def tiny_config(**model):
@@ -34,20 +34,20 @@ def compiled(num_devices: int, dtype: str = "float32"):
   """(config, fresh-state function, jitted train step, mesh), compiled once per module."""
   config = tiny_config(dtype=dtype)
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
-  model = training.create_model(config)
+  model = train_step.create_model(config)
   schedule = schedules.from_config(config.diffusion)
-  init = jax.jit(functools.partial(training.init_state, config, model),
+  init = jax.jit(functools.partial(train_step.init_state, config, model),
                  out_shardings=parallel.replicated(mesh))
-  return config, init, training.make_train_step(model, schedule, config, mesh), mesh
+  return config, init, train_step.make_train_step(model, schedule, config, mesh), mesh
 
 
 def run_steps(num_devices, num_steps, batch, dtype="float32"):
-  _, init, train_step, mesh = compiled(num_devices, dtype)
+  _, init, step_fn, mesh = compiled(num_devices, dtype)
   state = init(jax.random.key(0))
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   history = []
   for _ in range(num_steps):
-    state, metrics = train_step(state, batch)
+    state, metrics = step_fn(state, batch)
     history.append(jax.device_get(metrics))
   return state, history
 
@@ -55,25 +55,25 @@ def run_steps(num_devices, num_steps, batch, dtype="float32"):
 def test_warmup_then_cosine_learning_rate():
   config = tiny_config().train
   config.update(learning_rate=1e-3, warmup_steps=100, num_steps=1100, lr_decay="cosine")
-  lr = training.learning_rate_schedule(config)
+  lr = train_step.learning_rate_schedule(config)
   np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0, 5e-4, 1e-3], rtol=1e-6)
   np.testing.assert_allclose(lr(600), 1e-3 * 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-5)
   np.testing.assert_allclose(lr(1100), 0.0, atol=1e-9)
   config.lr_decay = "constant"
-  np.testing.assert_allclose(training.learning_rate_schedule(config)(5000), 1e-3)
+  np.testing.assert_allclose(train_step.learning_rate_schedule(config)(5000), 1e-3)
   config.lr_decay = "step"
   with pytest.raises(ValueError, match="unknown lr_decay 'step'"):
-    training.learning_rate_schedule(config)
+    train_step.learning_rate_schedule(config)
 
 
 def test_ema_update_and_decay_warmup():
   ema, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, -2.0])}
-  np.testing.assert_allclose(training.ema_update(ema, params, 0.9)["w"],
+  np.testing.assert_allclose(train_step.ema_update(ema, params, 0.9)["w"],
                              0.9 * np.array([1.0, 2.0]) + 0.1 * np.array([3.0, -2.0]), rtol=1e-6)
-  np.testing.assert_allclose(training.ema_decay_at(0, 0.9999, True), 1 / 10)
-  np.testing.assert_allclose(training.ema_decay_at(90, 0.9999, True), 91 / 100)
-  np.testing.assert_allclose(training.ema_decay_at(10**6, 0.9999, True), 0.9999)
-  np.testing.assert_allclose(training.ema_decay_at(0, 0.9999, False), 0.9999)
+  np.testing.assert_allclose(train_step.ema_decay_at(0, 0.9999, True), 1 / 10)
+  np.testing.assert_allclose(train_step.ema_decay_at(90, 0.9999, True), 91 / 100)
+  np.testing.assert_allclose(train_step.ema_decay_at(10**6, 0.9999, True), 0.9999)
+  np.testing.assert_allclose(train_step.ema_decay_at(0, 0.9999, False), 0.9999)
 
 
 def test_state_is_float32_and_ema_follows_params():
@@ -96,12 +96,12 @@ def test_one_and_four_devices_give_the_same_losses():
 
 
 def test_non_finite_step_leaves_the_state_untouched():
-  _, init, train_step, mesh = compiled(4)
+  _, init, step_fn, mesh = compiled(4)
   state = init(jax.random.key(0))
   before = jax.device_get(state)
   batch = digits_batch()
   batch["image"] = batch["image"].at[3, 2, 2, 0].set(jnp.nan)
-  state, metrics = train_step(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+  state, metrics = step_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
   assert not bool(metrics["finite"])
   assert int(state.step) == 1
   after = jax.device_get(state)
@@ -113,7 +113,7 @@ def test_non_finite_step_leaves_the_state_untouched():
 def test_loss_by_timestep_bins_cover_every_example():
   per_example = jnp.arange(10.0)
   t = jnp.array([0, 9, 10, 19, 50, 55, 90, 99, 99, 0])
-  result = training.loss_by_timestep(per_example, t, 100, 10)
+  result = train_step.loss_by_timestep(per_example, t, 100, 10)
   np.testing.assert_array_equal(result["loss_bin_count"], [3, 2, 0, 0, 0, 2, 0, 0, 0, 3])
   np.testing.assert_allclose(result["loss_bin_sum"], [0 + 1 + 9, 2 + 3, 0, 0, 0, 4 + 5, 0, 0, 0,
                                                       6 + 7 + 8])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxdiff import schedules, training, visualize
+from jaxdiff import schedules, train_step, visualize
 
 SCHEDULE = schedules.linear(1000)
 
@@ -45,7 +45,7 @@ def test_panel_image_has_a_row_per_t_and_image_and_five_columns():
 
 
 def test_loss_plot_is_written(tmp_path):
-  bins = training.loss_by_timestep(jnp.ones(1000), jnp.arange(1000), 1000, 10)
+  bins = train_step.loss_by_timestep(jnp.ones(1000), jnp.arange(1000), 1000, 10)
   np.testing.assert_array_equal(bins["loss_bin_count"], [100] * 10)  # every bin is covered
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for step in range(1, 21):

@@ -5,9 +5,8 @@ import math
 import time
 
 import jax
-import numpy as np
 
-from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training
+from jaxdiff import data, generate, images, schedules
 from jaxdiff.evaluation import fid, likelihood, quality
 
 METRICS = ("bpd", "fid", "quality")
@@ -29,7 +28,7 @@ def generate_uint8(model, params, config, mesh, key, *, sampler: str, num_steps:
   """Samples as uint8 [N, H, W, C] and the classes asked for (None when unconditional);
   conditional models get the classes in turn, without guidance."""
   size, channels = config.data.image_size, config.data.num_channels
-  result = sampling.generate(
+  result = generate.generate(
       model.apply, {"params": params}, schedules.from_config(config.diffusion), key,
       num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
       sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
@@ -84,20 +83,6 @@ def evaluate(metric: str, model, params, config, mesh, key, **options) -> dict:
   return sample_metric(metric, model, params, config, mesh, key, **options)
 
 
-def evaluate_checkpoint(workdir: str, metric: str, *, checkpoint_step: int | None = None,
-                        seed: int = 0, **options) -> dict:
-  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices;
-  the result also names the checkpoint, dataset and device count."""
-  params, config, step = checkpoint.load_for_sampling(workdir, checkpoint_step)
-  check_metric(metric, config.data)
-  mesh = parallel.make_mesh(jax.local_devices())
-  start = time.perf_counter()
-  result = evaluate(metric, training.create_model(config), params, config, mesh,
-                    jax.random.key(seed), **options)
-  return {**result, "checkpoint_step": step, "dataset": config.data.dataset, "seed": seed,
-          "devices": mesh.devices.size, "seconds": time.perf_counter() - start}
-
-
 def training_scalars(model, params, config, mesh, key) -> dict:
   """What the trainer logs every `train.eval_every` steps: the numbers of each metric in
   `config.eval.metrics`, named 'eval/<metric>/<number>'."""
@@ -118,11 +103,3 @@ def training_scalars(model, params, config, mesh, key) -> dict:
     scalars.update({f"eval/{metric}/{name}": value for name, value in result.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)})
   return scalars
-
-
-def format_table(result: dict) -> str:
-  """A two-column text table of a result's scalars (lists and long values left to the JSON)."""
-  rows = [(name, f"{value:.6g}" if isinstance(value, float) else str(value))
-          for name, value in result.items() if not isinstance(value, (list, dict))]
-  width = max(len(name) for name, _ in rows)
-  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

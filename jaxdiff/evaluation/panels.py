@@ -1,11 +1,9 @@
 """Denoising panels of a model: held-out images noised to several t, and what it predicts."""
 
-import os
-
 import jax
 import numpy as np
 
-from jaxdiff import checkpoint, data, images, schedules, training, visualize
+from jaxdiff import data, visualize
 
 
 def panel_inputs(config, key, num_images: int = 4):
@@ -29,14 +27,3 @@ def panel(model, params, schedule, config, x0, noise) -> np.ndarray:
   predict_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
   return visualize.denoising_panel(visualize.denoising_rows(
       predict_fn, schedule, x0, noise, panel_timesteps(schedule), config.diffusion.prediction))
-
-
-def write_panel(workdir: str, output_path: str, checkpoint_step: int | None = None,
-                seed: int = 0) -> str:
-  """The panel of a trained workdir's EMA params, as a PNG (needs the dataset for x0)."""
-  ema_params, config, _ = checkpoint.load_for_sampling(workdir, checkpoint_step)
-  x0, noise = panel_inputs(config, jax.random.key(seed))
-  image = panel(training.create_model(config), ema_params, schedules.from_config(config.diffusion),
-                config, x0, noise)
-  images.save_png(output_path, image)
-  return os.path.abspath(output_path)

@@ -1,7 +1,13 @@
-"""The train state, the optimizer and EMA from config, and the data-parallel train step."""
+"""The train state, the optimizer, learning rate and EMA rule from config, and the train step.
+
+`train_step` is a pure function of (state, batch) that receives what it depends on (the loss, the
+optimizer, the learning-rate and EMA-decay functions) as arguments, as the Flax examples do;
+`make_train_step` builds those from a config once and jits the step over the mesh with the
+state's shardings from `parallel.state_shardings`.
+"""
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -61,6 +67,12 @@ def ema_decay_at(step, decay: float, warmup: bool):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def ema_decay_fn(train_config) -> Callable[[jax.Array], jax.Array]:
+  """step ↦ the EMA decay of `train_config` at that step (`ema_decay_at`)."""
+  return functools.partial(ema_decay_at, decay=train_config.ema_decay,
+                           warmup=train_config.ema_warmup)
+
+
 def ema_update(ema_params, params, decay):
   """θ_ema ← decay · θ_ema + (1 − decay) · θ."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
@@ -82,32 +94,56 @@ def init_state(config, model: UNet, key) -> TrainState:
                     opt_state=make_optimizer(config.train).init(params), rng=rng)
 
 
-def train_step(state: TrainState, batch, *, model: UNet, schedule: Schedule, config):
-  """One optimizer step on a global batch; returns (new state, metrics).
+def abstract_state(config, model: UNet, mesh: Mesh | None = None) -> TrainState:
+  """The TrainState's shapes and dtypes, computed without making any array; with `mesh`, each
+  leaf also carries its sharding from `parallel.state_shardings` (the target of a restore)."""
+  shapes = jax.eval_shape(functools.partial(init_state, config, model), jax.random.key(0))
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      shapes, parallel.state_shardings(shapes, mesh))
 
-  A step whose loss or gradient is not finite leaves params, EMA and optimizer state as
-  they were (only `step` advances, so the next step draws fresh noise) and reports
-  `finite = False`.
-  """
-  train_config = config.train
-  step_key = jax.random.fold_in(state.rng, state.step)
+
+def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
+  """A fresh TrainState made directly with its shardings over `mesh` (never whole on one
+  device first)."""
+  shardings = parallel.state_shardings(abstract_state(config, model), mesh)
+  return jax.jit(functools.partial(init_state, config, model), out_shardings=shardings)(key)
+
+
+def make_loss_fn(model: UNet, schedule: Schedule, config) -> Callable:
+  """(params, batch, key) ↦ (L_simple, aux) of `losses.diffusion_loss` for this model and config,
+  with dropout active."""
 
   def denoise_fn(params, x_t, t, labels, key):
     return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": key})
 
-  loss_fn = functools.partial(
-      losses.diffusion_loss, denoise_fn, schedule=schedule, batch=batch, key=step_key,
-      prediction=config.diffusion.prediction, num_classes=config.model.num_classes,
-      p_uncond=train_config.p_uncond)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def loss_fn(params, batch, key):
+    return losses.diffusion_loss(
+        denoise_fn, params, schedule, batch, key, prediction=config.diffusion.prediction,
+        num_classes=config.model.num_classes, p_uncond=config.train.p_uncond)
+
+  return loss_fn
+
+
+def train_step(state: TrainState, batch, *, loss_fn: Callable,
+               optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
+               ema_decay_fn: Callable, num_timesteps: int, loss_bins: int):
+  """One optimizer step on a global batch; returns (new state, metrics).
+
+  key = fold_in(rng, step); (loss, grads) of `loss_fn(params, batch, key)`; params ← optimizer
+  update; θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or
+  gradient is not finite leaves params, EMA and optimizer state as they were (only `step`
+  advances, so the next step draws fresh noise) and reports `finite = False`.
+  """
+  step_key = jax.random.fold_in(state.rng, state.step)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updates, opt_state = make_optimizer(train_config).update(grads, state.opt_state, state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = ema_update(state.ema_params, params,
-                          ema_decay_at(state.step, train_config.ema_decay,
-                                       train_config.ema_warmup))
+  ema_params = ema_update(state.ema_params, params, ema_decay_fn(state.step))
   keep_if_finite = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
@@ -118,10 +154,9 @@ def train_step(state: TrainState, batch, *, model: UNet, schedule: Schedule, con
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "learning_rate": learning_rate_schedule(train_config)(state.step),
+      "learning_rate": learning_rate_fn(state.step),
       "finite": finite,
-      **loss_by_timestep(aux["per_example_loss"], aux["t"], schedule.num_timesteps,
-                         train_config.loss_bins),
+      **loss_by_timestep(aux["per_example_loss"], aux["t"], num_timesteps, loss_bins),
   }
   return new_state, metrics
 
@@ -136,13 +171,18 @@ def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
 
 
 def make_train_step(model: UNet, schedule: Schedule, config, mesh: Mesh):
-  """`train_step` jitted once over the mesh: state replicated, batch split over `data`,
-  the old state's buffers donated. The program is written for the global batch; XLA
-  partitions it, so per-device noise is each device's slice of the global draw and the
-  result does not depend on the number of devices."""
-  replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return jax.jit(
-      functools.partial(train_step, model=model, schedule=schedule, config=config),
-      in_shardings=(replicated, batch_sharded),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  """`train_step` with its dependencies built from `config`, jitted once over the mesh: the
+  state with its shardings from `parallel.state_shardings`, the batch split over `data`, the old
+  state's buffers donated. The program is written for the global batch; XLA partitions it, so
+  per-device noise is each device's slice of the global draw and the result does not depend on
+  the number of devices."""
+  train_config = config.train
+  step = functools.partial(
+      train_step, loss_fn=make_loss_fn(model, schedule, config),
+      optimizer=make_optimizer(train_config),
+      learning_rate_fn=learning_rate_schedule(train_config),
+      ema_decay_fn=ema_decay_fn(train_config), num_timesteps=schedule.num_timesteps,
+      loss_bins=train_config.loss_bins)
+  state_shardings = parallel.state_shardings(abstract_state(config, model), mesh)
+  return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -1,13 +1,10 @@
 """Generating images: a sampler jitted once, run batch by batch, data-parallel over the mesh."""
 
-import json
-import os
-
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import checkpoint, images, parallel, samplers, schedules, training
+from jaxdiff import images, parallel, samplers
 
 
 def generate(model_apply, variables, schedule, key, *, num_samples: int, image_shape,
@@ -77,47 +74,17 @@ def _labels(labels, num_samples: int, num_classes: int, guidance_scale: float):
   return np.broadcast_to(np.asarray(labels, np.int32), (num_samples,)).copy()
 
 
-def sample_to_dir(workdir: str, output_dir: str, *, checkpoint_step: int | None = None,
-                  sampler: str = "dpm_solver", num_steps: int = 20, num_samples: int = 64,
-                  batch_size: int = 64, seed: int = 0, guidance_scale: float = 0.0,
-                  class_label: int | None = None, eta: float = 0.0,
-                  trajectory_every: int | None = None, progress: bool = True) -> list[str]:
-  """What `sample.py` does: EMA params from `workdir` → images, written to `output_dir` as
-  samples.png, samples.npz, settings.json (and trajectory.png). Returns the paths written."""
-  samplers.get_sampler(sampler)
-  ema_params, config, step = checkpoint.load_for_sampling(workdir, checkpoint_step)
-  mesh = parallel.make_mesh(jax.local_devices())
-  model = training.create_model(config)
+def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
+  """A uint8 grid of `config.sample.num_samples` images from the EMA params."""
   size, channels = config.data.image_size, config.data.num_channels
-  options = {"eta": eta} if sampler == "ddim" else {}
+  labels = None
+  if config.model.num_classes:
+    labels = np.arange(config.sample.num_samples) % config.model.num_classes
   result = generate(
-      model.apply, {"params": ema_params}, schedules.from_config(config.diffusion),
-      jax.random.key(seed),
-      num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
-      sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
-      labels=class_label, num_classes=config.model.num_classes,
-      guidance_scale=guidance_scale, trajectory_every=trajectory_every, mesh=mesh,
-      progress=progress, **options)
-  os.makedirs(output_dir, exist_ok=True)
-  pixels = images.to_uint8(result["images"])
-  paths = {name: os.path.join(output_dir, name)
-           for name in ("samples.png", "samples.npz", "settings.json", "trajectory.png")}
-  scale = images.display_scale(size)
-  images.save_png(paths["samples.png"], images.make_grid(pixels, scale=scale))
-  np.savez_compressed(paths["samples.npz"], images=pixels,
-                      labels=result["labels"] if result["labels"] is not None
-                      else np.full(num_samples, -1, np.int32))
-  settings = dict(workdir=os.path.abspath(workdir), checkpoint_step=step, sampler=sampler,
-                  num_steps=num_steps, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                  guidance_scale=guidance_scale, class_label=class_label, eta=eta,
-                  trajectory_every=trajectory_every, devices=len(mesh.devices.flat),
-                  config=json.loads(config.to_json_best_effort()))
-  with open(paths["settings.json"], "w") as f:
-    json.dump(settings, f, indent=2)
-  if trajectory_every is None:
-    del paths["trajectory.png"]
-  else:
-    frames = images.to_uint8(result["trajectory"][:, :8])  # [frames, ≤8 samples, H, W, C]
-    images.save_png(paths["trajectory.png"], images.trajectory_strip(frames, scale=scale))
-  return list(paths.values())
-
+      model.apply, {"params": ema_params}, schedule, key,
+      num_samples=config.sample.num_samples, image_shape=(size, size, channels),
+      batch_size=config.sample.batch_size, sampler=config.sample.sampler,
+      num_steps=config.sample.num_steps, prediction=config.diffusion.prediction,
+      clip_x0=config.sample.clip_x0, labels=labels, num_classes=config.model.num_classes,
+      guidance_scale=config.sample.guidance_scale, mesh=mesh, progress=False)
+  return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))

@@ -7,7 +7,6 @@ Ctrl-C saves a checkpoint at the current step and returns cleanly.
 
 import contextlib
 import dataclasses
-import functools
 import os
 import signal
 import time
@@ -17,8 +16,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxdiff import checkpoint, data, images, parallel, sampling, schedules, training, visualize
-from jaxdiff.evaluation import metrics as evaluation, panels
+from jaxdiff import checkpoint, data, generate, images, parallel, schedules, train_step, visualize
+from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
 
@@ -67,22 +66,6 @@ def save_resolved_config(config, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
-  """A uint8 grid of `config.sample.num_samples` images from the EMA params."""
-  size, channels = config.data.image_size, config.data.num_channels
-  labels = None
-  if config.model.num_classes:
-    labels = np.arange(config.sample.num_samples) % config.model.num_classes
-  result = sampling.generate(
-      model.apply, {"params": ema_params}, schedule, key,
-      num_samples=config.sample.num_samples, image_shape=(size, size, channels),
-      batch_size=config.sample.batch_size, sampler=config.sample.sampler,
-      num_steps=config.sample.num_steps, prediction=config.diffusion.prediction,
-      clip_x0=config.sample.clip_x0, labels=labels, num_classes=config.model.num_classes,
-      guidance_scale=config.sample.guidance_scale, mesh=mesh, progress=False)
-  return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))
-
-
 def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
   """{'loss_t_bin_0': mean loss of the first tenth of t, …}; bins with no draws are left out."""
   return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
@@ -99,7 +82,7 @@ def check_intervals(train_config) -> None:
                        f"{' (0 means never)' if low == 0 else ''}.")
 
 
-def train(config, workdir: str) -> TrainSummary:
+def run(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   train_config = config.train
@@ -111,12 +94,12 @@ def train(config, workdir: str) -> TrainSummary:
   eval_every = train_config.get("eval_every", 0)  # 0: no in-training evaluation
   if eval_every:
     for metric in config.eval.metrics:
-      evaluation.check_metric(metric, config.data)
+      metrics.check_metric(metric, config.data)
   os.makedirs(workdir, exist_ok=True)
   if is_chief:
     save_resolved_config(config, workdir)
 
-  model = training.create_model(config)
+  model = train_step.create_model(config)
   schedule = schedules.from_config(config.diffusion)
   key = jax.random.key(config.seed)
   init_key, sample_key = jax.random.split(key)
@@ -124,14 +107,13 @@ def train(config, workdir: str) -> TrainSummary:
 
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
   if checkpointer.latest_step() is None:
-    state = jax.jit(functools.partial(training.init_state, config, model),
-                    out_shardings=parallel.replicated(mesh))(init_key)
+    state = train_step.create_state(config, model, mesh, init_key)
   else:
-    abstract_state = checkpoint.abstract_train_state(config, model, mesh)
+    abstract_state = train_step.abstract_state(config, model, mesh)
     state, data_state, _ = checkpointer.restore(abstract_state, config=config)
     train_iter.set_state(data_state)
   first_step = int(state.step)
-  train_step = training.make_train_step(model, schedule, config, mesh)
+  step_fn = train_step.make_train_step(model, schedule, config, mesh)
   writer = MetricWriter(workdir, enabled=is_chief)
 
   def save(step, wait=False):
@@ -141,7 +123,7 @@ def train(config, workdir: str) -> TrainSummary:
   panel_x0, panel_noise = panels.panel_inputs(config, panel_key)
 
   def write_samples(step):
-    grid = sample_grid(model, state.ema_params, schedule, config, mesh,
+    grid = generate.sample_grid(model, state.ema_params, schedule, config, mesh,
                        jax.random.fold_in(sample_key, step))
     panel = panels.panel(model, state.ema_params, schedule, config, panel_x0, panel_noise)
     if is_chief:
@@ -151,7 +133,7 @@ def train(config, workdir: str) -> TrainSummary:
 
   def evaluate(step):
     start = time.perf_counter()
-    scalars = evaluation.training_scalars(model, state.ema_params, config, mesh,
+    scalars = metrics.training_scalars(model, state.ema_params, config, mesh,
                                           jax.random.fold_in(eval_key, step))
     writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
@@ -207,10 +189,10 @@ def train(config, workdir: str) -> TrainSummary:
   try:
     with stop.installed():
       for step in range(first_step + 1, train_config.num_steps + 1):
-        state, metrics = train_step(state, next(train_iter))
+        state, step_metrics = step_fn(state, next(train_iter))
         if pending is not None:
           finish_step(*pending)
-        pending = (step, metrics)
+        pending = (step, step_metrics)
         if train_config.checkpoint_every and step % train_config.checkpoint_every == 0:
           save(step)
         if sample_every and step % sample_every == 0:

@@ -1,0 +1,43 @@
+"""What `evaluate.py` does: a metric (or the denoising panel) of a trained model's EMA params."""
+
+import os
+import time
+
+import jax
+
+from jaxdiff import images, parallel
+from jaxdiff.evaluation import metrics, panels
+from jaxdiff.jobs import workdir as workdir_lib
+
+
+def run(workdir: str, metric: str, *, checkpoint_step: int | None = None, seed: int = 0,
+        **options) -> dict:
+  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices;
+  the result also names the checkpoint, dataset and device count."""
+  trained = workdir_lib.load_model(workdir, checkpoint_step)
+  config = trained.config
+  metrics.check_metric(metric, config.data)
+  mesh = parallel.make_mesh(jax.local_devices())
+  start = time.perf_counter()
+  result = metrics.evaluate(metric, trained.model, trained.params, config, mesh,
+                            jax.random.key(seed), **options)
+  return {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset, "seed": seed,
+          "devices": mesh.devices.size, "seconds": time.perf_counter() - start}
+
+
+def format_table(result: dict) -> str:
+  """A two-column text table of a result's scalars (lists and long values left to the JSON)."""
+  rows = [(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+          for name, value in result.items() if not isinstance(value, (list, dict))]
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def write_panel(workdir: str, output_path: str, checkpoint_step: int | None = None,
+                seed: int = 0) -> str:
+  """The panel of a trained workdir's EMA params, as a PNG (needs the dataset for x0)."""
+  trained = workdir_lib.load_model(workdir, checkpoint_step)
+  x0, noise = panels.panel_inputs(trained.config, jax.random.key(seed))
+  image = panels.panel(trained.model, trained.params, trained.schedule, trained.config, x0, noise)
+  images.save_png(output_path, image)
+  return os.path.abspath(output_path)
