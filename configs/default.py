@@ -62,7 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.sample_every = 1500      # also at the end; 0 = never
   train.eval_every = 1500        # config.eval's metrics, also at the end; 0 = never
   train.max_to_keep = 3
-  train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
+  train.max_nonfinite_steps = 10  # stop after this many unhealthy steps in a row:
+  train.spike_factor = 10.0       # loss > this × its running median is a spike,
+  train.max_relative_update = 0.5  # ‖Δθ‖/‖θ‖ above this is an exploding update
+  train.resume_step = 0           # 0: the newest good checkpoint; N: resume from step N
   train.loss_bins = 10            # loss logged in this many bins of t
 
   config.sample = sample = ml_collections.ConfigDict()

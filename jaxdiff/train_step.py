@@ -134,7 +134,8 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
   key = fold_in(rng, step); (loss, grads) of `loss_fn(params, batch, key)`; params ← optimizer
   update; θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or
   gradient is not finite leaves params, EMA and optimizer state as they were (only `step`
-  advances, so the next step draws fresh noise) and reports `finite = False`.
+  advances, so the next step draws fresh noise) and reports `finite = False`. The metrics
+  also give ‖Δθ‖/‖θ‖ (`relative_update`), which shows an exploding but still finite update.
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
@@ -154,6 +155,7 @@ def train_step(state: TrainState, batch, *, loss_fn: Callable,
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
+      "relative_update": optax.tree.norm(updates) / optax.tree.norm(state.params),
       "learning_rate": learning_rate_fn(state.step),
       "finite": finite,
       **loss_by_timestep(aux["per_example_loss"], aux["t"], num_timesteps, loss_bins),

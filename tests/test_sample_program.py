@@ -11,7 +11,7 @@ from PIL import Image
 
 from jaxdiff import checkpoint
 from jaxdiff.jobs import sample, train
-from test_trainer import job_config, REPO
+from tests.helpers import REPO, job_config
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The training job: data → compiled train step → metrics, sample grids and checkpoints.
 
-`train(config, workdir)` is everything `train.py` does. It resumes from the newest good
+`run(config, workdir)` is everything `train.py` does. It resumes from the newest good
 checkpoint in `workdir` and runs until `config.train.num_steps` steps in total. SIGTERM or
-Ctrl-C saves a checkpoint at the current step and returns cleanly.
+Ctrl-C saves a checkpoint at the current step and returns cleanly. A run whose loss turns
+non-finite or explodes stops with a TrainingError and never saves the state it diverged to.
 """
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -16,12 +18,13 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from jaxdiff import checkpoint, data, generate, images, parallel, schedules, train_step, visualize
+from jaxdiff import checkpoint, data, errors, generate, images, parallel, schedules, train_step
+from jaxdiff import visualize
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
 
-class TrainingError(Exception):
+class TrainingError(errors.JobError):
   """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
 
 
@@ -61,14 +64,10 @@ class StopSignal:
         signal.signal(s, h)
 
 
-def save_resolved_config(config, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
-  """{'loss_t_bin_0': mean loss of the first tenth of t, …}; bins with no draws are left out."""
-  return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
+def is_due(step: int, every: int, last_step: int) -> bool:
+  """The one rule for periodic work (checkpoints, sample grids, evaluation): every `every` steps
+  and at the last step; `every` = 0 means never."""
+  return every > 0 and (step % every == 0 or step == last_step)
 
 
 def check_intervals(train_config) -> None:
@@ -82,6 +81,178 @@ def check_intervals(train_config) -> None:
                        f"{' (0 means never)' if low == 0 else ''}.")
 
 
+def save_resolved_config(config, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
+  """{'loss_t_bin_0': mean loss of the first tenth of t, …}; bins with no draws are left out."""
+  return {f"loss_t_bin_{i}": s / c for i, (s, c) in enumerate(zip(bin_sum, bin_count)) if c}
+
+
+class LossHealth:
+  """Whether the run is still training or has diverged, step by step.
+
+  A step is unhealthy when its loss or gradient is non-finite, when its update is exploding
+  (‖Δθ‖/‖θ‖ above `max_relative_update`), or when its loss spikes: above `spike_factor` × the
+  median of the last `history` healthy losses (once `min_history` of them are known). The run
+  has diverged after `max_bad_steps` unhealthy steps in a row. Unhealthy losses do not enter the
+  history, so a run that explodes cannot raise its own baseline. Only the state after a healthy
+  step is saved.
+  """
+
+  def __init__(self, max_bad_steps: int, spike_factor: float, max_relative_update: float,
+               history: int = 200, min_history: int = 20):
+    self.max_bad_steps, self.spike_factor, self.min_history = max_bad_steps, spike_factor, min_history
+    self.max_relative_update = max_relative_update
+    self.recent = collections.deque(maxlen=history)
+    self.bad_in_a_row = 0
+    self.last_good_loss = float("nan")
+    self.reason = self.first_reason = ""  # the latest unhealthy step's, and its streak's first
+
+  def update(self, step: int, loss: float, finite: bool, relative_update: float) -> None:
+    if not finite:
+      self.reason = f"the loss or gradient was non-finite (step {step})"
+    elif relative_update > self.max_relative_update:
+      self.reason = (f"the update at step {step} changed the parameters by {relative_update:.3g} "
+                     f"of their norm (limit {self.max_relative_update:g})")
+    elif len(self.recent) >= self.min_history and loss > self.spike_factor * np.median(self.recent):
+      self.reason = (f"the loss spiked to {loss:.4g} at step {step}, over {self.spike_factor:g}× "
+                     f"its running median {np.median(self.recent):.4g}")
+    else:
+      self.recent.append(loss)
+      self.bad_in_a_row, self.last_good_loss, self.reason, self.first_reason = 0, loss, "", ""
+      return
+    if self.bad_in_a_row == 0:
+      self.first_reason = self.reason
+    self.bad_in_a_row += 1
+    logging.warning("step %d: %s (%d unhealthy steps in a row)", step, self.reason,
+                    self.bad_in_a_row)
+
+  @property
+  def healthy(self) -> bool:
+    return self.bad_in_a_row == 0
+
+  @property
+  def diverged(self) -> bool:
+    return self.bad_in_a_row >= self.max_bad_steps
+
+
+class MetricsWindow:
+  """The host side of the step metrics.
+
+  `push(step, metrics)` takes a dispatched step's metrics and reads the previous step's (one step
+  late, so the device never waits for the host); `flush()` reads the last one. Every finished
+  step updates `health`; every `log_every` steps (and at `last_step`) the window's means,
+  steps/s and images/s are written. Time inside `paused()` (sampling, evaluation, checkpoint
+  waits) is left out of the rates.
+  """
+
+  def __init__(self, writer: MetricWriter, health: LossHealth, *, log_every: int,
+               batch_size: int, last_step: int, progress: tqdm):
+    self.writer, self.health, self.progress = writer, health, progress
+    self.log_every, self.batch_size, self.last_step = log_every, batch_size, last_step
+    self._pending = None
+    self._finished = []
+    self._start = time.perf_counter()
+    self._paused_seconds = 0.0
+
+  def push(self, step: int, step_metrics) -> None:
+    self.flush()
+    self._pending = (step, step_metrics)
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    (step, step_metrics), self._pending = self._pending, None
+    step_metrics = jax.device_get(step_metrics)
+    self.health.update(step, float(step_metrics["loss"]), bool(step_metrics["finite"]),
+                       float(step_metrics["relative_update"]))
+    self._finished.append(step_metrics)
+    self.progress.update(1)
+    if step % self.log_every == 0 or step == self.last_step:
+      self._write(step)
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused_seconds += time.perf_counter() - start
+
+  def _write(self, step: int) -> None:
+    seconds = time.perf_counter() - self._start - self._paused_seconds
+    history = self._finished
+    steps_per_sec = len(history) / max(seconds, 1e-9)
+    finite = [m for m in history if m["finite"]]
+    mean_of = lambda name: np.mean([m[name] for m in finite], axis=0) if finite else np.nan
+    scalars = {
+        "loss": mean_of("loss"),
+        "grad_norm": mean_of("grad_norm"),
+        "relative_update": mean_of("relative_update"),
+        "learning_rate": history[-1]["learning_rate"],
+        "steps_per_sec": steps_per_sec,
+        "images_per_sec": steps_per_sec * self.batch_size,
+        "nonfinite_steps": len(history) - len(finite),
+    }
+    if finite:
+      scalars.update(loss_by_t_scalars(mean_of("loss_bin_sum"), mean_of("loss_bin_count")))
+    self.writer.write(step, scalars)
+    self.progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                              img_s=f"{scalars['images_per_sec']:.0f}")
+    self._finished, self._start, self._paused_seconds = [], time.perf_counter(), 0.0
+
+
+def restore_or_init(config, model, mesh, checkpointer: checkpoint.Checkpointer, key):
+  """(state, data iterator position or None): from `config.train.resume_step` if set, else the
+  newest readable checkpoint, else a fresh state made from `key` with its shardings."""
+  resume_step = config.train.get("resume_step", 0) or None
+  if resume_step is None and checkpointer.latest_step() is None:
+    return train_step.create_state(config, model, mesh, key), None
+  state, data_state, _ = checkpointer.restore(train_step.abstract_state(config, model, mesh),
+                                              step=resume_step, config=config)
+  return state, data_state
+
+
+class _Outputs:
+  """What the run writes besides metrics: EMA sample grids and denoising panels, evaluations."""
+
+  def __init__(self, config, workdir, model, schedule, mesh, writer, key):
+    self.config, self.workdir, self.model, self.schedule = config, workdir, model, schedule
+    self.mesh, self.writer = mesh, writer
+    panel_key, self.eval_key, self.sample_key = jax.random.split(key, 3)
+    self.panel_x0, self.panel_noise = panels.panel_inputs(config, panel_key)
+
+  def samples(self, step: int, ema_params) -> None:
+    grid = generate.sample_grid(self.model, ema_params, self.schedule, self.config, self.mesh,
+                                jax.random.fold_in(self.sample_key, step))
+    panel = panels.panel(self.model, ema_params, self.schedule, self.config, self.panel_x0,
+                         self.panel_noise)
+    if jax.process_index() == 0:
+      for folder, image in (("samples", grid), ("panels", panel)):
+        images.save_png(os.path.join(self.workdir, folder, f"step_{step:07d}.png"), image)
+        self.writer.write_image(step, folder, image)
+
+  def evaluation(self, step: int, ema_params) -> None:
+    start = time.perf_counter()
+    scalars = metrics.training_scalars(self.model, ema_params, self.config, self.mesh,
+                                       jax.random.fold_in(self.eval_key, step))
+    self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
+
+
+def _diverged_message(health: LossHealth, checkpointer: checkpoint.Checkpointer,
+                      workdir: str) -> str:
+  steps = checkpointer.all_steps()
+  on_disk = (f"The checkpoints in {workdir} (steps {steps}) were all saved while training was "
+             f"healthy" if steps else f"There is no checkpoint in {workdir}")
+  return (f"training diverged: {health.first_reason}; {health.bad_in_a_row} unhealthy steps in a "
+          f"row (the last: {health.reason}), so the run stopped without saving. {on_disk}. Lower "
+          f"--config.train.learning_rate (or check the data) and rerun; "
+          f"--config.train.resume_step=N resumes from an earlier step N.")
+
+
 def run(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -91,126 +262,64 @@ def run(config, workdir: str) -> TrainSummary:
   parallel.check_divisible(train_config.batch_size, mesh)
   check_intervals(train_config)
   data.check_model_compatible(config.data, config.model)
-  eval_every = train_config.get("eval_every", 0)  # 0: no in-training evaluation
-  if eval_every:
+  if train_config.eval_every:
     for metric in config.eval.metrics:
       metrics.check_metric(metric, config.data)
   os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    save_resolved_config(config, workdir)
 
   model = train_step.create_model(config)
   schedule = schedules.from_config(config.diffusion)
-  key = jax.random.key(config.seed)
-  init_key, sample_key = jax.random.split(key)
+  init_key, outputs_key = jax.random.split(jax.random.key(config.seed))
   train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh)
-
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
-  if checkpointer.latest_step() is None:
-    state = train_step.create_state(config, model, mesh, init_key)
-  else:
-    abstract_state = train_step.abstract_state(config, model, mesh)
-    state, data_state, _ = checkpointer.restore(abstract_state, config=config)
+  state, data_state = restore_or_init(config, model, mesh, checkpointer, init_key)
+  if data_state is not None:
     train_iter.set_state(data_state)
-  first_step = int(state.step)
+  if is_chief:  # only once the config is known to continue what is on disk
+    save_resolved_config(config, workdir)
+  first_step, last_step = int(state.step), train_config.num_steps
   step_fn = train_step.make_train_step(model, schedule, config, mesh)
   writer = MetricWriter(workdir, enabled=is_chief)
+  outputs = _Outputs(config, workdir, model, schedule, mesh, writer, outputs_key)
+  health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
+                      train_config.max_relative_update)
+  progress = tqdm(total=last_step, initial=first_step, disable=not is_chief, unit="step",
+                  dynamic_ncols=True)
+  window = MetricsWindow(writer, health, log_every=train_config.log_every,
+                         batch_size=train_config.batch_size, last_step=last_step,
+                         progress=progress)
+  start_time, step, stop = time.perf_counter(), first_step, StopSignal()
 
-  def save(step, wait=False):
-    checkpointer.save(step, state, train_iter.get_state(), config, wait=wait)
-
-  panel_key, eval_key, sample_key = jax.random.split(sample_key, 3)
-  panel_x0, panel_noise = panels.panel_inputs(config, panel_key)
-
-  def write_samples(step):
-    grid = generate.sample_grid(model, state.ema_params, schedule, config, mesh,
-                       jax.random.fold_in(sample_key, step))
-    panel = panels.panel(model, state.ema_params, schedule, config, panel_x0, panel_noise)
-    if is_chief:
-      for folder, image in (("samples", grid), ("panels", panel)):
-        images.save_png(os.path.join(workdir, folder, f"step_{step:07d}.png"), image)
-        writer.write_image(step, folder, image)
-
-  def evaluate(step):
-    start = time.perf_counter()
-    scalars = metrics.training_scalars(model, state.ema_params, config, mesh,
-                                          jax.random.fold_in(eval_key, step))
-    writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
-
-  start_time = time.perf_counter()
-  last_loss, nonfinite_in_a_row, step = float("nan"), 0, first_step
-  window = {"metrics": [], "time": time.perf_counter()}
-  pending = None  # the previous step's metrics, read after the next step is dispatched
-  progress = tqdm(total=train_config.num_steps, initial=first_step, disable=not is_chief,
-                  unit="step", dynamic_ncols=True)
-
-  def finish_step(step, metrics):
-    """Host-side bookkeeping for a completed step (its metrics are ready or nearly so)."""
-    nonlocal last_loss, nonfinite_in_a_row
-    metrics = jax.device_get(metrics)
-    if metrics["finite"]:
-      nonfinite_in_a_row, last_loss = 0, float(metrics["loss"])
+  def save_if_healthy(step: int, *, wait: bool = False) -> None:
+    window.flush()  # the health of `step` itself
+    if health.healthy:
+      with window.paused():
+        checkpointer.save(step, state, train_iter.get_state(), config, wait=wait)
     else:
-      nonfinite_in_a_row += 1
-      logging.warning("step %d: non-finite loss or gradient (%s in a row); update skipped",
-                      step, nonfinite_in_a_row)
-    window["metrics"].append(metrics)
-    progress.update(1)
-    if step % train_config.log_every == 0 or step == train_config.num_steps:
-      log_window(step)
-    if nonfinite_in_a_row >= train_config.max_nonfinite_steps:
-      raise TrainingError(
-          f"the loss or gradient was non-finite for {nonfinite_in_a_row} steps in a row (last: "
-          f"step {step}); stopped without saving. The newest checkpoint in {workdir} holds the "
-          f"last good state. Lower train.learning_rate or check the data, then rerun.")
+      logging.warning("step %d not saved: %s", step, health.reason)
 
-  def log_window(step):
-    seconds = time.perf_counter() - window["time"]
-    history = window["metrics"]
-    steps_per_sec = len(history) / max(seconds, 1e-9)
-    finite = [m for m in history if m["finite"]]
-    mean_of = lambda name: np.mean([m[name] for m in finite], axis=0) if finite else np.nan
-    scalars = {
-        "loss": mean_of("loss"),
-        "grad_norm": mean_of("grad_norm"),
-        "learning_rate": history[-1]["learning_rate"],
-        "steps_per_sec": steps_per_sec,
-        "images_per_sec": steps_per_sec * train_config.batch_size,
-        "nonfinite_steps": len(history) - len(finite),
-    }
-    if finite:
-      scalars.update(loss_by_t_scalars(mean_of("loss_bin_sum"), mean_of("loss_bin_count")))
-    writer.write(step, scalars)
-    progress.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
-    window["metrics"], window["time"] = [], time.perf_counter()
-
-  sample_every = train_config.sample_every  # 0: no sample grids
-  stop = StopSignal()
   try:
     with stop.installed():
-      for step in range(first_step + 1, train_config.num_steps + 1):
+      for step in range(first_step + 1, last_step + 1):
         state, step_metrics = step_fn(state, next(train_iter))
-        if pending is not None:
-          finish_step(*pending)
-        pending = (step, step_metrics)
-        if train_config.checkpoint_every and step % train_config.checkpoint_every == 0:
-          save(step)
-        if sample_every and step % sample_every == 0:
-          write_samples(step)
-        if eval_every and step % eval_every == 0:
-          evaluate(step)
+        window.push(step, step_metrics)
+        if health.diverged:
+          raise TrainingError(_diverged_message(health, checkpointer, workdir))
+        final = step == last_step or stop.received
+        if final or is_due(step, train_config.checkpoint_every, last_step):
+          save_if_healthy(step, wait=bool(final))
+        if not stop.received:
+          with window.paused():
+            if is_due(step, train_config.sample_every, last_step):
+              outputs.samples(step, state.ema_params)
+            if is_due(step, train_config.eval_every, last_step):
+              outputs.evaluation(step, state.ema_params)
         if stop.received:
+          logging.warning("received %s: stopped at step %d", stop.received, step)
           break
-      if pending is not None:
-        finish_step(*pending)
-      if stop.received:
-        logging.warning("received %s: saving a checkpoint at step %d", stop.received, step)
-      if step > first_step:
-        save(step, wait=True)
-        if sample_every and not stop.received and step % sample_every:
-          write_samples(step)
-        if eval_every and not stop.received and step % eval_every:
-          evaluate(step)
+      window.flush()
+      if not health.healthy:
+        raise TrainingError(_diverged_message(health, checkpointer, workdir))
   finally:
     progress.close()
     checkpointer.close()
@@ -218,5 +327,5 @@ def run(config, workdir: str) -> TrainSummary:
   if is_chief:
     visualize.plot_losses(os.path.join(workdir, "metrics.jsonl"),
                           os.path.join(workdir, "losses.png"))
-  return TrainSummary(first_step, step, time.perf_counter() - start_time, last_loss, workdir,
-                      preempted=bool(stop.received))
+  return TrainSummary(first_step, step, time.perf_counter() - start_time, health.last_good_loss,
+                      workdir, preempted=bool(stop.received))

@@ -1,0 +1,37 @@
+"""What several test files share: small configs for fast end-to-end runs and reading their logs.
+Test files import this module (`from tests import helpers`), never each other."""
+
+import json
+import os
+
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**model):
+  """The default config with a 16-channel, one-block U-Net and T = 100: compiles in seconds."""
+  config = default.get_config()
+  config.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                      dropout=0.1, **model)
+  config.diffusion.num_timesteps = 100
+  config.train.update(batch_size=32, learning_rate=2e-3, warmup_steps=10, num_steps=200,
+                      eval_every=0)
+  return config
+
+
+def job_config(data_dir, **train):
+  """`tiny_config` for a training job in a test: batch 16, a log row every step, checkpoints
+  every 3 steps, no sample grids; `train` overrides config.train."""
+  config = tiny_config()
+  config.data.data_dir = data_dir
+  config.train.update({"batch_size": 16, "log_every": 1, "checkpoint_every": 3, "sample_every": 0,
+                       **train})
+  return config
+
+
+def logged(workdir, key="loss"):
+  """{step: value of `key`} from WORKDIR/metrics.jsonl (rows that have it)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r[key] for r in records if key in r}
