@@ -1,62 +1,91 @@
 """Orbax checkpoints of the whole train state, restorable on any topology, and EMA exports.
 
-A checkpoint is WORKDIR/checkpoints/STEP/ with four items:
+A checkpoint is WORKDIR/checkpoints/STEP/ with five items:
   train       step, params, optimizer state and RNG key (as key data)
   ema_params  the EMA params alone, so sampling reads nothing else
   data        the input iterator's state (JSON)
   config      the resolved config (JSON)
+  health      {"good": bool}: whether the saver vouched for the state (JSON; absent from
+              checkpoints written before it existed, which count as good)
 
 Rules that keep the product of training safe:
   * Orbax writes a step into STEP.orbax-checkpoint-tmp* and renames it to STEP when complete,
     so a step cut off half-way is never listed. Its partial folder is left alone (another
     process may still be writing it): Orbax replaces it if that step is saved again, and it is
     safe to delete.
-  * A step that exists is never overwritten.
+  * A step that exists is never overwritten. A state whose params or EMA params are not finite
+    is never saved.
   * A step that cannot be restored is reported by number and left in place; `restore` uses the
-    newest good step instead. When training then saves again, the broken steps are moved,
+    newest readable step instead. When training then saves again, the broken steps are moved,
     unchanged, to WORKDIR/checkpoints_broken/ (out of the way of new steps and of clean-up).
+  * A step marked bad (saved with `good=False`) or holding non-finite values is never resumed
+    from: `restore` refuses it, naming the last good step to resume from with `step=`. After
+    `restore(step=N)`, the steps newer than N are moved, unchanged, to
+    WORKDIR/checkpoints_superseded/ when training saves again, so that the new steps can be
+    written.
   * `max_to_keep` removes an old step only when `max_to_keep` newer steps are known to be good:
-    written by this Checkpointer (Orbax deletes only after the new step has committed) or
-    restored by it. Steps found on disk and never read count as unverified, so a broken newer
-    step never pushes a good older one out.
+    written with `good=True` by this Checkpointer (Orbax deletes only after the new step has
+    committed) or restored by it. Steps found on disk and never read count as unverified, so a
+    broken newer step never pushes a good older one out; steps marked bad are kept only while
+    fewer than `max_to_keep` known steps are newer, and never push a good one out.
 
 An export (`export_ema`) is a folder with the EMA params alone: EXPORT/ema_params/ (Orbax),
 EXPORT/config.json and EXPORT/export.json (the step it came from; written last).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
-from jaxdiff import parallel, train_step
+from jaxdiff import config_io, errors, train_step
 
-ITEM_NAMES = ("train", "ema_params", "data", "config")
+ITEM_NAMES = ("train", "ema_params", "data", "config", "health")
 EXPORT_MARKER = "export.json"
+BROKEN_FOLDER = "checkpoints_broken"
+SUPERSEDED_FOLDER = "checkpoints_superseded"
 
-# Model fields that may change between runs; every other model field fixes parameter shapes.
-_MODEL_FIELDS_FREE_TO_CHANGE = ("dropout", "remat", "dtype")
-# Other fields that fix the shapes or the meaning of what the network learned.
-_OTHER_FIXED_FIELDS = ("data.image_size", "data.num_channels", "diffusion.num_timesteps",
-                       "diffusion.schedule", "diffusion.prediction")
-_ABSENT = "(absent)"
+# config → the abstract EMA params (shapes, dtypes and the shardings to restore onto).
+AbstractEmaParams = Callable[[ml_collections.ConfigDict], Any]
+_Read = TypeVar("_Read")
 
 
-class CheckpointError(Exception):
-  """A checkpoint problem, said in one line: what is wrong and what to do."""
+class CheckpointError(errors.JobError):
+  """A checkpoint problem, said in one line: what is wrong, what is on disk and what to do."""
 
 
 class _UnreadableStep(Exception):
   """A step whose files cannot be restored (the cause is chained)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore` read: the train state, the data iterator's state, the config
+  the checkpoint was written with, and its step."""
+
+  state: train_step.TrainState
+  data_state: dict
+  config: ml_collections.ConfigDict
+  step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaCheckpoint:
+  """The EMA params of one checkpoint or export, its config and the step they come from."""
+
+  params: Any
+  config: ml_collections.ConfigDict
+  step: int
 
 
 def _describe(error: BaseException, limit: int = 300) -> str:
@@ -66,47 +95,62 @@ def _describe(error: BaseException, limit: int = 300) -> str:
   return f"{type(error).__name__}: {text}"
 
 
-def _as_tuples(value):
-  """JSON lists back to the tuples configs use (`ch_mult`, `attn_resolutions`)."""
-  if isinstance(value, dict):
-    return {key: _as_tuples(item) for key, item in value.items()}
-  if isinstance(value, list):
-    return tuple(_as_tuples(item) for item in value)
-  return value
+def _checkpoints_folder(workdir: str) -> str:
+  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
+def list_steps(workdir: str) -> list[int]:
+  """The committed steps under WORKDIR/checkpoints, oldest first (none if it does not exist):
+  Orbax names a step's folder by its number only once it is complete. Reads nothing else."""
+  directory = _checkpoints_folder(workdir)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def config_from_json(config_json: dict) -> ml_collections.ConfigDict:
-  """The ConfigDict that `config_to_json` came from (lists become tuples again)."""
-  return ml_collections.ConfigDict(_as_tuples(config_json))
+def _read_newest(workdir: str, step: int | None, read: Callable[[int], _Read],
+                 broken: dict[int, BaseException]) -> _Read:
+  """`read(step)`, or without `step` `read` of the newest step that reads (not in `broken`).
+
+  `read` raises _UnreadableStep for a step whose files cannot be used: that step is logged,
+  added to `broken` (left in place) and the next older one is tried. CheckpointError when there
+  is no such step or none reads; any other error of `read` ends the search.
+  """
+  directory, steps = _checkpoints_folder(workdir), list_steps(workdir)
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {workdir} (expected {directory}/STEP); train first "
+                          f"or point --workdir at one")
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint step {step} in {directory}; steps: {steps}")
+    try:
+      return read(step)
+    except _UnreadableStep as error:
+      raise CheckpointError(f"checkpoint step {step} in {directory} cannot be read "
+                            f"({_describe(error.__cause__)})") from error
+  for candidate in reversed(steps):
+    if candidate in broken:
+      continue
+    try:
+      return read(candidate)
+    except _UnreadableStep as error:
+      broken[candidate] = error.__cause__
+      logging.warning("checkpoint step %d in %s cannot be read (%s); it is left as it is and "
+                      "an older step is tried", candidate, directory, _describe(error.__cause__))
+  newest = max(broken)
+  raise CheckpointError(
+      f"no readable checkpoint in {directory}: steps {sorted(broken)} all fail to restore "
+      f"(step {newest}: {_describe(broken[newest])}). They are left as they are; restore a "
+      f"copy or start a fresh --workdir.")
 
 
-def _lookup(config_json: dict, dotted_name: str):
-  for part in dotted_name.split("."):
-    if not isinstance(config_json, dict) or part not in config_json:
-      return _ABSENT
-    config_json = config_json[part]
-  return _as_tuples(config_json)
-
-
-def check_config_compatible(saved_config, config, where: str = "the checkpoint") -> None:
-  """Raise CheckpointError naming every field in which `config` cannot continue `saved_config`:
-  `model.*` (but dropout, remat, dtype), the image size and channels, and the diffusion's
-  schedule, step count and prediction target."""
-  saved, current = config_to_json(saved_config), config_to_json(config)
-  model_fields = sorted((set(saved.get("model", {})) | set(current.get("model", {})))
-                        - set(_MODEL_FIELDS_FREE_TO_CHANGE))
-  fields = [f"model.{name}" for name in model_fields] + list(_OTHER_FIXED_FIELDS)
-  differences = [f"{field} {_lookup(current, field)!r} (config) vs "
-                 f"{_lookup(saved, field)!r} (checkpoint)"
-                 for field in fields if _lookup(current, field) != _lookup(saved, field)]
-  if differences:
-    raise CheckpointError(
-        f"the config does not match the checkpoint in {where}: {'; '.join(differences)}. "
-        f"Use the checkpoint's config (its config.json) or a fresh --workdir.")
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every element of every leaf of `tree` is finite, as one reduction."""
+  finite = jnp.bool_(True)
+  for leaf in jax.tree.leaves(tree):
+    finite &= jnp.isfinite(leaf).all()
+  return finite
 
 
 def _train_item(state: train_step.TrainState, rng_data) -> dict:
@@ -128,17 +172,21 @@ def _key_impl(abstract_key: jax.ShapeDtypeStruct):
 
 @dataclasses.dataclass
 class _KeepAfterGoodSteps:
-  """Orbax preservation policy: keep a step until `max_to_keep` newer steps are known good."""
+  """Orbax preservation policy: keep a good or unverified step until `max_to_keep` newer steps
+  are known good, and a step known bad until `max_to_keep` newer steps are known at all."""
 
   max_to_keep: int | None
   good_steps: set[int]
+  bad_steps: set[int]
 
   def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
     del context
     if self.max_to_keep is None:
       return [True] * len(checkpoints)
-    return [sum(good > info.step for good in self.good_steps) < self.max_to_keep
-            for info in checkpoints]
+    known = self.good_steps | self.bad_steps
+    return [sum(newer > info.step
+                for newer in (known if info.step in self.bad_steps else self.good_steps))
+            < self.max_to_keep for info in checkpoints]
 
 
 def _sync_processes(name: str) -> None:
@@ -157,9 +205,11 @@ class Checkpointer:
       raise CheckpointError(f"max_to_keep must be at least 1 (or None: keep all), got "
                             f"{max_to_keep}")
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.directory = _checkpoints_folder(self.workdir)
     self._good_steps: set[int] = set()
-    self._broken_steps: dict[int, Exception] = {}
+    self._bad_steps: set[int] = set()
+    self._broken_steps: dict[int, BaseException] = {}
+    self._superseded_steps: set[int] = set()
     self._pending_step: int | None = None
     try:  # every process, so that all of them fail alike rather than wait for each other
       os.makedirs(self.directory, exist_ok=True)
@@ -169,7 +219,7 @@ class Checkpointer:
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
                             f"{error.strerror or error}") from error
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=_KeepAfterGoodSteps(max_to_keep, self._good_steps),
+        preservation_policy=_KeepAfterGoodSteps(max_to_keep, self._good_steps, self._bad_steps),
         enable_async_checkpointing=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES)
 
@@ -179,35 +229,36 @@ class Checkpointer:
   def __exit__(self, *exc_info):
     self.close()
 
-  def all_steps(self) -> list[int]:
-    """Every step in the checkpoints folder (complete ones: half-written steps are not listed)."""
-    return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    """The newest step not found broken; `restore` reads it and falls back if it is."""
-    steps = [step for step in self.all_steps() if step not in self._broken_steps]
-    return steps[-1] if steps else None
-
   def save(self, step: int, state: train_step.TrainState, data_state: dict, config, *,
-           wait: bool = False) -> None:
+           good: bool = True, wait: bool = False) -> None:
     """Start writing `state`, the data iterator's state and the config as `step`; training
     goes on while it is written. `wait`: return only once it is on disk (preemption, the end).
 
+    `good`: the caller vouches for the state (no non-finite streak or loss spike since the last
+    good step). A step saved with `good=False` is kept for inspection while fewer than
+    `max_to_keep` steps are newer, never pushes a good step out, and `restore` refuses it.
+
     A step that already exists is left as it is (the call does nothing). Raises
-    CheckpointError if this or the previous save could not be written; older steps stay.
+    CheckpointError, writing nothing, if the params or EMA params are not finite; and if this
+    or the previous save could not be written (older steps stay).
     """
     step = int(step)
     self.wait()
-    self._set_aside_broken_steps()
-    if step not in self.all_steps():
-      self._good_steps.add(step)
+    if not bool(_all_finite((state.params, state.ema_params))):
+      raise CheckpointError(
+          f"refused to save checkpoint step {step}: its params or EMA params are not finite. "
+          f"{self._on_disk()}")
+    self._set_aside_steps()
+    if step not in list_steps(self.workdir):
+      (self._good_steps if good else self._bad_steps).add(step)
       self._pending_step = step
       try:  # force: otherwise Orbax silently skips a step older than the newest on disk
         self._manager.save(step, force=True, args=ocp.args.Composite(
             train=ocp.args.StandardSave(_train_item(state, jax.random.key_data(state.rng))),
             ema_params=ocp.args.StandardSave(state.ema_params),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_to_json(config))))
+            config=ocp.args.JsonSave(config_io.config_to_json(config)),
+            health=ocp.args.JsonSave({"good": bool(good)})))
       except (OSError, ValueError, RuntimeError) as error:
         self._save_failed(error)
     if wait:
@@ -224,64 +275,73 @@ class Checkpointer:
   def _save_failed(self, error: Exception):
     step, self._pending_step = self._pending_step, None
     self._good_steps.discard(step)
+    self._bad_steps.discard(step)
     self._manager.reload()
     raise CheckpointError(
         f"could not write checkpoint step {step} to {self.directory} ({_describe(error)}); "
-        f"the earlier steps {self.all_steps()} are intact. Free disk space (the partial "
+        f"the earlier steps {list_steps(self.workdir)} are intact. Free disk space (the partial "
         f"{step}.orbax-checkpoint-tmp* folder can go) or fix permissions, then rerun to "
         f"resume.") from error
 
+  def _on_disk(self, below: int | None = None) -> str:
+    """A sentence: the steps on disk, and the newest good one (below `below`) to resume from."""
+    good = self._newest_good_step(below)
+    resume = (f"the last good step is {good}: resume from it with "
+              f"--config.train.resume_step={good}" if good is not None else
+              "no step is marked good: start a fresh --workdir")
+    return f"On disk in {self.directory}: steps {list_steps(self.workdir)}; {resume}."
+
+  def _newest_good_step(self, below: int | None) -> int | None:
+    """The newest readable step (below `below`) marked good or written before marks existed."""
+    for step in reversed(list_steps(self.workdir)):
+      if (below is None or step < below) and step not in self._broken_steps:
+        try:
+          if self._read_health(step).get("good", False):
+            return step
+        except Exception:  # an unreadable mark: not known good
+          continue
+    return None
+
+  def _read_health(self, step: int) -> dict:
+    """The step's health item; {"good": True} for steps written before it existed."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "health")):
+      return {"good": True}
+    return self._manager.restore(step, args=ocp.args.Composite(
+        health=ocp.args.JsonRestore()))["health"]
+
   def restore(self, abstract_state: train_step.TrainState, step: int | None = None, *,
-              config=None) -> tuple[train_step.TrainState, dict, ml_collections.ConfigDict]:
-    """(state, data_state, saved config) from `step`, or else the newest step that restores.
+              config=None) -> Restored:
+    """The state, data state and saved config of `step`, or else of the newest readable step.
 
     The arrays land with the shardings of `abstract_state` (see `train_step.abstract_state`),
     whatever topology wrote them. With `config`, the checkpoint's config is checked first
-    (CheckpointError naming the fields that differ). A step that cannot be read is reported
-    and left in place, and the next newest is tried.
+    (config_io.ConfigMismatchError naming the fields that differ). A step that cannot be read
+    is reported and left in place, and the next newest is tried. A step marked bad or holding
+    non-finite params or EMA params is refused (CheckpointError naming the last good step).
+    After `step=N`, the steps newer than N are set aside when training saves again.
     """
     self.wait()
-    steps = self.all_steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.workdir} (expected {self.directory}/STEP)")
+    read = functools.partial(self._read_step, abstract_state, config)
+    restored = _read_newest(self.workdir, step, read, self._broken_steps)
+    self._good_steps.add(restored.step)
     if step is not None:
-      if step not in steps:
-        raise CheckpointError(f"no checkpoint step {step} in {self.directory}; steps: {steps}")
-      try:
-        restored = self._restore_step(step, abstract_state, config)
-      except _UnreadableStep as error:
-        raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be read "
-                              f"({_describe(error.__cause__)})") from error
-      self._good_steps.add(step)
-      return restored
-    for candidate in reversed(steps):
-      if candidate in self._broken_steps:
-        continue
-      try:
-        restored = self._restore_step(candidate, abstract_state, config)
-      except _UnreadableStep as error:
-        self._broken_steps[candidate] = error.__cause__
-        logging.warning("checkpoint step %d in %s cannot be read (%s); it is left as it is and "
-                        "an older step is tried", candidate, self.directory,
-                        _describe(error.__cause__))
-        continue
-      self._good_steps.add(candidate)
-      return restored
-    broken = sorted(self._broken_steps)
-    raise CheckpointError(
-        f"no readable checkpoint in {self.directory}: steps {broken} all fail to restore "
-        f"(step {broken[-1]}: {_describe(self._broken_steps[broken[-1]])}). They are left as "
-        f"they are; restore a copy or start a fresh --workdir.")
+      self._superseded_steps.update(s for s in list_steps(self.workdir) if s > step)
+    return restored
 
-  def _restore_step(self, step: int, abstract_state: train_step.TrainState, config):
+  def _read_step(self, abstract_state: train_step.TrainState, config, step: int) -> Restored:
     try:
       saved = self._manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
-      saved_config = config_from_json(saved["config"])
+      saved_config = config_io.config_from_json(saved["config"])
+      marked_good = self._read_health(step)["good"]
     except Exception as error:  # whatever the cause, this step cannot be used
       raise _UnreadableStep() from error
     if config is not None:
-      check_config_compatible(saved_config, config, self.workdir)
+      config_io.check_config_compatible(saved_config, config, self.workdir)
+    if not marked_good:
+      raise CheckpointError(
+          f"checkpoint step {step} was saved marked bad (during a non-finite streak or a loss "
+          f"spike) and is not resumed from. {self._on_disk(step)}")
     abstract_train = _train_item(abstract_state, _abstract_key_data(abstract_state.rng))
     try:
       arrays = self._manager.restore(step, args=ocp.args.Composite(
@@ -290,31 +350,41 @@ class Checkpointer:
     except Exception as error:  # whatever the cause, this step cannot be used
       raise _UnreadableStep() from error
     train = arrays["train"]
+    if not bool(_all_finite((train["params"], arrays["ema_params"]))):
+      raise CheckpointError(
+          f"checkpoint step {step} holds non-finite params or EMA params and is not resumed "
+          f"from. {self._on_disk(step)}")
     state = train_step.TrainState(
         step=train["step"], params=train["params"], ema_params=arrays["ema_params"],
         opt_state=train["opt_state"],
         rng=jax.random.wrap_key_data(train["rng"], impl=_key_impl(abstract_state.rng)))
-    return state, saved["data"], saved_config
+    return Restored(state=state, data_state=saved["data"], config=saved_config, step=step)
 
-  def _set_aside_broken_steps(self) -> None:
-    """Move the steps `restore` found broken, unchanged, to WORKDIR/checkpoints_broken/."""
-    if not self._broken_steps:
+  def _set_aside_steps(self) -> None:
+    """Move, unchanged, the steps `restore` found broken to WORKDIR/checkpoints_broken/ and
+    those newer than an explicitly restored step to WORKDIR/checkpoints_superseded/."""
+    folders = {**{step: SUPERSEDED_FOLDER for step in self._superseded_steps},
+               **{step: BROKEN_FOLDER for step in self._broken_steps}}
+    if not folders:
       return
-    broken_dir = os.path.join(self.workdir, "checkpoints_broken")
     if jax.process_index() == 0:
-      for step in sorted(self._broken_steps):
-        target, copy = os.path.join(broken_dir, str(step)), 1
+      for step, folder in sorted(folders.items()):
+        aside_dir = os.path.join(self.workdir, folder)
+        target, copy = os.path.join(aside_dir, str(step)), 1
         while os.path.exists(target):
-          target, copy = os.path.join(broken_dir, f"{step}-{copy}"), copy + 1
+          target, copy = os.path.join(aside_dir, f"{step}-{copy}"), copy + 1
         try:
-          os.makedirs(broken_dir, exist_ok=True)
+          os.makedirs(aside_dir, exist_ok=True)
           os.rename(os.path.join(self.directory, str(step)), target)
         except OSError as error:
-          raise CheckpointError(f"cannot move the unreadable checkpoint step {step} to {target}: "
+          raise CheckpointError(f"cannot move checkpoint step {step} to {target}: "
                                 f"{error.strerror or error}") from error
-        logging.warning("moved the unreadable checkpoint step %d to %s", step, target)
+        logging.warning("moved checkpoint step %d to %s", step, target)
     _sync_processes("set_aside")
+    self._good_steps.difference_update(folders)
+    self._bad_steps.difference_update(folders)
     self._broken_steps.clear()
+    self._superseded_steps.clear()
     self._manager.reload()
 
   def close(self) -> None:
@@ -325,76 +395,57 @@ class Checkpointer:
       self._manager.close()
 
 
-def _checkpoint_steps(directory: str) -> list[int]:
-  """The committed steps in `directory`: Orbax names a step's folder by its number only once it
-  is complete."""
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+def load_ema(path: str, abstract_ema_params: AbstractEmaParams,
+             step: int | None = None) -> EmaCheckpoint:
+  """The EMA params, config and step of a training workdir's `step` (default: the newest step
+  that reads) or of an export folder.
 
-
-def _abstract_ema_params(config, mesh: Mesh):
-  return train_step.abstract_state(config, train_step.create_model(config), mesh).ema_params
-
-
-def load_for_sampling(path: str, step: int | None = None, mesh: Mesh | None = None):
-  """(EMA params, config, step) from a training workdir or an export folder.
-
-  Reads the EMA params and the config only (no optimizer state, no data), replicated over
-  `mesh` (default: every local device). Without `step`, the newest step that reads.
+  Reads the EMA params and the config only (no optimizer state, no data), onto the shapes and
+  shardings `abstract_ema_params(config)` gives.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} does not exist (or is not a folder)")
-  mesh = mesh or parallel.make_mesh(jax.local_devices())
   if os.path.exists(os.path.join(path, EXPORT_MARKER)):
-    return _load_export(path, mesh)
-  directory = os.path.join(path, "checkpoints")
-  steps = _checkpoint_steps(directory) if os.path.isdir(directory) else []
-  if not steps:
-    raise CheckpointError(f"no checkpoint in {path} (expected {directory}/STEP or an export "
-                          f"folder); train first or point --workdir at one")
-  if step is not None and step not in steps:
-    raise CheckpointError(f"no checkpoint step {step} in {directory}; steps: {steps}")
-  errors = {}
+    return _load_export(path, abstract_ema_params)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
-    for candidate in [step] if step is not None else reversed(steps):
-      step_dir = os.path.join(directory, str(candidate))
+
+    def read(candidate: int) -> EmaCheckpoint:
+      step_dir = os.path.join(_checkpoints_folder(path), str(candidate))
       try:
-        config = config_from_json(reader.restore(step_dir, args=ocp.args.Composite(
+        config = config_io.config_from_json(reader.restore(step_dir, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"])
         restored = reader.restore(step_dir, args=ocp.args.Composite(
-            ema_params=ocp.args.StandardRestore(_abstract_ema_params(config, mesh))))
-        return restored["ema_params"], config, candidate
-      except Exception as error:  # whatever the cause: report it and try an older step
-        errors[candidate] = error
-        logging.warning("checkpoint step %d in %s cannot be read (%s)", candidate, directory,
-                        _describe(error))
-  newest = max(errors)
-  raise CheckpointError(f"no readable checkpoint in {directory}: steps {sorted(errors)} fail "
-                        f"to restore (step {newest}: {_describe(errors[newest])})")
+            ema_params=ocp.args.StandardRestore(abstract_ema_params(config))))
+      except Exception as error:  # whatever the cause, this step cannot be used
+        raise _UnreadableStep() from error
+      return EmaCheckpoint(params=restored["ema_params"], config=config, step=candidate)
+
+    return _read_newest(path, step, read, broken={})
 
 
-def _load_export(path: str, mesh: Mesh):
+def _load_export(path: str, abstract_ema_params: AbstractEmaParams) -> EmaCheckpoint:
   try:
     with open(os.path.join(path, "config.json")) as f:
-      config = config_from_json(json.load(f))
+      config = config_io.config_from_json(json.load(f))
     with open(os.path.join(path, EXPORT_MARKER)) as f:
       step = json.load(f)["step"]
     with ocp.StandardCheckpointer() as checkpointer:
-      ema_params = checkpointer.restore(os.path.join(path, "ema_params"),
-                                        _abstract_ema_params(config, mesh))
+      params = checkpointer.restore(os.path.join(path, "ema_params"), abstract_ema_params(config))
   except Exception as error:  # whatever the cause, the export cannot be used
     raise CheckpointError(f"the export in {path} cannot be read ({_describe(error)})") from error
-  return ema_params, config, step
+  return EmaCheckpoint(params=params, config=config, step=step)
 
 
-def export_ema(workdir: str, export_dir: str, step: int | None = None) -> str:
-  """Write the EMA params of `workdir`'s newest good step (or `step`) and their config to a new
-  folder `export_dir`, all `sample.py` needs; returns its path. One process only."""
+def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaParams,
+               step: int | None = None) -> str:
+  """Write the EMA params of `workdir`'s newest readable step (or `step`) and their config to a
+  new folder `export_dir`, all sampling needs; returns its path. One process only.
+  `abstract_ema_params`: as for `load_ema` (one device is enough)."""
   export_dir = os.path.abspath(os.path.expanduser(export_dir))
   if os.path.exists(export_dir):
     raise CheckpointError(f"{export_dir} already exists; choose a new export folder")
-  ema_params, config, found_step = load_for_sampling(
-      workdir, step, mesh=parallel.make_mesh(jax.local_devices()[:1]))
+  ema = load_ema(workdir, abstract_ema_params, step)
   parent = os.path.dirname(export_dir)
   try:
     os.makedirs(parent, exist_ok=True)
@@ -403,12 +454,12 @@ def export_ema(workdir: str, export_dir: str, step: int | None = None) -> str:
     raise CheckpointError(f"cannot write to {parent}: {error.strerror or error}") from error
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, "ema_params"), ema_params)
+      checkpointer.save(os.path.join(staging, "ema_params"), ema.params)
       checkpointer.wait_until_finished()
     with open(os.path.join(staging, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(ema.config.to_json_best_effort(indent=2))
     with open(os.path.join(staging, EXPORT_MARKER), "w") as f:
-      json.dump({"step": found_step, "workdir": os.path.abspath(workdir)}, f, indent=2)
+      json.dump({"step": ema.step, "workdir": os.path.abspath(workdir)}, f, indent=2)
     os.rename(staging, export_dir)
   except (OSError, ValueError, RuntimeError) as error:
     shutil.rmtree(staging, ignore_errors=True)

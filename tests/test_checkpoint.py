@@ -1,9 +1,11 @@
 """Checkpoints: bit-exact round trips across topologies, broken steps, clean-up that keeps good
-steps, mismatched configs, failed writes, sampling restores and exports."""
+steps, non-finite and bad-marked states, mismatched configs, failed writes, sampling restores
+and exports."""
 
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import checkpoint, parallel, train_step
+from jaxdiff import checkpoint, config_io, errors, parallel, train_step
+from jaxdiff.jobs import workdir
 
 
 def small_config():
@@ -67,6 +70,10 @@ def abstract(num_devices):
   return train_step.abstract_state(CONFIG, MODEL, mesh_of(num_devices))
 
 
+def ema_shapes(num_devices):
+  return workdir.abstract_ema_params(mesh_of(num_devices))
+
+
 def files_under(path):
   """{relative path: bytes} of every file under `path`."""
   contents = {}
@@ -96,12 +103,12 @@ def test_async_save_is_bit_exact_even_if_training_reuses_the_buffers(tmp_path):
     checkpointer.save(3, state, {"next_batch": 3, "seed": 0}, CONFIG)
     next_step(state)
     checkpointer.wait()
-    restored, data_state, saved_config = checkpointer.restore(abstract(1))
-  assert_same_tree(jax.device_get(restored.replace(rng=jax.random.key_data(restored.rng))),
-                   expected)
-  assert restored.rng.dtype == state.rng.dtype  # a typed key again
-  assert data_state == {"next_batch": 3, "seed": 0}
-  assert saved_config == CONFIG and saved_config.model.ch_mult == (1, 2)
+    restored = checkpointer.restore(abstract(1))
+  rng_data = jax.random.key_data(restored.state.rng)
+  assert_same_tree(jax.device_get(restored.state.replace(rng=rng_data)), expected)
+  assert restored.state.rng.dtype == state.rng.dtype  # a typed key again
+  assert restored.data_state == {"next_batch": 3, "seed": 0} and restored.step == 3
+  assert restored.config == CONFIG and restored.config.model.ch_mult == (1, 2)
 
 
 @pytest.mark.parametrize("save_devices, restore_devices", [(4, 1), (1, 4)])
@@ -110,7 +117,7 @@ def test_a_checkpoint_restores_onto_another_topology(tmp_path, save_devices, res
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, state, {}, CONFIG, wait=True)
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    restored, _, _ = checkpointer.restore(abstract(restore_devices), config=CONFIG)
+    restored = checkpointer.restore(abstract(restore_devices), config=CONFIG).state
   assert_same_state(restored, state)
   expected_sharding = parallel.replicated(mesh_of(restore_devices))
   for leaf in jax.tree.leaves(restored):
@@ -122,10 +129,10 @@ def test_an_existing_step_is_never_overwritten(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, state, {"n": 1}, CONFIG, wait=True)
     checkpointer.save(3, state.replace(params=state.ema_params), {"n": 2}, CONFIG, wait=True)
-    restored, data_state, _ = checkpointer.restore(abstract(1))
-    assert checkpointer.all_steps() == [3]
-  assert data_state == {"n": 1}
-  assert_same_state(restored, state)
+    restored = checkpointer.restore(abstract(1))
+    assert checkpoint.list_steps(str(tmp_path)) == [3]
+  assert restored.data_state == {"n": 1}
+  assert_same_state(restored.state, state)
 
 
 def test_a_broken_newest_step_is_reported_left_in_place_and_skipped(tmp_path, caplog):
@@ -137,20 +144,18 @@ def test_a_broken_newest_step_is_reported_left_in_place_and_skipped(tmp_path, ca
   damage(step_2)
   damaged = files_under(step_2)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
-    assert checkpointer.latest_step() == 2  # not read yet
-    restored, data_state, _ = checkpointer.restore(abstract(1))
-    assert data_state == {"n": 1}
-    assert_same_state(restored, older)
+    restored = checkpointer.restore(abstract(1))
+    assert restored.data_state == {"n": 1} and restored.step == 1
+    assert_same_state(restored.state, older)
     assert "checkpoint step 2" in caplog.text and "cannot be read" in caplog.text
     assert files_under(step_2) == damaged  # untouched, for the user to inspect
-    assert checkpointer.latest_step() == 1
     # Training goes on from step 1 and saves step 2 afresh: the broken one is moved aside.
     checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
-    assert checkpointer.all_steps() == [1, 2]
+    assert checkpoint.list_steps(str(tmp_path)) == [1, 2]
     assert files_under(tmp_path / "checkpoints_broken" / "2") == damaged
-    restored, data_state, _ = checkpointer.restore(abstract(1))
-  assert data_state == {"n": 2}
-  assert_same_state(restored, newer)
+    restored = checkpointer.restore(abstract(1))
+  assert restored.data_state == {"n": 2} and restored.step == 2
+  assert_same_state(restored.state, newer)
 
 
 def test_every_step_broken_is_a_clear_error(tmp_path):
@@ -164,7 +169,7 @@ def test_every_step_broken_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="step 3 .* cannot be read"):
       checkpointer.restore(abstract(1), step=3)
   with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*steps \[3\]"):
-    checkpoint.load_for_sampling(str(tmp_path))
+    checkpoint.load_ema(str(tmp_path), ema_shapes(1))
   assert files_under(tmp_path) == before
 
 
@@ -177,9 +182,9 @@ def test_clean_up_never_removes_a_good_step_for_an_unverified_newer_one(tmp_path
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
     checkpointer.save(4, state, {"n": 4}, CONFIG, wait=True)
     # Keeping the newest two (3 and 4) would leave one good step: 1, 2 and 3 stay.
-    assert checkpointer.all_steps() == [1, 2, 3, 4]
+    assert checkpoint.list_steps(str(tmp_path)) == [1, 2, 3, 4]
     checkpointer.save(5, state, {"n": 5}, CONFIG, wait=True)
-    assert checkpointer.all_steps() == [4, 5]  # two good steps newer than the rest
+    assert checkpoint.list_steps(str(tmp_path)) == [4, 5]  # two good steps newer than the rest
 
 
 def test_clean_up_after_falling_back_keeps_max_to_keep_good_steps(tmp_path):
@@ -189,10 +194,9 @@ def test_clean_up_after_falling_back_keeps_max_to_keep_good_steps(tmp_path):
       checkpointer.save(step, state, {"n": step}, CONFIG)
   damage(tmp_path / "checkpoints" / "3")
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
-    _, data_state, _ = checkpointer.restore(abstract(1))
-    assert data_state == {"n": 2}
+    assert checkpointer.restore(abstract(1)).data_state == {"n": 2}
     checkpointer.save(4, state, {"n": 4}, CONFIG, wait=True)
-    assert checkpointer.all_steps() == [2, 4]
+    assert checkpoint.list_steps(str(tmp_path)) == [2, 4]
   assert os.listdir(tmp_path / "checkpoints_broken") == ["3"]
 
 
@@ -203,39 +207,30 @@ def test_half_written_steps_are_ignored(tmp_path):
   half_written = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
   (half_written / "train").mkdir(parents=True)
   (half_written / "train" / "_METADATA").write_bytes(b"{")
-  assert checkpoint.load_for_sampling(str(tmp_path), mesh=mesh_of(1))[2] == 3
+  assert checkpoint.load_ema(str(tmp_path), ema_shapes(1)).step == 3
+  assert checkpoint.list_steps(str(tmp_path)) == [3]
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    assert checkpointer.all_steps() == [3]
-    assert checkpointer.restore(abstract(1))[1] == {"n": 3}
+    assert checkpointer.restore(abstract(1)).data_state == {"n": 3}
     checkpointer.save(5, saved_state(1), {"n": 5}, CONFIG, wait=True)
-    assert checkpointer.all_steps() == [3, 5]
+    assert checkpoint.list_steps(str(tmp_path)) == [3, 5]
   assert half_written.is_dir()  # left alone: another process might still be writing it
 
 
-def test_a_config_that_does_not_match_names_the_fields(tmp_path):
+def test_a_config_that_does_not_match_is_a_usage_error_naming_the_fields(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, saved_state(1), {}, CONFIG, wait=True)
     other = small_config()
     other.model.ch = 16
-    other.model.ch_mult = (1, 2, 2)
-    other.data.image_size = 16
-    other.diffusion.prediction = "v"
-    other.model.dropout, other.model.dtype = 0.3, "bfloat16"  # free to change between runs
-    other.train.learning_rate = 1.0
-    with pytest.raises(checkpoint.CheckpointError) as error:
+    with pytest.raises(config_io.ConfigMismatchError) as error:
       checkpointer.restore(abstract(1), config=other)
     compatible = small_config()
     compatible.model.update(dropout=0.3, remat=True, dtype="bfloat16")
     compatible.train.update(learning_rate=1.0, batch_size=8)
-    assert checkpointer.restore(abstract(1), config=compatible)[2] == CONFIG
+    assert checkpointer.restore(abstract(1), config=compatible).config == CONFIG
+  assert isinstance(error.value, errors.UsageError)
   message = str(error.value)
-  for difference in ("model.ch 16 (config) vs 8 (checkpoint)",
-                     "model.ch_mult (1, 2, 2) (config) vs (1, 2) (checkpoint)",
-                     "data.image_size 16 (config) vs 8 (checkpoint)",
-                     "diffusion.prediction 'v' (config) vs 'eps' (checkpoint)"):
-    assert difference in message
+  assert "model.ch 16 (config) vs 8 (checkpoint)" in message
   assert str(tmp_path) in message and "\n" not in message
-  assert "dropout" not in message and "dtype" not in message and "learning_rate" not in message
 
 
 def test_sampling_reads_only_the_ema_params_and_config(tmp_path):
@@ -243,14 +238,20 @@ def test_sampling_reads_only_the_ema_params_and_config(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, state, {}, CONFIG, wait=True)
   step_dir = tmp_path / "checkpoints" / "3"
-  for item in ("train", "data"):  # no params, optimizer state, RNG key or data position
+  for item in ("train", "data", "health"):  # no params, optimizer state, RNG key, data position
     for relative_path in files_under(step_dir / item):
       os.remove(step_dir / item / relative_path)
-  ema_params, config, step = checkpoint.load_for_sampling(str(tmp_path), mesh=mesh_of(1))
-  assert step == 3 and config == CONFIG
-  assert_same_tree(ema_params, jax.device_get(state.ema_params))
+  ema = checkpoint.load_ema(str(tmp_path), ema_shapes(1))
+  assert ema.step == 3 and ema.config == CONFIG
+  assert_same_tree(ema.params, jax.device_get(state.ema_params))
   assert all(leaf.sharding == parallel.replicated(mesh_of(1))
-             for leaf in jax.tree.leaves(ema_params))
+             for leaf in jax.tree.leaves(ema.params))
+  trained = workdir.load_model(str(tmp_path), mesh=mesh_of(2))
+  assert trained.step == 3 and trained.config == CONFIG
+  assert trained.schedule.num_timesteps == CONFIG.diffusion.num_timesteps
+  assert_same_tree(trained.params, jax.device_get(state.ema_params))
+  assert all(leaf.sharding == parallel.replicated(mesh_of(2))
+             for leaf in jax.tree.leaves(trained.params))
 
 
 def test_an_export_holds_the_ema_params_and_config(tmp_path):
@@ -258,26 +259,28 @@ def test_an_export_holds_the_ema_params_and_config(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path / "work")) as checkpointer:
     checkpointer.save(3, state, {}, CONFIG)
     checkpointer.save(4, state.replace(ema_params=state.params), {}, CONFIG)
-  export = checkpoint.export_ema(str(tmp_path / "work"), str(tmp_path / "export"), step=3)
+  export = workdir.export_ema(str(tmp_path / "work"), str(tmp_path / "export"), step=3)
   assert sorted(os.listdir(export)) == ["config.json", "ema_params", "export.json"]
-  ema_params, config, step = checkpoint.load_for_sampling(export, mesh=mesh_of(2))
-  assert step == 3 and config == CONFIG
-  assert_same_tree(ema_params, jax.device_get(state.ema_params))
+  ema = checkpoint.load_ema(export, ema_shapes(2))
+  assert ema.step == 3 and ema.config == CONFIG
+  assert_same_tree(ema.params, jax.device_get(state.ema_params))
+  assert workdir.load_model(export, mesh=mesh_of(1)).step == 3
   with pytest.raises(checkpoint.CheckpointError, match="already exists"):
-    checkpoint.export_ema(str(tmp_path / "work"), export)
+    workdir.export_ema(str(tmp_path / "work"), export)
 
 
 def test_missing_or_empty_workdirs_are_one_line_errors(tmp_path):
-  for load in (checkpoint.load_for_sampling,
-               lambda path: checkpoint.export_ema(path, str(tmp_path / "export"))):
+  for load in (lambda path: checkpoint.load_ema(path, ema_shapes(1)),
+               lambda path: workdir.export_ema(path, str(tmp_path / "export"))):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist") as error:
       load(str(tmp_path / "nowhere"))
     assert "\n" not in str(error.value)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in") as error:
       load(str(tmp_path))
     assert "\n" not in str(error.value)
+  assert checkpoint.list_steps(str(tmp_path / "nowhere")) == []
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
-    assert checkpointer.latest_step() is None
+    assert checkpoint.list_steps(str(tmp_path)) == []
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
       checkpointer.restore(abstract(1))
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
@@ -285,7 +288,11 @@ def test_missing_or_empty_workdirs_are_one_line_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint step 5 .*\[3\]"):
       checkpointer.restore(abstract(1), step=5)
   with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint step 5 .*\[3\]"):
-    checkpoint.load_for_sampling(str(tmp_path), step=5)
+    checkpoint.load_ema(str(tmp_path), ema_shapes(1), step=5)
+
+
+def test_checkpoint_errors_are_job_errors():
+  assert issubclass(checkpoint.CheckpointError, errors.JobError)
 
 
 def test_a_workdir_under_a_file_is_a_clear_error(tmp_path):
@@ -294,17 +301,100 @@ def test_a_workdir_under_a_file_is_a_clear_error(tmp_path):
     checkpoint.Checkpointer(str(tmp_path / "file.txt" / "workdir"))
 
 
-def test_a_read_only_workdir_is_a_clear_error(tmp_path):
-  read_only = tmp_path / "read_only"
-  read_only.mkdir()
-  read_only.chmod(0o500)
-  try:
-    if os.access(read_only, os.W_OK):
-      pytest.skip("running as root: permissions do not stop writes")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints"):
-      checkpoint.Checkpointer(str(read_only))
-  finally:
-    read_only.chmod(0o700)
+def test_a_checkpoints_folder_that_takes_no_files_is_a_clear_error(tmp_path):
+  # /proc/self is a folder no one can create files in, root included.
+  (tmp_path / "checkpoints").symlink_to("/proc/self")
+  with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoints to .*checkpoints"):
+    checkpoint.Checkpointer(str(tmp_path))
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  state = saved_state(1)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(3, state, {}, CONFIG, wait=True)
+    for poisoned in (
+        state.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
+                                          state.params)),
+        state.replace(ema_params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf),
+                                              state.ema_params))):
+      with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpointer.save(4, poisoned, {}, CONFIG, wait=True)
+      assert str(error.value) == (
+          f"refused to save checkpoint step 4: its params or EMA params are not finite. "
+          f"On disk in {tmp_path}/checkpoints: steps [3]; the last good step is 3: resume from "
+          f"it with --config.train.resume_step=3.")
+      assert checkpoint.list_steps(str(tmp_path)) == [3]
+
+
+@pytest.mark.parametrize("max_to_keep", [1, 2, 3])
+def test_a_streak_of_bad_saves_never_rotates_out_the_newest_good_step(tmp_path, max_to_keep):
+  state = tiny_state()
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=max_to_keep) as checkpointer:
+    checkpointer.save(1, state, {"n": 1}, CONFIG)
+    checkpointer.save(2, state, {"n": 2}, CONFIG, wait=True)
+    for step in range(3, 9):
+      checkpointer.save(step, state, {"n": step}, CONFIG, good=False, wait=True)
+      newest_bad = list(range(max(3, step - max_to_keep + 1), step + 1))
+      good = [1, 2][-max_to_keep:]
+      assert checkpoint.list_steps(str(tmp_path)) == good + newest_bad
+    checkpointer.save(9, state, {"n": 9}, CONFIG, wait=True)  # a good step again
+    # max_to_keep good steps, and the bad ones among the max_to_keep newest steps.
+    assert checkpoint.list_steps(str(tmp_path)) == {1: [9], 2: [2, 8, 9],
+                                                    3: [1, 2, 7, 8, 9]}[max_to_keep]
+
+
+def test_a_bad_newest_step_is_refused_naming_the_last_good_one(tmp_path):
+  state = tiny_state()
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=None) as checkpointer:
+    checkpointer.save(1, state, {"n": 1}, CONFIG)
+    checkpointer.save(2, state, {"n": 2}, CONFIG, good=False)
+    checkpointer.save(3, state, {"n": 3}, CONFIG, good=False, wait=True)
+  before = files_under(tmp_path)
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    for step in (None, 3, 2):
+      with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpointer.restore(tiny_abstract_state(), step=step)
+      saved = step or 3
+      assert str(error.value) == (
+          f"checkpoint step {saved} was saved marked bad (during a non-finite streak or a loss "
+          f"spike) and is not resumed from. On disk in {tmp_path}/checkpoints: steps [1, 2, 3]; "
+          f"the last good step is 1: resume from it with --config.train.resume_step=1.")
+    restored = checkpointer.restore(tiny_abstract_state(), step=1)
+    assert restored.step == 1 and restored.data_state == {"n": 1}
+    assert_same_state(restored.state, state)
+    assert files_under(tmp_path) == before
+    # Training goes on from step 1: the steps after it move aside and step 2 is written afresh.
+    checkpointer.save(2, state, {"n": 22}, CONFIG, wait=True)
+  assert checkpoint.list_steps(str(tmp_path)) == [1, 2]
+  assert sorted(os.listdir(tmp_path / "checkpoints_superseded")) == ["2", "3"]
+  assert files_under(tmp_path / "checkpoints_superseded" / "3") == {
+      path[len("checkpoints/3/"):]: content for path, content in before.items()
+      if path.startswith("checkpoints/3/")}
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    assert checkpointer.restore(tiny_abstract_state()).data_state == {"n": 22}
+
+
+def test_checkpoints_from_before_health_marks_restore_unless_non_finite(tmp_path, monkeypatch):
+  state = tiny_state()
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint, "_all_finite", lambda tree: True)  # older versions did not check
+    with checkpoint.Checkpointer(str(tmp_path), max_to_keep=None) as checkpointer:
+      for step, params in ((1, state.params), (2, {"w": state.params["w"] + 1}),
+                           (3, {"w": state.params["w"] * jnp.nan})):
+        checkpointer.save(step, state.replace(params=params), {"n": step}, CONFIG, wait=True)
+  for step in (1, 2, 3):  # nor did they write a health item
+    shutil.rmtree(tmp_path / "checkpoints" / str(step) / "health")
+  with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      checkpointer.restore(tiny_abstract_state())
+    assert str(error.value) == (
+        f"checkpoint step 3 holds non-finite params or EMA params and is not resumed from. "
+        f"On disk in {tmp_path}/checkpoints: steps [1, 2, 3]; the last good step is 2: resume "
+        f"from it with --config.train.resume_step=2.")
+    for step in (2, 1):
+      restored = checkpointer.restore(tiny_abstract_state(), step=step)
+      assert restored.step == step and restored.data_state == {"n": step}
+      np.testing.assert_array_equal(restored.state.params["w"], np.arange(4.0) + step - 1)
 
 
 def tiny_state():
@@ -312,6 +402,12 @@ def tiny_state():
   return train_step.TrainState(
       step=jnp.int32(1), params={"w": jnp.arange(4.0)}, ema_params={"w": jnp.arange(4.0) + 1},
       opt_state={"count": jnp.int32(1)}, rng=jax.random.key(1))
+
+
+def tiny_abstract_state():
+  sharding = parallel.replicated(mesh_of(1))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(tiny_state))
 
 
 # Runs in its own process, as in training: the failed write's leftover Orbax threads end with it.
@@ -340,11 +436,8 @@ def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path):
   message = result.stdout.strip()
   assert re.fullmatch(r"CheckpointError: could not write checkpoint step 2 .*File too large.*"
                       r"the earlier steps \[1\] are intact\. Free disk space.*", message), message
-  sharding = parallel.replicated(mesh_of(1))
-  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                jax.eval_shape(tiny_state))
+  assert checkpoint.list_steps(str(tmp_path)) == [1]
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=1) as checkpointer:
-    assert checkpointer.all_steps() == [1]
-    restored, data_state, _ = checkpointer.restore(abstract_state)
-  assert data_state == {"n": 1}
-  assert_same_state(restored, tiny_state())
+    restored = checkpointer.restore(tiny_abstract_state())
+  assert restored.data_state == {"n": 1}
+  assert_same_state(restored.state, tiny_state())
