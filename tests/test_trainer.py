@@ -1,5 +1,6 @@
 """The training job end to end: exact resume, the NaN guard, and `train.py` as a user runs it."""
 
+import glob
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import checkpoint
+from jaxdiff import checkpoint, config_io, errors
 from jaxdiff.jobs import train
 from tests.helpers import REPO, job_config, logged
 
@@ -47,7 +48,7 @@ def test_a_diverging_run_never_saves_and_keeps_the_good_checkpoints(tmp_path, da
                      r"row.*steps \[2, 4\].*--config.train.resume_step=N") as raised:
     train.run(exploding, workdir)
   assert "\n" not in str(raised.value)
-  assert checkpoint.Checkpointer(workdir).all_steps() == [2, 4]
+  assert checkpoint.list_steps(workdir) == [2, 4]
   assert open(os.path.join(workdir, "config.json")).read() != config_json  # the resume was valid
   summary = train.run(job_config(data_dir, num_steps=6, checkpoint_every=2), workdir)
   assert (summary.first_step, summary.last_step) == (4, 6) and np.isfinite(summary.final_loss)
@@ -59,7 +60,7 @@ def test_a_run_that_ends_unhealthy_exits_with_an_error(tmp_path, data_dir):
                       max_nonfinite_steps=10)
   with pytest.raises(train.TrainingError, match="There is no checkpoint"):
     train.run(config, str(tmp_path))
-  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == []
+  assert checkpoint.list_steps(str(tmp_path)) == []
 
 
 def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, data_dir):
@@ -68,7 +69,7 @@ def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, data_dir):
   before = open(os.path.join(workdir, "config.json")).read()
   changed = job_config(data_dir, num_steps=4)
   changed.model.ch = 8
-  with pytest.raises(checkpoint.CheckpointError, match="model.ch 8 .config. vs 16"):
+  with pytest.raises(config_io.ConfigMismatchError, match="model.ch 8 .config. vs 16"):
     train.run(changed, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == before
 
@@ -81,6 +82,15 @@ def test_resume_step_continues_from_an_older_checkpoint(tmp_path, data_dir):
                       resumed)
   assert summary.first_step == 2
   np.testing.assert_allclose(logged(resumed)[5], logged(straight)[5], rtol=1e-5)
+
+
+def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, data_dir):
+  train.run(job_config(data_dir, num_steps=3, profile_steps=(2, 3)), str(tmp_path))
+  traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  with pytest.raises(errors.UsageError, match=r"profile_steps=\(3, 2\)"):
+    train.run(job_config(data_dir, num_steps=3, profile_steps=(3, 2)), str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad")
 
 
 def test_is_due_every_k_steps_and_at_the_end():
@@ -128,7 +138,7 @@ def test_train_py_writes_everything_stops_on_sigterm_and_resumes(tmp_path, data_
   output, _ = process.communicate(timeout=120)
   assert process.returncode == 0, output
   assert "stopped by signal" in output
-  stopped_at = checkpoint.Checkpointer(workdir).latest_step()
+  stopped_at = max(checkpoint.list_steps(workdir), default=None)
   assert stopped_at is not None and stopped_at >= 2
 
   finished = subprocess.run(command + [f"--config.train.num_steps={stopped_at + 4}"], cwd=REPO,
@@ -139,7 +149,7 @@ def test_train_py_writes_everything_stops_on_sigterm_and_resumes(tmp_path, data_
   for name in ("config.json", "metrics.jsonl", "losses.png", f"samples/{final}", f"panels/{final}"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
-  assert checkpoint.Checkpointer(workdir).latest_step() == stopped_at + 4
+  assert max(checkpoint.list_steps(workdir), default=None) == stopped_at + 4
   record = json.loads(open(metrics).readline())
   assert {"step", "loss", "learning_rate", "grad_norm", "steps_per_sec"} <= set(record)
 
@@ -151,38 +161,59 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one(tmp_path, data_dir):
-  """Two hosts of two CPU devices each (jax.distributed on localhost) log the losses that one
-  process computes alone: the data shards, the global batch and the collectives line up."""
+def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
+  """Two hosts of two CPU devices each (jax.distributed on localhost). SIGTERM reaches only
+  process 1; both stop after the same step, save it and exit 0. The rerun resumes, and the
+  whole loss curve equals what one process computes alone without interruption: the data
+  shards, the global batch, the collectives and the resume line up."""
   workdir = str(tmp_path / "two_hosts")
   overrides = {"data.data_dir": data_dir, "model.ch": 16, "model.ch_mult": (1, 2),
                "model.num_res_blocks": 1, "model.dropout": 0.1,
                "diffusion.num_timesteps": 20, "train.batch_size": 16, "train.log_every": 1,
-               "train.checkpoint_every": 3, "train.num_steps": 4, "train.sample_every": 0,
-               "train.eval_every": 0,
+               "train.checkpoint_every": 1000, "train.sample_every": 0, "train.eval_every": 0,
                "train.warmup_steps": 0}
+  flags = [f"--config.{name}={value}".replace(" ", "") for name, value in overrides.items()]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+
+  def start(num_steps):
+    common = flags + [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_port()}",
+                      "--num_processes=2", f"--config.train.num_steps={num_steps}"]
+    return [subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *common,
+                              f"--process_id={i}"], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for i in range(2)]
+
+  processes = start(100_000)
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics_file) and os.path.getsize(metrics_file)):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output
+  assert "stopped by signal" in outputs[0] and "trained steps" not in outputs[1]
+  (stopped_at,) = checkpoint.list_steps(workdir)
+
+  processes = start(stopped_at + 2)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output
+  assert f"trained steps {stopped_at}→{stopped_at + 2}" in outputs[0]
+  assert checkpoint.list_steps(workdir) == [stopped_at, stopped_at + 2]
+
   config = default.get_config()
   for name, value in overrides.items():
     section, field = name.split(".")
     config[section][field] = value
-  flags = [f"--config.{name}={value}".replace(" ", "") for name, value in overrides.items()]
-  flags += [f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_port()}",
-            "--num_processes=2"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  processes = [subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags,
-                                 f"--process_id={i}"], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
-  for process, output in zip(processes, outputs):
-    assert process.returncode == 0, output
-  assert "trained steps 0→4" in outputs[0] and "trained steps" not in outputs[1]
+  config.train.num_steps = stopped_at + 2
   alone = str(tmp_path / "one_host")
   train.run(config, alone)
-  np.testing.assert_allclose([logged(workdir)[s] for s in range(1, 5)],
-                             [logged(alone)[s] for s in range(1, 5)], rtol=1e-5)
-  assert checkpoint.Checkpointer(workdir).all_steps() == [3, 4]
+  steps = range(1, stopped_at + 3)
+  np.testing.assert_allclose([logged(workdir)[s] for s in steps],
+                             [logged(alone)[s] for s in steps], rtol=1e-5)
 
 
 def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path, judged_data_dir):
@@ -223,4 +254,4 @@ def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir,
 
 def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
   train.run(job_config(data_dir, num_steps=4, checkpoint_every=0), str(tmp_path))
-  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4]
+  assert checkpoint.list_steps(str(tmp_path)) == [4]

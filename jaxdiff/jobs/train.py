@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxdiff import checkpoint, data, errors, generate, images, parallel, schedules, train_step
@@ -45,13 +46,29 @@ class TrainSummary:
 
 
 class StopSignal:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+  """When to stop early, save and exit 0, decided between steps.
+
+  One process: SIGTERM or Ctrl-C (SIGINT) sets a flag. Several processes: SIGTERM to any one of
+  them reaches all through JAX's coordination service (its preemption notifier owns SIGTERM, so
+  no Python handler is installed), and `should_stop(step)` is true on every process at the same
+  step (`multihost_utils.reached_preemption_sync_point`), so that all of them save that step
+  and none is left waiting in the next step's collectives.
+  """
 
   def __init__(self):
     self.received = None
 
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.received = "SIGTERM (agreed by every process)"
+    return self.received is not None
+
   @contextlib.contextmanager
   def installed(self):
+    if jax.process_count() > 1:
+      yield self
+      return
+
     def handler(signum, frame):
       del frame
       self.received = signal.Signals(signum).name
@@ -104,8 +121,8 @@ class LossHealth:
 
   def __init__(self, max_bad_steps: int, spike_factor: float, max_relative_update: float,
                history: int = 200, min_history: int = 20):
-    self.max_bad_steps, self.spike_factor, self.min_history = max_bad_steps, spike_factor, min_history
-    self.max_relative_update = max_relative_update
+    self.max_bad_steps, self.spike_factor = max_bad_steps, spike_factor
+    self.max_relative_update, self.min_history = max_relative_update, min_history
     self.recent = collections.deque(maxlen=history)
     self.bad_in_a_row = 0
     self.last_good_loss = float("nan")
@@ -208,12 +225,12 @@ class MetricsWindow:
 def restore_or_init(config, model, mesh, checkpointer: checkpoint.Checkpointer, key):
   """(state, data iterator position or None): from `config.train.resume_step` if set, else the
   newest readable checkpoint, else a fresh state made from `key` with its shardings."""
-  resume_step = config.train.get("resume_step", 0) or None
-  if resume_step is None and checkpointer.latest_step() is None:
+  resume_step = config.train.resume_step or None
+  if resume_step is None and not checkpoint.list_steps(checkpointer.workdir):
     return train_step.create_state(config, model, mesh, key), None
-  state, data_state, _ = checkpointer.restore(train_step.abstract_state(config, model, mesh),
-                                              step=resume_step, config=config)
-  return state, data_state
+  restored = checkpointer.restore(train_step.abstract_state(config, model, mesh),
+                                  step=resume_step, config=config)
+  return restored.state, restored.data_state
 
 
 class _Outputs:
@@ -242,9 +259,37 @@ class _Outputs:
     self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
 
-def _diverged_message(health: LossHealth, checkpointer: checkpoint.Checkpointer,
-                      workdir: str) -> str:
-  steps = checkpointer.all_steps()
+class Profiler:
+  """A `jax.profiler` trace of steps first..last (inclusive) into WORKDIR/profile, which
+  TensorBoard's profile tab reads (`profile_steps` = () or (first, last))."""
+
+  def __init__(self, profile_steps, workdir: str):
+    self.steps = tuple(profile_steps)
+    if self.steps and not (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]):
+      raise errors.UsageError(f"--config.train.profile_steps={profile_steps!r}: expected two steps "
+                              f"FIRST,LAST with 1 ≤ FIRST ≤ LAST (or () for no trace)")
+    self.directory = os.path.join(workdir, "profile")
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step == self.steps[1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
+def _diverged_message(health: LossHealth, workdir: str) -> str:
+  steps = checkpoint.list_steps(workdir)
   on_disk = (f"The checkpoints in {workdir} (steps {steps}) were all saved while training was "
              f"healthy" if steps else f"There is no checkpoint in {workdir}")
   return (f"training diverged: {health.first_reason}; {health.bad_in_a_row} unhealthy steps in a "
@@ -265,6 +310,10 @@ def run(config, workdir: str) -> TrainSummary:
   if train_config.eval_every:
     for metric in config.eval.metrics:
       metrics.check_metric(metric, config.data)
+  profiler = Profiler(train_config.profile_steps, workdir)
+  if train_config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(train_config.compilation_cache_dir))
   os.makedirs(workdir, exist_ok=True)
 
   model = train_step.create_model(config)
@@ -301,26 +350,29 @@ def run(config, workdir: str) -> TrainSummary:
   try:
     with stop.installed():
       for step in range(first_step + 1, last_step + 1):
+        profiler.before(step)
         state, step_metrics = step_fn(state, next(train_iter))
+        profiler.after(step, state)
         window.push(step, step_metrics)
         if health.diverged:
-          raise TrainingError(_diverged_message(health, checkpointer, workdir))
-        final = step == last_step or stop.received
+          raise TrainingError(_diverged_message(health, workdir))
+        stopping = stop.should_stop(step)
+        final = step == last_step or stopping
         if final or is_due(step, train_config.checkpoint_every, last_step):
-          save_if_healthy(step, wait=bool(final))
-        if not stop.received:
-          with window.paused():
-            if is_due(step, train_config.sample_every, last_step):
-              outputs.samples(step, state.ema_params)
-            if is_due(step, train_config.eval_every, last_step):
-              outputs.evaluation(step, state.ema_params)
-        if stop.received:
+          save_if_healthy(step, wait=final)
+        if stopping:
           logging.warning("received %s: stopped at step %d", stop.received, step)
           break
+        with window.paused():
+          if is_due(step, train_config.sample_every, last_step):
+            outputs.samples(step, state.ema_params)
+          if is_due(step, train_config.eval_every, last_step):
+            outputs.evaluation(step, state.ema_params)
       window.flush()
       if not health.healthy:
-        raise TrainingError(_diverged_message(health, checkpointer, workdir))
+        raise TrainingError(_diverged_message(health, workdir))
   finally:
+    profiler.close()
     progress.close()
     checkpointer.close()
     writer.close()
