@@ -36,8 +36,8 @@ _CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
 _THRESHOLD_PERCENTILE = flags.DEFINE_float(
     "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
     "e.g. 0.995. Default: none.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None,
-                                    "Samples for fid/quality. Default: 10000 (fid), 1000 (quality).")
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", None, "Samples for fid/quality. Default: 10000 (fid), 1000 (quality).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Held-out images for bpd. Default: all.")
 _VARIANCE = flags.DEFINE_enum("variance", "beta", ["beta", "beta_tilde"],
                               "Reverse-process variance σ_t² for bpd.")
