@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxdiff import checkpoint, samplers
+from jaxdiff import checkpoint, generate, samplers
 from jaxdiff.evaluation import metrics
 from jaxdiff.jobs import evaluate
 
@@ -30,8 +30,14 @@ _OUTPUT = flags.DEFINE_string(
 _SAMPLER = flags.DEFINE_enum("sampler", "dpm_solver", list(samplers.SAMPLERS),
                              "Sampler for fid and quality.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampler steps.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None,
-                                    "Samples for fid/quality. Default: 10000 (fid), 1000 (quality).")
+_CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
+                             "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
+                             "dpm_solver).")
+_THRESHOLD_PERCENTILE = flags.DEFINE_float(
+    "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
+    "e.g. 0.995. Default: none.")
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", None, "Samples for fid/quality. Default: 10000 (fid), 1000 (quality).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Held-out images for bpd. Default: all.")
 _VARIANCE = flags.DEFINE_enum("variance", "beta", ["beta", "beta_tilde"],
                               "Reverse-process variance σ_t² for bpd.")
@@ -43,9 +49,11 @@ def metric_options(metric: str) -> dict:
   if metric == "bpd":
     return dict(num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value,
                 variance=_VARIANCE.value)
+  options = generate.SamplingOptions(
+      sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, clip_x0=_CLIP_X0.value,
+      threshold_percentile=_THRESHOLD_PERCENTILE.value, batch_size=_BATCH_SIZE.value)
   num_samples = _NUM_SAMPLES.value or (10_000 if metric == "fid" else 1000)
-  return dict(sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, num_samples=num_samples,
-              batch_size=_BATCH_SIZE.value)
+  return dict(options=options, num_samples=num_samples)
 
 
 def main(argv):
@@ -54,13 +62,14 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   metric = _METRIC.value
   try:
+    evaluate.check_request(_OUTPUT.value, num_samples=_NUM_SAMPLES.value,
+                           num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value)
     if metric == "panel":
       print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
                                         _CHECKPOINT_STEP.value))
       return
-    result = evaluate.run(_WORKDIR.value, metric,
-                                         checkpoint_step=_CHECKPOINT_STEP.value,
-                                         seed=_SEED.value, **metric_options(metric))
+    result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
+                          seed=_SEED.value, **metric_options(metric))
   except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as error:
     sys.exit(f"error: {error}")
   output = _OUTPUT.value or os.path.join(

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxdiff import checkpoint
+from jaxdiff import checkpoint, generate, samplers
 from jaxdiff.jobs import sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export folder.",
@@ -22,6 +22,15 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Which checkpoint (default: the newest good one).")
 _SAMPLER = flags.DEFINE_string("sampler", "dpm_solver", "ddpm, ddim or dpm_solver.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
+_SPACING = flags.DEFINE_string("spacing", None,
+                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} "
+                               "(default: the sampler's: logsnr for dpm_solver, else uniform).")
+_CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
+                             "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
+                             "dpm_solver).")
+_THRESHOLD_PERCENTILE = flags.DEFINE_float(
+    "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
+    "e.g. 0.995 (Imagen). Default: none.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many images.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64,
                                    "Images per compiled call (a multiple of the device count).")
@@ -43,14 +52,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
+  trajectory_every = _TRAJECTORY_EVERY.value
+  if trajectory_every is None and _TRAJECTORY.value:
+    trajectory_every = max(1, _NUM_STEPS.value // 10)
   try:
+    options = generate.SamplingOptions(
+        sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
+        clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
+        eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value, batch_size=_BATCH_SIZE.value)
     written = sample.run(
-        _WORKDIR.value, _OUTPUT_DIR.value, checkpoint_step=_CHECKPOINT_STEP.value,
-        sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, num_samples=_NUM_SAMPLES.value,
-        batch_size=_BATCH_SIZE.value, seed=_SEED.value, guidance_scale=_GUIDANCE_SCALE.value,
-        class_label=_CLASS_LABEL.value, eta=_ETA.value,
-        trajectory_every=_TRAJECTORY_EVERY.value or (
-            max(1, _NUM_STEPS.value // 10) if _TRAJECTORY.value else None))
+        _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
+        num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
+        trajectory_every=trajectory_every)
   except (checkpoint.CheckpointError, ValueError) as error:
     sys.exit(f"error: {error}")
   print("wrote " + ", ".join(written))

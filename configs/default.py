@@ -7,6 +7,7 @@ Needs: nothing beyond `pip install -e .` (scikit-learn carries the data).
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -70,19 +71,23 @@ def get_config() -> ml_collections.ConfigDict:
   train.compilation_cache_dir = "~/.cache/jaxdiff/xla"  # compiled programs kept across runs; "" off
   train.profile_steps = ()        # (FIRST, LAST): a jax.profiler trace into WORKDIR/profile
 
+  # The trainer's sample grids, read by generate.SamplingOptions.from_config.
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = "ddpm"
   sample.num_steps = 1000
   sample.num_samples = 64
   sample.batch_size = 64
   sample.guidance_scale = 0.0
-  sample.clip_x0 = True
+  sample.clip_x0 = True                   # x̂0 clipped to [-1, 1]
+  sample.threshold_percentile = placeholder(float)  # e.g. 0.995: dynamic thresholding of x̂0
 
   # In-training evaluation (evaluate.py takes its own flags).
   config.eval = eval_config = ml_collections.ConfigDict()
   eval_config.metrics = ("quality",)  # of bpd, fid, quality (quality: labelled digits only)
   eval_config.sampler = "dpm_solver"
   eval_config.num_steps = 20
+  eval_config.clip_x0 = placeholder(bool)               # unset: the sampler's default
+  eval_config.threshold_percentile = placeholder(float)  # e.g. 0.995: dynamic thresholding
   eval_config.num_samples = 256
   eval_config.batch_size = 128
   eval_config.bpd_images = 128        # held-out images for bpd; each costs T network calls

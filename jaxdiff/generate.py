@@ -1,51 +1,110 @@
-"""Generating images: a sampler jitted once, run batch by batch, data-parallel over the mesh."""
+"""Generating images: a sampler jitted once, run batch by batch, data-parallel over the mesh.
+
+`SamplingOptions` is the one translation from flags or a config section (`config.sample`,
+`config.eval`) to a sampler run; `generate` takes it."""
+
+import dataclasses
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdiff import images, parallel, samplers
+from jaxdiff import errors, images, parallel, samplers
 
 
-def generate(model_apply, variables, schedule, key, *, num_samples: int, image_shape,
-             batch_size: int, sampler: str = "ddpm", num_steps: int | None = None,
-             spacing: str | None = None, prediction: str = "eps", clip_x0: bool | None = None,
-             labels=None, num_classes: int = 0, guidance_scale: float = 0.0,
-             trajectory_every: int | None = None, mesh=None, progress: bool = True,
-             **sampler_options) -> dict:
-  """`num_samples` images in [−1, 1], `batch_size` at a time, as numpy arrays:
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to sample: `sampler` on `num_steps` timesteps (None: all T) spaced by `spacing`, x̂0
+  clipped to [−1, 1] by `clip_x0` and/or dynamically thresholded at `threshold_percentile`,
+  DDIM's `eta`, classifier-free guidance `guidance_scale`, and `batch_size` images per compiled
+  call. `spacing` and `clip_x0` None: the sampler's registered defaults. Checked on creation
+  (errors.UsageError naming the field and its value)."""
+
+  sampler: str = "ddpm"
+  num_steps: int | None = None
+  spacing: str | None = None
+  clip_x0: bool | None = None
+  threshold_percentile: float | None = None
+  eta: float = 0.0
+  guidance_scale: float = 0.0
+  batch_size: int = 64
+
+  def __post_init__(self):
+    def refuse(name, what_to_do):
+      raise errors.UsageError(f"{name} = {getattr(self, name)!r}: {what_to_do}")
+
+    if self.sampler not in samplers.SAMPLERS:
+      refuse("sampler", f"unknown sampler; choose one of {', '.join(sorted(samplers.SAMPLERS))}")
+    if self.num_steps is not None and self.num_steps < 1:
+      refuse("num_steps", "a sampler takes at least 1 step; choose 1 … T")
+    if self.spacing is not None and self.spacing not in samplers.SPACINGS:
+      refuse("spacing", f"unknown spacing; choose one of {', '.join(samplers.SPACINGS)}")
+    if self.threshold_percentile is not None and not 0 < self.threshold_percentile <= 1:
+      refuse("threshold_percentile", "a quantile of |x̂0| in (0, 1], e.g. 0.995")
+    if self.eta and self.sampler != "ddim":
+      refuse("eta", f"η is DDIM's noise scale; use it with sampler ddim, not {self.sampler}")
+    if self.batch_size < 1:
+      refuse("batch_size", "a batch holds at least 1 image; choose a positive batch size")
+
+  @classmethod
+  def from_config(cls, section) -> "SamplingOptions":
+    """The options a config section (`config.sample`, `config.eval`) names; the defaults for
+    those it does not."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return cls(**{name: section[name] for name in names if name in section})
+
+  def check_num_steps(self, num_timesteps: int) -> None:
+    """errors.UsageError unless num_steps fits a model of `num_timesteps` diffusion steps."""
+    if self.num_steps is not None and self.num_steps > num_timesteps:
+      raise errors.UsageError(
+          f"num_steps = {self.num_steps}: more than the model's T = {num_timesteps} diffusion "
+          f"steps; choose 1 … {num_timesteps}")
+
+  def sampler_keywords(self) -> dict:
+    """The keywords of `samplers.sample` for these options, but the batch size."""
+    return dict(num_steps=self.num_steps, spacing=self.spacing, clip_x0=self.clip_x0,
+                threshold_percentile=self.threshold_percentile,
+                guidance_scale=self.guidance_scale,
+                **({"eta": self.eta} if self.sampler == "ddim" else {}))
+
+
+def generate(model_apply, variables, schedule, key, options: SamplingOptions, *,
+             num_samples: int, image_shape, prediction: str = "eps", labels=None,
+             num_classes: int = 0, trajectory_every: int | None = None, mesh=None,
+             progress: bool = True) -> dict:
+  """`num_samples` images in [−1, 1], `options.batch_size` at a time, as numpy arrays:
   {'images': [N, H, W, C], 'labels': [N] or None, 'trajectory': [frames, N, H, W, C] or None}.
 
   `model_apply(variables, x_t, t[, labels])` is the network (e.g. `UNet.apply`); a conditional
   model (`num_classes` > 0) gets `labels` (default: the classes in turn) with classifier-free
-  guidance `guidance_scale`. Batch b uses key fold_in(key, b) and draws its noise for the whole
-  batch inside one jitted program whose batch axis is split over the mesh axis `data`, so the
-  images do not depend on the number of devices (or hosts: every host gets every image). The
-  last partial batch is computed whole and cut. `sampler_options` go to the sampler.
+  guidance `options.guidance_scale`. Batch b uses key fold_in(key, b) and draws its noise for
+  the whole batch inside one jitted program whose batch axis is split over the mesh axis
+  `data`, so the images do not depend on the number of devices (or hosts: every host gets
+  every image). The last partial batch is computed whole and cut.
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
+  batch_size = options.batch_size
   parallel.check_divisible(batch_size, mesh)
-  labels = _labels(labels, num_samples, num_classes, guidance_scale)
-  if clip_x0 is not None:
-    sampler_options["clip_x0"] = clip_x0
+  options.check_num_steps(schedule.num_timesteps)
+  labels = _labels(labels, num_samples, num_classes, options.guidance_scale)
   batch_sharded = parallel.batch_sharding(mesh)
   frames_sharded = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
   def sample_batch(variables, batch_index, batch_labels):
-    apply_fn = model_apply
-    if num_classes:
+    if labels is None:
+      batch_labels = None
+    else:
       batch_labels = jax.lax.with_sharding_constraint(batch_labels, batch_sharded)
-      apply_fn = samplers.guided(model_apply, batch_labels, num_classes, guidance_scale)
     result = samplers.sample(
-        sampler, apply_fn, variables, schedule, jax.random.fold_in(key, batch_index),
-        (batch_size, *image_shape), num_steps=num_steps, spacing=spacing, prediction=prediction,
-        trajectory_every=trajectory_every, **sampler_options)
-    if trajectory_every is None:
-      return jax.lax.with_sharding_constraint(result, batch_sharded), None
-    final, frames = result
-    return (jax.lax.with_sharding_constraint(final, batch_sharded),
-            jax.lax.with_sharding_constraint(frames, frames_sharded))
+        options.sampler, model_apply, variables, schedule, jax.random.fold_in(key, batch_index),
+        (batch_size, *image_shape), prediction=prediction, labels=batch_labels,
+        num_classes=num_classes, trajectory_every=trajectory_every,
+        **options.sampler_keywords())
+    return samplers.Samples(
+        jax.lax.with_sharding_constraint(result.images, batch_sharded),
+        None if result.trajectory is None
+        else jax.lax.with_sharding_constraint(result.trajectory, frames_sharded))
 
   # Inputs and outputs replicated: every host passes and receives whole batches.
   sample_batch = jax.jit(sample_batch, in_shardings=parallel.replicated(mesh),
@@ -75,16 +134,12 @@ def _labels(labels, num_samples: int, num_classes: int, guidance_scale: float):
 
 
 def sample_grid(model, ema_params, schedule, config, mesh, key) -> np.ndarray:
-  """A uint8 grid of `config.sample.num_samples` images from the EMA params."""
+  """A uint8 grid of `config.sample.num_samples` images from the EMA params, sampled as
+  `config.sample` says (conditional models: the classes in turn)."""
   size, channels = config.data.image_size, config.data.num_channels
-  labels = None
-  if config.model.num_classes:
-    labels = np.arange(config.sample.num_samples) % config.model.num_classes
   result = generate(
       model.apply, {"params": ema_params}, schedule, key,
-      num_samples=config.sample.num_samples, image_shape=(size, size, channels),
-      batch_size=config.sample.batch_size, sampler=config.sample.sampler,
-      num_steps=config.sample.num_steps, prediction=config.diffusion.prediction,
-      clip_x0=config.sample.clip_x0, labels=labels, num_classes=config.model.num_classes,
-      guidance_scale=config.sample.guidance_scale, mesh=mesh, progress=False)
+      SamplingOptions.from_config(config.sample), num_samples=config.sample.num_samples,
+      image_shape=(size, size, channels), prediction=config.diffusion.prediction,
+      num_classes=config.model.num_classes, mesh=mesh, progress=False)
   return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))

@@ -1,24 +1,27 @@
-"""Samplers: each walks the reverse process inside one `jax.lax.scan` with a static step count.
+"""Samplers as (init, step) pairs of pure functions, all run by one `lax.scan` driver, `run`.
 
-Every sampler has the signature
+A sampler is `Sampler(init, step)`, like optax's GradientTransformation:
 
-    sampler(apply_fn, variables, schedule, key, shape, *, timesteps=None, prediction="eps",
-            clip_x0=..., trajectory_every=None, x_init=None, **options)
+    state = init(x_T)
+    x_{i−1}, state = step(x_i, state, StepInputs(index=i, key, eps=ε̂, x0=x̂0), schedule)
 
-`apply_fn(variables, x_t, t)` returns the network output for a batch x_t at int timesteps t of
-shape [batch]; `prediction` says whether that output is ε, x0 or v (`diffusion.eps_and_x0`
-turns any of them into (ε̂, x̂0)). `schedule` is indexed by step i = 0 … K−1 and
-`timesteps[i]` is the timestep the network sees at step i: the full chain is
-(schedule, arange(T)); a K-step sampler uses `respace(schedule, S)` with the K timesteps S
-from `spaced_timesteps`, which `sample(name, …, num_steps=K)` does for you. With
-`trajectory_every=k` a sampler returns (x0, frames): frames[0] is x_T and frames[j] is x
-after min(j·k, K) steps, so the last frame is x0. `x_init` fixes x_T instead of drawing it.
+for i = K−1 … 0. `run` owns everything the samplers share: it draws x_T, splits the key, calls
+the network at the model's timestep t_i (with classifier-free guidance when given labels),
+turns its output into (ε̂, x̂0) (`diffusion.eps_and_x0`, whichever of ε, x0 or v it predicts),
+clips or dynamically thresholds x̂0, and records the trajectory. `schedule` is indexed by step
+i = 0 … K−1: the full chain is (schedule, arange(T)); a K-step sampler runs on
+`respace(schedule, S)` with the K timesteps S from `spaced_timesteps`, which
+`sample(name, …, num_steps=K)` does for you. Every run returns `Samples(images, trajectory)`:
+with `trajectory_every=k`, trajectory[0] is x_T and trajectory[j] is x after min(j·k, K) steps,
+so the last frame is the images; else trajectory is None.
 
-Clipping x̂0 to [−1, 1] (`clip_x0`) is the default for DDPM and DDIM, made for images in
-[−1, 1]; DPM-Solver++ defaults to no clipping and offers clipping or dynamic thresholding.
+Adding a sampler: a factory returning its `Sampler` and one line in `SAMPLERS` (its default
+spacing and whether it clips x̂0 by default). Clipping x̂0 to [−1, 1] is the default for DDPM
+and DDIM, made for images in [−1, 1]; DPM-Solver++ defaults to neither clipping nor dynamic
+thresholding.
 """
 
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,72 +80,53 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
   return schedules.from_betas(betas)
 
 
-def _initial_noise(key, shape, x_init):
-  """x_T: the given one, or a draw from N(0, I)."""
-  return jax.random.normal(key, tuple(shape), jnp.float32) if x_init is None else x_init
+class StepInputs(NamedTuple):
+  """What a step sees besides x_i: the step index i into the (respaced) schedule (a scalar), a
+  key of its own, and the denoiser's estimates ε̂ and x̂0 at x_i (x̂0 clipped or thresholded)."""
+
+  index: jax.Array
+  key: jax.Array
+  eps: jax.Array
+  x0: jax.Array
 
 
-def _call_network(apply_fn, variables, x, i, t):
-  """(step index i and the network output at timestep t), each broadcast over the batch."""
-  batch = x.shape[:1]
-  return jnp.full(batch, i, jnp.int32), apply_fn(variables, x, jnp.full(batch, t, jnp.int32))
+class Sampler(NamedTuple):
+  """`init(x_T) -> state`; `step(x_i, state, inputs, schedule) -> (x_{i−1}, state)`. Both pure;
+  `state` is any pytree the sampler carries from step to step (() for one-step methods)."""
+
+  init: Callable[[jax.Array], Any]
+  step: Callable[[jax.Array, Any, StepInputs, Schedule], tuple[jax.Array, Any]]
 
 
-def _run_steps(step, carry, key, schedule: Schedule, timesteps, trajectory_every, x_of):
-  """x_of(carry) after `carry = step(carry, (i, t, key_i))` for i = K−1 … 0, in one scan.
+class Samples(NamedTuple):
+  """x0 [batch, …] and, when asked for, the frames [1 + ⌈K/k⌉, batch, …] (else None)."""
 
-  With `trajectory_every = k` also returns frames [1 + ⌈K/k⌉, *x.shape]: frame 0 is x_T and
-  frame j is x after min(j·k, K) steps, kept in a buffer that the scan carries along.
-  """
-  num_steps = schedule.num_timesteps
-  timesteps = jnp.arange(num_steps) if timesteps is None else jnp.asarray(timesteps)
-  indices = jnp.arange(num_steps - 1, -1, -1)
-  xs = (indices, timesteps[indices], jax.random.split(key, num_steps))
-  if trajectory_every is None:
-    carry, _ = jax.lax.scan(lambda c, inputs: (step(c, inputs), None), carry, xs)
-    return x_of(carry)
-  if trajectory_every < 1:
-    raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
-  x_start = x_of(carry)
-  num_frames = 1 + -(-num_steps // trajectory_every)
-  frames = jnp.zeros((num_frames, *x_start.shape), x_start.dtype).at[0].set(x_start)
-
-  def step_and_record(state, inputs):
-    carry, frames = state
-    carry = step(carry, inputs)
-    # After n = K − i steps, write frame ⌈n/k⌉: its last write is the one after min(jk, K).
-    frame = (num_steps - inputs[0] + trajectory_every - 1) // trajectory_every
-    return (carry, jax.lax.dynamic_update_index_in_dim(frames, x_of(carry), frame, 0)), None
-
-  (carry, frames), _ = jax.lax.scan(step_and_record, (carry, frames), xs)
-  return x_of(carry), frames
+  images: jax.Array
+  trajectory: jax.Array | None = None
 
 
-def ddpm(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
-         timesteps=None, prediction: str = "eps", variance: str = "beta", clip_x0: bool = True,
-         trajectory_every: int | None = None, x_init=None):
-  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the full or a respaced chain.
+def _stateless(update) -> Sampler:
+  """The sampler whose x_{i−1} = update(x_i, inputs, schedule) needs nothing from before."""
+  return Sampler(init=lambda x_T: (),
+                 step=lambda x, state, inputs, schedule: (update(x, inputs, schedule), ()))
 
-  x_T ~ N(0, I); for i = K−1 … 0: x_{i−1} = μ̃_i(x̂0, x_i) + σ_i z, z ~ N(0, I), with no noise
-  at the last step; σ_i² = β_i or β̃_i by `variance`; x̂0 clipped to [−1, 1] by `clip_x0`.
-  """
-  init_key, noise_key = jax.random.split(key)
-  x_init = _initial_noise(init_key, shape, x_init)
 
-  def step(x, inputs):
-    i, t, step_key = inputs
-    index, output = _call_network(apply_fn, variables, x, i, t)
+def ddpm(variance: str = "beta") -> Sampler:
+  """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), on the full or a respaced chain:
+  x_{i−1} = μ̃_i(x̂0, x_i) + σ_i z, z ~ N(0, I), with no noise at the last step;
+  σ_i² = β_i or β̃_i by `variance`."""
+
+  def update(x, inputs, schedule):
+    # x̂0 given as an x0-prediction: the posterior at the x̂0 the driver made, unchanged.
     mean, log_variance, _ = diffusion.p_mean_variance(
-        schedule, prediction, x, index, output, clip_x0, variance)
-    noise = jax.random.normal(step_key, x.shape, x.dtype)
-    return mean + (i > 0) * jnp.exp(0.5 * log_variance) * noise
+        schedule, "x0", x, inputs.index, inputs.x0, False, variance)
+    noise = jax.random.normal(inputs.key, x.shape, x.dtype)
+    return mean + (inputs.index > 0) * jnp.exp(0.5 * log_variance) * noise
 
-  return _run_steps(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
+  return _stateless(update)
 
 
-def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
-         timesteps=None, eta: float = 0.0, prediction: str = "eps", clip_x0: bool = True,
-         trajectory_every: int | None = None, x_init=None):
+def ddim(eta: float = 0.0) -> Sampler:
   """DDIM (Song et al. 2021, eq. 12): from (x̂0, ε̂) at step i,
 
       x_{i−1} = √ᾱ_{i−1} x̂0 + √(1 − ᾱ_{i−1} − σ_i²) ε̂ + σ_i z,
@@ -150,36 +134,21 @@ def ddim(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[
 
   η = 0 is deterministic given x_T; η = 1 is DDPM with σ_i² = β̃_i (same keys, same samples).
   """
-  init_key, noise_key = jax.random.split(key)
-  x_init = _initial_noise(init_key, shape, x_init)
 
-  def step(x, inputs):
-    i, t, step_key = inputs
-    index, output = _call_network(apply_fn, variables, x, i, t)
-    eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
-    alpha_bar, alpha_bar_prev = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
+  def update(x, inputs, schedule):
+    alpha_bar = schedule.alpha_bars[inputs.index]
+    alpha_bar_prev = schedule.alpha_bars_prev[inputs.index]
     sigma = eta * jnp.sqrt(
         (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-    noise = jax.random.normal(step_key, x.shape, x.dtype)
-    return (jnp.sqrt(alpha_bar_prev) * x0
-            + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * eps + sigma * noise)
+    noise = jax.random.normal(inputs.key, x.shape, x.dtype)
+    return (jnp.sqrt(alpha_bar_prev) * inputs.x0
+            + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - sigma**2, 0.0)) * inputs.eps
+            + sigma * noise)
 
-  return _run_steps(step, x_init, noise_key, schedule, timesteps, trajectory_every, lambda x: x)
-
-
-def dynamic_threshold(x0, percentile: float):
-  """Imagen's dynamic thresholding (Saharia et al. 2022): per sample s = max(q_p(|x̂0|), 1),
-  x̂0 ← clip(x̂0, −s, s)/s, so x̂0 ∈ [−1, 1] without flattening everything beyond ±1."""
-  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
-  scale = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
-  scale = scale.reshape((-1,) + (1,) * (x0.ndim - 1))
-  return jnp.clip(x0, -scale, scale) / scale
+  return _stateless(update)
 
 
-def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Sequence[int], *,
-               timesteps=None, prediction: str = "eps", clip_x0: bool = False,
-               threshold_percentile: float | None = None, lower_order_final: bool = True,
-               trajectory_every: int | None = None, x_init=None):
+def dpm_solver(lower_order_final: bool = True) -> Sampler:
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, deterministic.
 
   With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_{i−1} − λ_i, a step from i to i−1 is
@@ -187,21 +156,17 @@ def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Seq
       D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h.
   Steps are first order (D = x̂0_i) at the start, at the end (which lands on ᾱ = 1, x = x̂0)
   and, with `lower_order_final` and fewer than 15 steps (as in diffusers), also the step
-  before it, which steadies very short runs. x̂0 is clipped to [−1, 1] by `clip_x0`, or
-  dynamically thresholded at `threshold_percentile` (e.g. 0.995).
+  before it, which steadies very short runs. The state is (x̂0_{i+1}, λ_{i+1}).
   """
-  x_init = _initial_noise(key, shape, x_init)
-  num_steps = schedule.num_timesteps
-  final_first_order_steps = 2 if lower_order_final and num_steps < 15 else 1
   log_snr = lambda alpha_bar: 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
 
-  def step(carry, inputs):
-    x, x0_before, lambda_before = carry
-    i, t, _ = inputs
-    index, output = _call_network(apply_fn, variables, x, i, t)
-    _, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
-    if threshold_percentile is not None:
-      x0 = dynamic_threshold(x0, threshold_percentile)
+  def init(x_T):
+    return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
+
+  def step(x, state, inputs, schedule):
+    x0_before, lambda_before = state
+    i, x0, num_steps = inputs.index, inputs.x0, schedule.num_timesteps
+    final_first_order_steps = 2 if lower_order_final and num_steps < 15 else 1
     alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
     lambda_now = log_snr(alpha_bar)
     first_order = (i == num_steps - 1) | (i < final_first_order_steps)
@@ -213,17 +178,93 @@ def dpm_solver(apply_fn: ApplyFn, variables, schedule: Schedule, key, shape: Seq
         i == 0, x0,
         jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x
         - jnp.sqrt(alpha_bar_next) * jnp.expm1(-jnp.where(i == 0, 0.0, h)) * data)
-    return x_next, x0, lambda_now
+    return x_next, (x0, lambda_now)
 
-  carry = (x_init, jnp.zeros_like(x_init), jnp.zeros((), jnp.float32))
-  return _run_steps(step, carry, key, schedule, timesteps, trajectory_every, lambda c: c[0])
-
-
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm_solver": dpm_solver}
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver": "logsnr"}
+  return Sampler(init, step)
 
 
-def get_sampler(name: str):
+def dynamic_threshold(x0, percentile: float):
+  """Imagen's dynamic thresholding (Saharia et al. 2022): per sample s = max(q_p(|x̂0|), 1),
+  x̂0 ← clip(x̂0, −s, s)/s, so x̂0 ∈ [−1, 1] without flattening everything beyond ±1."""
+  flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+  scale = jnp.maximum(jnp.quantile(flat, percentile, axis=1), 1.0)
+  scale = scale.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -scale, scale) / scale
+
+
+def run(sampler: Sampler, apply_fn: ApplyFn, variables, schedule: Schedule, key,
+        shape: Sequence[int], *, timesteps=None, prediction: str = "eps", clip_x0: bool = False,
+        threshold_percentile: float | None = None, labels=None, num_classes: int = 0,
+        guidance_scale: float = 0.0, trajectory_every: int | None = None,
+        x_init=None) -> Samples:
+  """`sampler` from x_T to x0 in one `lax.scan` over i = K−1 … 0 (K = schedule.num_timesteps).
+
+  x_T is `x_init`, or N(0, I) drawn with the first key of split(key); step i gets key i of
+  split(second key, K). The network `apply_fn(variables, x_i, t)` sees t = timesteps[i]
+  (default i); with `labels` it is the conditional `apply_fn(variables, x, t, labels)` under
+  classifier-free guidance `guidance_scale` (see `guided`). Its output, a `prediction` of ε,
+  x0 or v, becomes (ε̂, x̂0); x̂0 is clipped to [−1, 1] by `clip_x0`, then dynamically
+  thresholded at `threshold_percentile` (e.g. 0.995) if given, with ε̂ recomputed from it.
+  """
+  num_steps = schedule.num_timesteps
+  if trajectory_every is not None and trajectory_every < 1:
+    raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
+  if labels is not None:
+    apply_fn = guided(apply_fn, labels, num_classes, guidance_scale)
+  elif guidance_scale:
+    raise ValueError("classifier-free guidance needs the class labels to guide towards")
+  init_key, noise_key = jax.random.split(key)
+  x = jax.random.normal(init_key, tuple(shape), jnp.float32) if x_init is None else x_init
+  timesteps = jnp.arange(num_steps) if timesteps is None else jnp.asarray(timesteps)
+  indices = jnp.arange(num_steps - 1, -1, -1)
+  xs = (indices, timesteps[indices], jax.random.split(noise_key, num_steps))
+
+  def step(carry, xs):
+    x, state = carry
+    i, t, step_key = xs
+    index = jnp.full(x.shape[:1], i, jnp.int32)
+    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
+    eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
+    if threshold_percentile is not None:
+      x0 = dynamic_threshold(x0, threshold_percentile)
+      eps = diffusion.predict_eps(schedule, x, index, x0)
+    return sampler.step(x, state, StepInputs(i, step_key, eps, x0), schedule)
+
+  carry = (x, sampler.init(x))
+  if trajectory_every is None:
+    (x, _), _ = jax.lax.scan(lambda carry, xs: (step(carry, xs), None), carry, xs)
+    return Samples(x)
+  num_frames = 1 + -(-num_steps // trajectory_every)
+  frames = jnp.zeros((num_frames, *x.shape), x.dtype).at[0].set(x)
+
+  def step_and_record(carry_and_frames, xs):
+    carry, frames = carry_and_frames
+    carry = step(carry, xs)
+    # After n = K − i steps, write frame ⌈n/k⌉: its last write is the one after min(jk, K).
+    frame = (num_steps - xs[0] + trajectory_every - 1) // trajectory_every
+    return (carry, jax.lax.dynamic_update_index_in_dim(frames, carry[0], frame, 0)), None
+
+  ((x, _), frames), _ = jax.lax.scan(step_and_record, (carry, frames), xs)
+  return Samples(x, frames)
+
+
+class Registered(NamedTuple):
+  """A sampler's factory (its options as keywords), the spacing of its timesteps by default and
+  whether it clips x̂0 to [−1, 1] by default."""
+
+  make: Callable[..., Sampler]
+  spacing: str
+  clip_x0: bool
+
+
+SAMPLERS = {
+    "ddpm": Registered(ddpm, spacing="uniform", clip_x0=True),
+    "ddim": Registered(ddim, spacing="uniform", clip_x0=True),
+    "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False),
+}
+
+
+def get_sampler(name: str) -> Registered:
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
   return SAMPLERS[name]
@@ -231,19 +272,25 @@ def get_sampler(name: str):
 
 def sample(name: str, apply_fn: ApplyFn, variables, schedule: Schedule, key,
            shape: Sequence[int], *, num_steps: int | None = None, spacing: str | None = None,
-           prediction: str = "eps", **options):
-  """Samples of shape `shape` from sampler `name` on `num_steps` timesteps (default all T)
-  spaced by `spacing` (default DEFAULT_SPACING[name]): the sampler runs on
-  `respace(schedule, S)` and shows the network the original timesteps S.
+           prediction: str = "eps", clip_x0: bool | None = None,
+           threshold_percentile: float | None = None, labels=None, num_classes: int = 0,
+           guidance_scale: float = 0.0, trajectory_every: int | None = None, x_init=None,
+           **sampler_options) -> Samples:
+  """`run` of sampler `name`, made with `sampler_options` (eta, variance, …), on `num_steps`
+  timesteps (default all T) spaced by `spacing`: it runs on `respace(schedule, S)` and shows
+  the network the original timesteps S. `spacing` and `clip_x0` default to the sampler's
+  registered ones; the other keywords are `run`'s.
 
-  `options` go to the sampler (clip_x0, eta, trajectory_every, x_init, …). Respacing is NumPy
-  on the host, so `schedule` must be concrete: under `jax.jit`, close over it.
+  Respacing is NumPy on the host, so `schedule` must be concrete: under `jax.jit`, close over it.
   """
-  sampler = get_sampler(name)
+  registered = get_sampler(name)
   num_steps = schedule.num_timesteps if num_steps is None else num_steps
-  timesteps = spaced_timesteps(schedule, num_steps, spacing or DEFAULT_SPACING[name])
-  return sampler(apply_fn, variables, respace(schedule, timesteps), key, shape,
-                 timesteps=jnp.asarray(timesteps), prediction=prediction, **options)
+  timesteps = spaced_timesteps(schedule, num_steps, spacing or registered.spacing)
+  return run(registered.make(**sampler_options), apply_fn, variables,
+             respace(schedule, timesteps), key, shape, timesteps=jnp.asarray(timesteps),
+             prediction=prediction, clip_x0=registered.clip_x0 if clip_x0 is None else clip_x0,
+             threshold_percentile=threshold_percentile, labels=labels, num_classes=num_classes,
+             guidance_scale=guidance_scale, trajectory_every=trajectory_every, x_init=x_init)
 
 
 def check_labels(labels, num_classes: int) -> None:

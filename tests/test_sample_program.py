@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import checkpoint
-from jaxdiff.jobs import sample, train
+from jaxdiff import errors
+from jaxdiff.generate import SamplingOptions
+from jaxdiff.jobs import evaluate, sample, train
+from jaxdiff.jobs import workdir as workdir_lib
 from tests.helpers import REPO, job_config
 
 
@@ -25,9 +28,9 @@ def workdir(tmp_path_factory, judged_data_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
 def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler):
-  written = sample.run(workdir, str(tmp_path), sampler=sampler, num_steps=5,
-                                   num_samples=10, batch_size=8, seed=3, trajectory_every=2,
-                                   progress=False)
+  options = SamplingOptions(sampler=sampler, num_steps=5, batch_size=8)
+  written = sample.run(workdir, str(tmp_path), options, num_samples=10, seed=3,
+                       trajectory_every=2, progress=False)
   assert sorted(os.path.basename(p) for p in written) == [
       "samples.npz", "samples.png", "settings.json", "trajectory.png"]
   arrays = np.load(tmp_path / "samples.npz")
@@ -36,9 +39,11 @@ def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler)
   assert Image.open(tmp_path / "samples.png").size == (4 * 33 + 1, 3 * 33 + 1)
   settings = json.load(open(tmp_path / "settings.json"))
   assert settings["sampler"] == sampler and settings["checkpoint_step"] == 3
+  assert SamplingOptions(**{name: settings[name] for name in (
+      "sampler", "num_steps", "spacing", "clip_x0", "threshold_percentile", "eta",
+      "guidance_scale", "batch_size")}) == options
   again = tmp_path / "again"
-  sample.run(workdir, str(again), sampler=sampler, num_steps=5, num_samples=10,
-                         batch_size=8, seed=3, progress=False)
+  sample.run(workdir, str(again), options, num_samples=10, seed=3, progress=False)
   np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], arrays["images"])
 
 
@@ -58,8 +63,11 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
   assert trajectory.returncode == 0, trajectory.stderr
   tile = 8 * 4 + 1  # 4 samples (rows) × 5 frames: x_T and after 1, 2, 3, 4 steps
   assert Image.open(tmp_path / "t" / "trajectory.png").size == (5 * tile + 1, 4 * tile + 1)
-  for bad, message in [("--sampler=euler", "unknown sampler 'euler'"),
-                       ("--num_steps=0", "num_steps must be between 1 and T = 100"),
+  for bad, message in [("--sampler=euler", "sampler = 'euler': unknown sampler"),
+                       ("--num_steps=0", "num_steps = 0: a sampler takes at least 1 step"),
+                       ("--num_steps=101", "num_steps = 101: more than the model's T = 100"),
+                       ("--batch_size=0", "batch_size = 0: a batch holds at least 1 image"),
+                       ("--trajectory_every=0", "--trajectory_every=0: must be at least 1"),
                        ("--guidance_scale=3", "unconditional")]:
     result = subprocess.run(command + [bad], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -75,22 +83,24 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_with_guid
   config = job_config(str(tmp_path / "tensorflow_datasets"), num_steps=2, p_uncond=0.2)
   config.model.num_classes = 10
   train.run(config, str(tmp_path / "work"))
-  sample.run(str(tmp_path / "work"), str(tmp_path / "out"), sampler="ddim",
-                         num_steps=4, num_samples=8, batch_size=8, class_label=3,
-                         guidance_scale=2.0, progress=False)
+  sample.run(str(tmp_path / "work"), str(tmp_path / "out"),
+             SamplingOptions(sampler="ddim", num_steps=4, batch_size=8, guidance_scale=2.0),
+             num_samples=8, class_label=3, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "samples.npz")["labels"], [3] * 8)
   with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got \[12\]"):
-    sample.run(str(tmp_path / "work"), str(tmp_path / "bad"), num_steps=4,
-                           num_samples=8, batch_size=8, class_label=12, progress=False)
+    sample.run(str(tmp_path / "work"), str(tmp_path / "bad"),
+               SamplingOptions(num_steps=4, batch_size=8), num_samples=8, class_label=12,
+               progress=False)
 
 
 @pytest.mark.slow
 def test_an_exported_ema_checkpoint_samples_like_its_workdir(workdir, tmp_path):
   """docs/gpu-sampling.md: export the EMA params, copy them, sample from the export."""
-  checkpoint.export_ema(workdir, str(tmp_path / "export"))
+  workdir_lib.export_ema(workdir, str(tmp_path / "export"))
   for source, out in ((workdir, "from_workdir"), (str(tmp_path / "export"), "from_export")):
-    sample.run(source, str(tmp_path / out), sampler="ddim", num_steps=4,
-                           num_samples=8, batch_size=8, seed=1, progress=False)
+    sample.run(source, str(tmp_path / out), SamplingOptions(sampler="ddim", num_steps=4,
+                                                            batch_size=8),
+               num_samples=8, seed=1, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npz")["images"],
                                 np.load(tmp_path / "from_workdir" / "samples.npz")["images"])
 
@@ -136,3 +146,55 @@ def test_evaluate_py_names_a_missing_checkpoint(workdir):
   result = run_evaluate_py(f"--workdir={workdir}", "--metric=bpd", "--checkpoint_step=999")
   assert result.returncode != 0
   assert result.stderr.startswith("error:") and "999" in result.stderr
+
+
+@pytest.fixture
+def a_file(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("not a folder")
+  return str(path)
+
+
+@pytest.mark.parametrize("request_, message", [
+    (dict(num_samples=0), "--num_samples=0: must be at least 1"),
+    (dict(num_samples=-3), "--num_samples=-3: must be at least 1"),
+    (dict(trajectory_every=0), "--trajectory_every=0: must be at least 1"),
+    (dict(output_dir="{file}"), "--output_dir={file}: {file} is a file, not a folder"),
+    (dict(output_dir="{file}/out"), "--output_dir={file}/out: {file} is a file, not a folder")])
+def test_sample_run_refuses_bad_requests_before_loading_a_model(tmp_path, a_file, request_,
+                                                                message):
+  """The workdir does not exist: a model load would fail with a CheckpointError first."""
+  request_ = {name: value.format(file=a_file) if isinstance(value, str) else value
+              for name, value in request_.items()}
+  output_dir = request_.pop("output_dir", str(tmp_path / "out"))
+  with pytest.raises(errors.UsageError) as raised:
+    sample.run(str(tmp_path / "no_workdir"), output_dir, SamplingOptions(), **request_)
+  assert str(raised.value).startswith(message.format(file=a_file))
+  assert "\n" not in str(raised.value) and not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("output, counts, message", [
+    (None, dict(num_samples=0), "--num_samples=0: must be at least 1"),
+    (None, dict(num_images=-1), "--num_images=-1: must be at least 1"),
+    (None, dict(batch_size=0), "--batch_size=0: must be at least 1"),
+    ("{file}/result.json", {}, "--output={file}/result.json: {file} is a file, not a folder"),
+    ("{dir}", {}, "--output={dir}: is a folder; name the file to write")])
+def test_evaluate_refuses_bad_requests(tmp_path, a_file, output, counts, message):
+  names = dict(file=a_file, dir=str(tmp_path))
+  output = None if output is None else output.format(**names)
+  counts = dict(dict(num_samples=None, num_images=None, batch_size=128), **counts)
+  with pytest.raises(errors.UsageError, match="^" + re.escape(message.format(**names))):
+    evaluate.check_request(output, **counts)
+  evaluate.check_request(str(tmp_path / "new" / "result.json"), num_samples=None,
+                         num_images=3, batch_size=128)
+
+
+@pytest.mark.slow
+def test_evaluate_py_refuses_bad_flags_before_loading(tmp_path, a_file):
+  for bad, message in [("--num_samples=0", "--num_samples=0: must be at least 1"),
+                       ("--batch_size=-2", "--batch_size=-2: must be at least 1"),
+                       (f"--output={a_file}/x.json", f"{a_file} is a file, not a folder"),
+                       ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile")]:
+    result = run_evaluate_py(f"--workdir={tmp_path}/nothing", "--metric=quality", bad)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "does not exist" not in result.stderr

@@ -1,5 +1,6 @@
 """Samplers with oracle denoisers whose ideal output is known in closed form."""
 
+import dataclasses
 import functools
 
 import jax
@@ -7,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import parallel, samplers, generate, schedules
-from oracles import gaussian_eps, gaussian_flow_map
+from configs import default
+from jaxdiff import errors, generate, parallel, samplers, schedules
+from tests.oracles import gaussian_eps, gaussian_flow_map
 
 SCHEDULE = schedules.linear(1000)
 MEAN, STD = 0.3, 0.5
@@ -16,7 +18,8 @@ MEAN, STD = 0.3, 0.5
 
 def run(name, num_steps=1000, spacing=None, apply_fn=None, key=0, shape=(4096, 2, 2, 1),
         **options):
-  """`samplers.sample(name, …)` jitted, with the Gaussian oracle and no clipping by default."""
+  """`samplers.sample(name, …)` jitted, with the Gaussian oracle and no clipping by default:
+  `Samples(images, trajectory)`."""
   apply_fn = apply_fn or gaussian_eps(SCHEDULE, MEAN, STD)
   options.setdefault("clip_x0", False)
   sample = jax.jit(lambda k: samplers.sample(name, apply_fn, None, SCHEDULE, k, shape,
@@ -29,7 +32,7 @@ def test_ddpm_lands_on_the_single_training_image(variance):
   """For data that is one fixed image, the ideal ε is exact and sampling returns that image."""
   image = jnp.linspace(-0.9, 0.9, 4 * 4 * 2).reshape(1, 4, 4, 2)
   samples = run("ddpm", apply_fn=gaussian_eps(SCHEDULE, image, 0.0), shape=(3, 4, 4, 2),
-                variance=variance)
+                variance=variance).images
   np.testing.assert_allclose(samples, jnp.broadcast_to(image, samples.shape), atol=1e-4)
 
 
@@ -39,14 +42,14 @@ def test_ddpm_lands_on_the_single_training_image(variance):
     ("ddim", 1000, "uniform", {}), ("ddim", 50, "quadratic", {}),
     ("dpm_solver", 10, "logsnr", {}), ("dpm_solver", 20, "logsnr", {})])
 def test_samplers_reproduce_the_gaussian_data_distribution(name, num_steps, spacing, options):
-  samples = run(name, num_steps, spacing, **options)
+  samples = run(name, num_steps, spacing, **options).images
   assert abs(float(samples.mean()) - MEAN) < 0.02
   assert abs(float(samples.std()) / STD - 1) < 0.04, float(samples.std())
 
 
 def test_ddpm_needs_the_full_chain_where_dpm_solver_needs_ten_steps():
-  ddpm_error = abs(float(run("ddpm", 10, "uniform").std()) / STD - 1)
-  dpm_error = abs(float(run("dpm_solver", 10, "logsnr").std()) / STD - 1)
+  ddpm_error = abs(float(run("ddpm", 10, "uniform").images.std()) / STD - 1)
+  dpm_error = abs(float(run("dpm_solver", 10, "logsnr").images.std()) / STD - 1)
   assert ddpm_error > 0.1 and dpm_error < 0.04 and dpm_error < ddpm_error / 4
 
 
@@ -62,7 +65,7 @@ def test_deterministic_samplers_follow_the_probability_flow_ode(name, num_steps,
   def rms_error(name, num_steps, spacing):
     first_timestep = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
     exact = gaussian_flow_map(SCHEDULE, MEAN, STD, x_init, first_timestep)
-    samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init)
+    samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init).images
     return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - exact)**2)))
 
   error = rms_error(name, num_steps, spacing)
@@ -74,7 +77,8 @@ def test_deterministic_samplers_follow_the_probability_flow_ode(name, num_steps,
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
 def test_eps_x0_and_v_models_give_the_same_samples(name):
   outputs = [run(name, 20, "logsnr", shape=(64, 2, 2, 1),
-                 apply_fn=gaussian_eps(SCHEDULE, MEAN, STD, prediction), prediction=prediction)
+                 apply_fn=gaussian_eps(SCHEDULE, MEAN, STD, prediction),
+                 prediction=prediction).images
              for prediction in ("eps", "x0", "v")]
   np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3)
   np.testing.assert_allclose(outputs[2], outputs[0], atol=2e-3)
@@ -96,10 +100,10 @@ def test_respace_matches_the_improved_ddpm_definition():
 def test_respaced_ddpm_over_every_step_is_plain_ddpm():
   full = samplers.respace(SCHEDULE, np.arange(1000))
   np.testing.assert_array_equal(full.betas, SCHEDULE.betas)
-  sample = jax.jit(functools.partial(samplers.ddpm, gaussian_eps(SCHEDULE, MEAN, STD),
-                                     shape=(8, 2, 2, 1)))
-  plain = sample(None, SCHEDULE, jax.random.key(2))
-  respaced = sample(None, full, jax.random.key(2), timesteps=jnp.arange(1000))
+  sample = jax.jit(functools.partial(samplers.run, samplers.ddpm(),
+                                     gaussian_eps(SCHEDULE, MEAN, STD), shape=(8, 2, 2, 1)))
+  plain = sample(None, SCHEDULE, jax.random.key(2)).images
+  respaced = sample(None, full, jax.random.key(2), timesteps=jnp.arange(1000)).images
   np.testing.assert_allclose(respaced, plain, atol=1e-5)
 
 
@@ -107,13 +111,13 @@ def test_ddim_eta_zero_is_deterministic_given_x_T_and_eta_one_is_ddpm():
   x_init = jax.random.normal(jax.random.key(9), (16, 2, 2, 1))
   ddim = jax.jit(lambda key, eta: samplers.sample(
       "ddim", gaussian_eps(SCHEDULE, MEAN, STD), None, SCHEDULE, key, x_init.shape,
-      num_steps=20, eta=eta, clip_x0=False, x_init=x_init))
+      num_steps=20, eta=eta, clip_x0=False, x_init=x_init).images)
   a, b = (ddim(jax.random.key(k), 0.0) for k in (0, 1))
   np.testing.assert_array_equal(a, b)
   c, d = (ddim(jax.random.key(k), 1.0) for k in (0, 1))
   assert not np.allclose(c, d)
   ddpm = run("ddpm", 20, "uniform", key=1, shape=x_init.shape, x_init=x_init,
-             variance="beta_tilde")
+             variance="beta_tilde").images
   np.testing.assert_allclose(d, ddpm, atol=1e-5)
 
 
@@ -147,7 +151,7 @@ def test_dpm_solver_matches_a_float64_reference(lower_order_final):
   timesteps = samplers.spaced_timesteps(SCHEDULE, 12, "logsnr")
   expected = dpm_solver_reference(np.asarray(x_init), timesteps, lower_order_final)
   actual = run("dpm_solver", 12, "logsnr", shape=x_init.shape, x_init=x_init,
-               lower_order_final=lower_order_final)
+               lower_order_final=lower_order_final).images
   np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
 
 
@@ -159,9 +163,9 @@ def test_dynamic_threshold_rescales_only_samples_beyond_one():
   np.testing.assert_allclose(samplers.dynamic_threshold(x0, 0.75)[1].ravel(),
                              [1.0, -2 / 2.25, 0.5 / 2.25, 1 / 2.25], rtol=1e-6)
   far_apply = gaussian_eps(SCHEDULE, 2.0, STD)
-  plain = run("dpm_solver", 10, shape=(64, 2, 2, 1), apply_fn=far_apply)
+  plain = run("dpm_solver", 10, shape=(64, 2, 2, 1), apply_fn=far_apply).images
   thresholded = run("dpm_solver", 10, shape=(64, 2, 2, 1), apply_fn=far_apply,
-                    threshold_percentile=0.99)
+                    threshold_percentile=0.99).images
   assert float(plain.max()) > 1.5 and float(jnp.abs(thresholded).max()) <= 1.0
 
 
@@ -172,7 +176,9 @@ def test_trajectory_frames(name):
   assert frames.shape == (1 + 2 + 1, 2, 2, 2, 1)  # x_T, after 4 and 8 steps, after 10
   np.testing.assert_array_equal(frames[0], x_init)
   np.testing.assert_array_equal(frames[-1], final)
-  np.testing.assert_allclose(final, run(name, 10, shape=x_init.shape, x_init=x_init), atol=1e-6)
+  plain = run(name, 10, shape=x_init.shape, x_init=x_init)
+  assert plain.trajectory is None
+  np.testing.assert_allclose(final, plain.images, atol=1e-6)
   _, every_frame = run(name, 10, shape=x_init.shape, x_init=x_init, trajectory_every=1)
   assert every_frame.shape == (11, 2, 2, 2, 1)
   np.testing.assert_allclose(frames, every_frame[np.array([0, 4, 8, 10])], atol=1e-6)
@@ -200,8 +206,9 @@ def test_program_size_does_not_grow_with_the_number_of_steps(name, trajectory_ev
   """The scan compiles one step: the program for 1000 steps is the program for 10."""
 
   def hlo_ops(num_steps):
-    sample = jax.jit(functools.partial(samplers.SAMPLERS[name], gaussian_eps(SCHEDULE, 0.0, 1.0),
-                                       shape=(2, 4, 4, 1), trajectory_every=trajectory_every))
+    sample = jax.jit(functools.partial(
+        samplers.run, samplers.SAMPLERS[name].make(), gaussian_eps(SCHEDULE, 0.0, 1.0),
+        shape=(2, 4, 4, 1), trajectory_every=trajectory_every))
     respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, num_steps))
     text = sample.lower(None, respaced, jax.random.key(0)).as_text()
     return len([line for line in text.splitlines() if "=" in line])
@@ -242,11 +249,11 @@ def test_guidance_zero_is_exactly_the_conditional_model():
   labels = jnp.arange(8) % 5
   x_init = jax.random.normal(jax.random.key(5), (8, 2, 2, 1))
   plain = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-              apply_fn=lambda v, x, t: cond(v, x, t, labels))
+              apply_fn=lambda v, x, t: cond(v, x, t, labels)).images
   unguided = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-                 apply_fn=samplers.guided(cond, labels, 5, 0.0))
+                 apply_fn=samplers.guided(cond, labels, 5, 0.0)).images
   guided = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-               apply_fn=samplers.guided(cond, labels, 5, 2.0))
+               apply_fn=samplers.guided(cond, labels, 5, 2.0)).images
   np.testing.assert_array_equal(unguided, plain)
   assert not np.allclose(guided, plain)
 
@@ -278,50 +285,142 @@ def test_guidance_errors():
 def test_guidance_pushes_samples_away_from_the_unconditional_mean():
   labels = jnp.full((2048,), 4)  # class mean 0.4, null mean 0.0
   samples = run("ddim", 50, "logsnr", shape=(2048, 2, 2, 1),
-                apply_fn=samplers.guided(class_oracle(), labels, 5, 1.0))
+                apply_fn=samplers.guided(class_oracle(), labels, 5, 1.0)).images
   assert float(samples.mean()) > 0.5
 
 
 def test_generate_is_the_same_on_one_and_eight_devices_and_cuts_the_last_batch():
-  common = dict(image_shape=(2, 2, 1), batch_size=8, sampler="ddim", num_steps=10,
-                progress=False)
+  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
+  common = dict(image_shape=(2, 2, 1), progress=False)
   apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
-  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
+  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=20,
                           mesh=parallel.make_mesh(jax.devices()[:1]), **common)
-  eight = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=20,
+  eight = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=20,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   assert one["images"].shape == (20, 2, 2, 1) and one["labels"] is None
   assert one["trajectory"] is None
   np.testing.assert_array_equal(eight["images"], one["images"])
-  whole = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), num_samples=24,
+  whole = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=24,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   np.testing.assert_array_equal(whole["images"][:20], one["images"])
   assert len(np.unique(whole["images"][:, 0, 0, 0])) == 24  # every batch has its own noise
 
 
 def test_generate_with_labels_guidance_and_trajectory():
-  result = generate.generate(
-      class_oracle(), None, SCHEDULE, jax.random.key(7), num_samples=6, image_shape=(2, 2, 1),
-      batch_size=8, sampler="dpm_solver", num_steps=10, num_classes=5, guidance_scale=1.0,
-      trajectory_every=5, progress=False)
+  options = generate.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
+                                     guidance_scale=1.0)
+  common = dict(num_samples=6, image_shape=(2, 2, 1), num_classes=5, progress=False)
+  result = generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(7), options,
+                             trajectory_every=5, **common)
   np.testing.assert_array_equal(result["labels"], [0, 1, 2, 3, 4, 0])
   assert result["trajectory"].shape == (3, 6, 2, 2, 1)
   np.testing.assert_array_equal(result["trajectory"][-1], result["images"])
-  fixed = generate.generate(
-      class_oracle(), None, SCHEDULE, jax.random.key(7), num_samples=6, image_shape=(2, 2, 1),
-      batch_size=8, sampler="dpm_solver", num_steps=10, num_classes=5, guidance_scale=1.0,
-      labels=[0, 1, 2, 3, 4, 0], progress=False)
+  fixed = generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(7), options,
+                            labels=[0, 1, 2, 3, 4, 0], **common)
   np.testing.assert_array_equal(fixed["images"], result["images"])
 
 
 def test_generate_rejects_bad_requests():
-  common = dict(num_samples=4, image_shape=(2, 2, 1), batch_size=8, progress=False)
+  options = generate.SamplingOptions(batch_size=8)
+  common = dict(num_samples=4, image_shape=(2, 2, 1), progress=False)
   with pytest.raises(ValueError, match="unconditional"):
     generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
-                      guidance_scale=2.0, **common)
+                      dataclasses.replace(options, guidance_scale=2.0), **common)
   with pytest.raises(ValueError, match=r"class labels must be in \[0, 5\), got \[7\]"):
-    generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(0), labels=7,
+    generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(0), options, labels=7,
                       num_classes=5, **common)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
-                      **{**common, "batch_size": 6})
+                      dataclasses.replace(options, batch_size=6), **common)
+  with pytest.raises(errors.UsageError,
+                     match=r"^num_steps = 1001: more than the model's T = 1000 .* 1 … 1000$"):
+    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+                      dataclasses.replace(options, num_steps=1001), **common)
+
+
+def test_the_driver_guides_labelled_samples_like_the_guided_network():
+  labels, x_init = jnp.arange(4) % 5, jax.random.normal(jax.random.key(12), (4, 2, 2, 1))
+  for name in sorted(samplers.SAMPLERS):
+    by_driver = run(name, 10, shape=x_init.shape, x_init=x_init, apply_fn=class_oracle(),
+                    labels=labels, num_classes=5, guidance_scale=1.5).images
+    by_wrapper = run(name, 10, shape=x_init.shape, x_init=x_init,
+                     apply_fn=samplers.guided(class_oracle(), labels, 5, 1.5)).images
+    np.testing.assert_array_equal(by_driver, by_wrapper)
+  with pytest.raises(ValueError, match="guidance needs the class labels"):
+    run("ddim", 10, shape=x_init.shape, guidance_scale=1.0)
+
+
+def test_a_sampler_added_to_the_registry_runs_everywhere(monkeypatch):
+  """A new sampler is a (init, step) pair and one registry line; generate then runs it. Here
+  DDIM η = 0 written again, x_{i−1} = √ᾱ_{i−1} x̂0 + √(1 − ᾱ_{i−1}) ε̂, must give DDIM's images."""
+
+  def jump(x, state, inputs, schedule):
+    alpha_bar_prev = schedule.alpha_bars_prev[inputs.index]
+    return (jnp.sqrt(alpha_bar_prev) * inputs.x0
+            + jnp.sqrt(jnp.maximum(1 - alpha_bar_prev, 0.0)) * inputs.eps), state
+
+  monkeypatch.setitem(samplers.SAMPLERS, "jump", samplers.Registered(
+      lambda: samplers.Sampler(init=lambda x_T: (), step=jump), spacing="uniform",
+      clip_x0=True))
+  common = dict(num_samples=8, image_shape=(2, 2, 1), progress=False)
+  images = {name: generate.generate(
+      gaussian_eps(SCHEDULE, 2.0, STD), None, SCHEDULE, jax.random.key(13),
+      generate.SamplingOptions(sampler=name, num_steps=10, batch_size=8), **common)["images"]
+            for name in ("jump", "ddim")}
+  np.testing.assert_allclose(images["jump"], images["ddim"], atol=1e-6)
+  assert float(np.abs(images["jump"]).max()) <= 1.0  # the registered default: clip x̂0
+
+
+def test_dpm_solver_clipping_and_thresholding_options_reach_the_sampler():
+  """Through SamplingOptions and generate, as `samplers.run(samplers.dpm_solver(), …)` on the
+  respaced schedule with the key generate gives batch 0; the default clips nothing."""
+  far_apply = gaussian_eps(SCHEDULE, 2.0, STD)
+  key, shape = jax.random.key(14), (8, 2, 2, 1)
+  timesteps = samplers.spaced_timesteps(SCHEDULE, 10, "logsnr")
+  direct = jax.jit(lambda clip_x0, threshold_percentile: samplers.run(
+      samplers.dpm_solver(), far_apply, None, samplers.respace(SCHEDULE, timesteps),
+      jax.random.fold_in(key, 0), shape, timesteps=timesteps, clip_x0=clip_x0,
+      threshold_percentile=threshold_percentile).images, static_argnums=(0, 1))
+  results = {}
+  for clip_x0, threshold_percentile in [(None, None), (True, None), (None, 0.9)]:
+    options = generate.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
+                                       clip_x0=clip_x0, threshold_percentile=threshold_percentile)
+    images = generate.generate(far_apply, None, SCHEDULE, key, options, num_samples=8,
+                               image_shape=shape[1:], progress=False)["images"]
+    np.testing.assert_array_equal(images, direct(bool(clip_x0), threshold_percentile))
+    results[clip_x0, threshold_percentile] = images
+  assert float(results[None, None].max()) > 1.5
+  assert float(np.abs(results[True, None]).max()) <= 1.0
+  assert float(np.abs(results[None, 0.9]).max()) <= 1.0
+  assert not np.allclose(results[True, None], results[None, 0.9])
+
+
+def test_sampling_options_from_config_sections():
+  config = default.get_config()
+  assert generate.SamplingOptions.from_config(config.sample) == generate.SamplingOptions(
+      sampler="ddpm", num_steps=1000, clip_x0=True, guidance_scale=0.0, batch_size=64)
+  config.eval.threshold_percentile = 0.995
+  assert generate.SamplingOptions.from_config(config.eval) == generate.SamplingOptions(
+      sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
+  config.sample.sampler = "euler"
+  with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
+                     "of ddim, ddpm, dpm_solver$"):
+    generate.SamplingOptions.from_config(config.sample)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampler", "euler", "sampler = 'euler': unknown sampler; choose one of ddim, ddpm, "
+     "dpm_solver"),
+    ("num_steps", 0, "num_steps = 0: a sampler takes at least 1 step; choose 1 … T"),
+    ("spacing", "cubic", "spacing = 'cubic': unknown spacing; choose one of uniform, trailing, "
+     "quadratic, logsnr"),
+    ("threshold_percentile", 0.0, "threshold_percentile = 0.0: a quantile of |x̂0| in (0, 1], "
+     "e.g. 0.995"),
+    ("threshold_percentile", 1.5, "threshold_percentile = 1.5: a quantile"),
+    ("eta", 0.5, "eta = 0.5: η is DDIM's noise scale; use it with sampler ddim, not ddpm"),
+    ("batch_size", 0, "batch_size = 0: a batch holds at least 1 image"),
+    ("batch_size", -8, "batch_size = -8: a batch holds at least 1 image")])
+def test_sampling_options_refuse_bad_values(field, value, message):
+  with pytest.raises(errors.UsageError) as raised:
+    generate.SamplingOptions(**{field: value})
+  assert str(raised.value).startswith(message) and "\n" not in str(raised.value)

@@ -1,6 +1,7 @@
 """Evaluating a model's EMA params: bits/dim on held-out data, and FID or the offline quality
 score of its samples. Used by `evaluate.py` and by the trainer every `train.eval_every` steps."""
 
+import dataclasses
 import math
 import time
 
@@ -23,16 +24,16 @@ def check_metric(metric: str, data_config) -> None:
     fid.check_available()
 
 
-def generate_uint8(model, params, config, mesh, key, *, sampler: str, num_steps: int,
-                   num_samples: int, batch_size: int):
+def generate_uint8(model, params, config, mesh, key, options: generate.SamplingOptions, *,
+                   num_samples: int):
   """Samples as uint8 [N, H, W, C] and the classes asked for (None when unconditional);
-  conditional models get the classes in turn, without guidance."""
+  conditional models get the classes in turn, with `options.guidance_scale`."""
   size, channels = config.data.image_size, config.data.num_channels
   result = generate.generate(
-      model.apply, {"params": params}, schedules.from_config(config.diffusion), key,
-      num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
-      sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
-      num_classes=config.model.num_classes, mesh=mesh, progress=False)
+      model.apply, {"params": params}, schedules.from_config(config.diffusion), key, options,
+      num_samples=num_samples, image_shape=(size, size, channels),
+      prediction=config.diffusion.prediction, num_classes=config.model.num_classes, mesh=mesh,
+      progress=False)
   return images.to_uint8(result["images"]), result["labels"]
 
 
@@ -59,20 +60,20 @@ def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = N
           **result, "uniform_bpd": math.log2(levels), "pixel_levels": levels}
 
 
-def sample_metric(metric: str, model, params, config, mesh, key, *, sampler: str,
-                  num_steps: int, num_samples: int, batch_size: int) -> dict:
-  """FID or the quality score of `num_samples` samples from `sampler` with `num_steps` steps."""
+def sample_metric(metric: str, model, params, config, mesh, key, *,
+                  options: generate.SamplingOptions, num_samples: int) -> dict:
+  """FID or the quality score of `num_samples` samples taken as `options` say; the result
+  names the sampler and its step count, and keeps all the options under 'sampling'."""
   start = time.perf_counter()
-  samples, labels = generate_uint8(model, params, config, mesh, key, sampler=sampler,
-                                   num_steps=num_steps, num_samples=num_samples,
-                                   batch_size=batch_size)
+  samples, labels = generate_uint8(model, params, config, mesh, key, options,
+                                   num_samples=num_samples)
   sampling_seconds = time.perf_counter() - start
   if metric == "quality":
     result = quality.quality_score(samples, config.data, labels=labels)
   else:
     result = fid.fid_of_samples(samples, config.data, mesh=mesh)
-  return {**result, "sampler": sampler, "num_steps": num_steps,
-          "sampling_seconds": sampling_seconds}
+  return {**result, "sampler": options.sampler, "num_steps": options.num_steps,
+          "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds}
 
 
 def evaluate(metric: str, model, params, config, mesh, key, **options) -> dict:
@@ -97,9 +98,8 @@ def training_scalars(model, params, config, mesh, key) -> dict:
                             timestep_chunk=eval_config.timestep_chunk)
     else:
       result = sample_metric(metric, model, params, config, mesh, metric_key,
-                             sampler=eval_config.sampler, num_steps=eval_config.num_steps,
-                             num_samples=eval_config.num_samples,
-                             batch_size=eval_config.batch_size)
+                             options=generate.SamplingOptions.from_config(eval_config),
+                             num_samples=eval_config.num_samples)
     scalars.update({f"eval/{metric}/{name}": value for name, value in result.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)})
   return scalars

@@ -5,9 +5,21 @@ import time
 
 import jax
 
-from jaxdiff import images, parallel
+from jaxdiff import errors, images, parallel
 from jaxdiff.evaluation import metrics, panels
+from jaxdiff.jobs import sample as sample_job
 from jaxdiff.jobs import workdir as workdir_lib
+
+
+def check_request(output: str | None, **counts) -> None:
+  """errors.UsageError, before any model loads, for a count flag (`counts`: name=value) below 1
+  or an --output (a file to write) that is a folder or lies under an existing file."""
+  sample_job.check_positive(**counts)
+  if output is None:
+    return
+  if os.path.isdir(output):
+    raise errors.UsageError(f"--output={output}: is a folder; name the file to write")
+  sample_job.check_folder("output", output, os.path.dirname(os.path.abspath(output)))
 
 
 def run(workdir: str, metric: str, *, checkpoint_step: int | None = None, seed: int = 0,

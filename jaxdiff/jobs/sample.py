@@ -1,35 +1,55 @@
 """What `sample.py` does: a trained model's EMA params → images and settings in a folder."""
 
+import dataclasses
 import json
 import os
 
 import jax
 import numpy as np
 
-from jaxdiff import generate, images, parallel, samplers
+from jaxdiff import errors, generate, images, parallel
 from jaxdiff.jobs import workdir as workdir_lib
 
 
-def run(workdir: str, output_dir: str, *, checkpoint_step: int | None = None,
-        sampler: str = "dpm_solver", num_steps: int = 20, num_samples: int = 64,
-        batch_size: int = 64, seed: int = 0, guidance_scale: float = 0.0,
-        class_label: int | None = None, eta: float = 0.0, trajectory_every: int | None = None,
+def check_positive(**counts) -> None:
+  """errors.UsageError naming the first flag `--name=value` that is set (not None) and < 1."""
+  for name, value in counts.items():
+    if value is not None and value < 1:
+      raise errors.UsageError(f"--{name}={value}: must be at least 1; pass a positive number "
+                              f"or leave the flag out for its default")
+
+
+def check_folder(flag: str, value: str, folder: str | None = None) -> None:
+  """errors.UsageError when `folder` (default: `value`, the flag's), a folder to write into, or
+  a folder above it is an existing file."""
+  existing = os.path.abspath(value if folder is None else folder)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise errors.UsageError(f"--{flag}={value}: {existing} is a file, not a folder; choose a "
+                            f"path with no file in the way")
+
+
+def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
+        checkpoint_step: int | None = None, num_samples: int = 64, seed: int = 0,
+        class_label: int | None = None, trajectory_every: int | None = None,
         progress: bool = True) -> list[str]:
-  """What `sample.py` does: EMA params from `workdir` → images, written to `output_dir` as
-  samples.png, samples.npz, settings.json (and trajectory.png). Returns the paths written."""
-  samplers.get_sampler(sampler)
+  """What `sample.py` does: EMA params from `workdir` → images sampled as `options` say,
+  written to `output_dir` as samples.png, samples.npz, settings.json (and trajectory.png).
+  Refuses bad requests (errors.UsageError) before loading the model, and a step count beyond
+  the model's T (`generate`) before sampling. Returns the paths written."""
+  check_positive(num_samples=num_samples, trajectory_every=trajectory_every)
+  check_folder("output_dir", output_dir)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config, step = trained.config, trained.step
   mesh = parallel.make_mesh(jax.local_devices())
   size, channels = config.data.image_size, config.data.num_channels
-  options = {"eta": eta} if sampler == "ddim" else {}
   result = generate.generate(
       trained.model.apply, {"params": trained.params}, trained.schedule, jax.random.key(seed),
-      num_samples=num_samples, image_shape=(size, size, channels), batch_size=batch_size,
-      sampler=sampler, num_steps=num_steps, prediction=config.diffusion.prediction,
-      labels=class_label, num_classes=config.model.num_classes,
-      guidance_scale=guidance_scale, trajectory_every=trajectory_every, mesh=mesh,
-      progress=progress, **options)
+      options, num_samples=num_samples, image_shape=(size, size, channels),
+      prediction=config.diffusion.prediction, labels=class_label,
+      num_classes=config.model.num_classes, trajectory_every=trajectory_every, mesh=mesh,
+      progress=progress)
   os.makedirs(output_dir, exist_ok=True)
   pixels = images.to_uint8(result["images"])
   paths = {name: os.path.join(output_dir, name)
@@ -39,11 +59,10 @@ def run(workdir: str, output_dir: str, *, checkpoint_step: int | None = None,
   np.savez_compressed(paths["samples.npz"], images=pixels,
                       labels=result["labels"] if result["labels"] is not None
                       else np.full(num_samples, -1, np.int32))
-  settings = dict(workdir=os.path.abspath(workdir), checkpoint_step=step, sampler=sampler,
-                  num_steps=num_steps, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                  guidance_scale=guidance_scale, class_label=class_label, eta=eta,
-                  trajectory_every=trajectory_every, devices=len(mesh.devices.flat),
-                  config=json.loads(config.to_json_best_effort()))
+  settings = dict(workdir=os.path.abspath(workdir), checkpoint_step=step,
+                  **dataclasses.asdict(options), num_samples=num_samples, seed=seed,
+                  class_label=class_label, trajectory_every=trajectory_every,
+                  devices=len(mesh.devices.flat), config=json.loads(config.to_json_best_effort()))
   with open(paths["settings.json"], "w") as f:
     json.dump(settings, f, indent=2)
   if trajectory_every is None:
@@ -52,4 +71,3 @@ def run(workdir: str, output_dir: str, *, checkpoint_step: int | None = None,
     frames = images.to_uint8(result["trajectory"][:, :8])  # [frames, ≤8 samples, H, W, C]
     images.save_png(paths["trajectory.png"], images.trajectory_strip(frames, scale=scale))
   return list(paths.values())
-
