@@ -109,7 +109,8 @@ def interval_text(low: float, high: float, low_included: bool, high_included: bo
   """'a finite number > 0', 'a number in [0, 1)'."""
   if math.isinf(high):
     return f"a finite number {'≥' if low_included else '>'} {low:g}"
-  return f"a number in {'[' if low_included else '('}{low:g}, {high:g}{']' if high_included else ')'}"
+  opening, closing = "[" if low_included else "(", "]" if high_included else ")"
+  return f"a number in {opening}{low:g}, {high:g}{closing}"
 
 
 def check_real_numbers(config, intervals: dict) -> None:

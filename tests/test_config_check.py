@@ -53,7 +53,8 @@ def test_the_shipped_configs_pass(data_dir):
      "--config.train.checkpoint_every=-5: expected a whole number ≥ 0 (0 means never)"),
     (dict(train__learning_rate=float("nan")),
      "--config.train.learning_rate=nan: expected a finite number > 0"),
-    (dict(train__learning_rate=0.0), "--config.train.learning_rate=0.0: expected a finite number > 0"),
+    (dict(train__learning_rate=0.0),
+     "--config.train.learning_rate=0.0: expected a finite number > 0"),
     (dict(train__ema_decay=1.0), "--config.train.ema_decay=1.0: expected a number in [0, 1)"),
     (dict(train__p_uncond=1.5), "--config.train.p_uncond=1.5: expected a number in [0, 1]"),
     (dict(model__dropout=-0.1), "--config.model.dropout=-0.1: expected a number in [0, 1)"),
@@ -62,7 +63,8 @@ def test_the_shipped_configs_pass(data_dir):
     (dict(sample__num_samples=0), "--config.sample.num_samples=0: expected a whole number ≥ 1"),
     (dict(eval__batch_size=-4), "--config.eval.batch_size=-4: expected a whole number ≥ 1"),
     (dict(diffusion__prediction="foo"),
-     "--config.diffusion.prediction=foo: unknown prediction 'foo'; choose one of ('eps', 'x0', 'v')"),
+     "--config.diffusion.prediction=foo: unknown prediction 'foo'; choose one of "
+     "('eps', 'x0', 'v')"),
     (dict(diffusion__schedule="foo"),
      "--config.diffusion.schedule=foo: unknown schedule 'foo'; available: ['cosine', 'linear']"),
     (dict(train__lr_decay="exp"), "--config.train.lr_decay=exp: unknown lr_decay 'exp'; choose "
@@ -73,7 +75,8 @@ def test_the_shipped_configs_pass(data_dir):
     (dict(sample__num_steps=1001),
      "--config.sample.num_steps=1001: num_steps must be between 1 and T = 1000, got 1001"),
     (dict(eval__metrics=("fud",)),
-     "--config.eval.metrics=('fud',): unknown metric 'fud'; choose one of ('bpd', 'fid', 'quality')"),
+     "--config.eval.metrics=('fud',): unknown metric 'fud'; choose one of "
+     "('bpd', 'fid', 'quality')"),
     (dict(sample__guidance_scale=3.0), "--config.sample.guidance_scale=3.0: this model is "
                                        "unconditional"),
     (dict(data__num_channels=3), "dataset 'digits' has 1-channel images but "

@@ -149,6 +149,13 @@ def define_config_file(default: str, help_string: str,
     return config_flags.DEFINE_config_file(flag_name, default, help_string, sys_argv=sys.argv[:1])
 
 
+def default_config_path() -> str:
+  """The config flag's default file ('' when the program has no config flag)."""
+  if CONFIG_FLAG not in flags.FLAGS:
+    return ""
+  return flags.FLAGS[CONFIG_FLAG].default_as_str.strip("'")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with the contract: any failure is one line and exit 2."""
   if _define_errors:
@@ -158,13 +165,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as error:
     exit_with(errors.UsageError(f"{error} (see --helpfull)"), USAGE_EXIT_CODE, argv)
   except Exception as error:  # pylint: disable=broad-exception-caught  (ml_collections' KeyError)
-    default = flags.FLAGS[CONFIG_FLAG].default_as_str.strip("'") if CONFIG_FLAG in flags.FLAGS else ""
-    exit_with(override_error(error, argv, default), USAGE_EXIT_CODE, argv)
+    exit_with(override_error(error, argv, default_config_path()), USAGE_EXIT_CODE, argv)
   if CONFIG_FLAG in flags.FLAGS:
     try:
       flags.FLAGS[CONFIG_FLAG].value.keys()
     except OSError as error:  # ml_collections defers a failed load to the first use
-      path = config_path(argv, flags.FLAGS[CONFIG_FLAG].default_as_str.strip("'"))
+      path = config_path(argv, default_config_path())
       exit_with(load_config_error(path) or errors.UsageError(f"--{CONFIG_FLAG}={path}: {error}"),
                 USAGE_EXIT_CODE, argv)
   return remaining
