@@ -124,6 +124,11 @@ def check_sizes(config) -> None:
   """Every whole number, interval and real number the run uses is of its type and range."""
   check_whole_numbers(config, {**WHOLE_NUMBERS, **INTERVALS})
   check_real_numbers(config, REAL_NUMBERS)
+  resume_step = get(config, "train.resume_step", None)
+  if resume_step is not None and (not is_whole(resume_step) or resume_step < 1):
+    raise usage_error("train.resume_step", resume_step,
+                      "expected the step number of a checkpoint in the workdir (≥ 1), or None "
+                      "for the newest good one")
   if get(config, "train.sample_every", 0):
     check_whole_numbers(config, SAMPLE_WHOLE_NUMBERS)
     check_real_numbers(config, SAMPLE_REAL_NUMBERS)

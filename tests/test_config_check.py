@@ -130,6 +130,19 @@ def test_a_missing_folder_and_an_unprepared_tfds_dataset_are_usage_errors(data_d
                             f"prepared in {tmp_path}, and jaxdiff never downloads")
 
 
+def test_resume_step_is_a_checkpoint_step_or_none(data_dir):
+  config = config_with(data_dir)
+  config.train.resume_step = None
+  config_check.check_train_config(config, 1, 1)
+  config.train.resume_step = 4000
+  config_check.check_train_config(config, 1, 1)
+  with config.ignore_type():
+    config.train.resume_step = -2
+  assert refusal(config) == (
+      "--config.train.resume_step=-2: expected the step number of a checkpoint in the workdir "
+      "(≥ 1), or None for the newest good one")
+
+
 def test_a_missing_field_is_named(data_dir):
   config = config_with(data_dir)
   del config.train["batch_size"]
