@@ -25,6 +25,9 @@ WHOLE_NUMBERS = {
     "train.num_steps": 1, "train.batch_size": 1, "train.warmup_steps": 0, "train.max_to_keep": 1,
     "train.max_nonfinite_steps": 1, "train.loss_bins": 1,
 }
+# Whole numbers a config may leave out; then their smallest value stands in (one micro-batch, one
+# optimizer step per compiled call).
+OPTIONAL_WHOLE_NUMBERS = {"train.grad_accum_steps": 1, "train.steps_per_call": 1}
 SAMPLE_WHOLE_NUMBERS = {"sample.num_samples": 1, "sample.batch_size": 1}
 EVAL_WHOLE_NUMBERS = {"eval.num_samples": 1, "eval.batch_size": 1}
 BPD_WHOLE_NUMBERS = {"eval.bpd_images": 1, "eval.timestep_chunk": 1}
@@ -93,7 +96,8 @@ def is_whole(value) -> bool:
 
 def check_whole_numbers(config, minimum: dict) -> None:
   for field, low in minimum.items():
-    value = get(config, field, low if field in INTERVALS else _MISSING)
+    optional = field in INTERVALS or field in OPTIONAL_WHOLE_NUMBERS
+    value = get(config, field, low if optional else _MISSING)
     if not is_whole(value) or value < low:
       never = " (0 means never)" if field in INTERVALS and low == 0 else ""
       raise usage_error(field, value, f"expected a whole number ≥ {low}{never}")
@@ -122,7 +126,7 @@ def check_real_numbers(config, intervals: dict) -> None:
 
 def check_sizes(config) -> None:
   """Every whole number, interval and real number the run uses is of its type and range."""
-  check_whole_numbers(config, {**WHOLE_NUMBERS, **INTERVALS})
+  check_whole_numbers(config, {**WHOLE_NUMBERS, **INTERVALS, **OPTIONAL_WHOLE_NUMBERS})
   check_real_numbers(config, REAL_NUMBERS)
   resume_step = get(config, "train.resume_step", None)
   if resume_step is not None and (not is_whole(resume_step) or resume_step < 1):
@@ -180,18 +184,24 @@ def check_names(config) -> None:
 
 
 def check_batch_split(config, num_devices: int, num_processes: int) -> None:
-  """Every global batch the run uses splits evenly over the devices and over the processes."""
-  fields = ["train.batch_size"]
+  """Every global batch the run uses splits evenly over the devices and over the processes; the
+  training batch's train.grad_accum_steps micro-batches each split over the devices."""
+  micro_batches = get(config, "train.grad_accum_steps", 1)
+  splits = {"train.batch_size": micro_batches}
   if get(config, "train.sample_every", 0):
-    fields.append("sample.batch_size")
+    splits["sample.batch_size"] = 1
   if get(config, "train.eval_every", 0):
-    fields.append("eval.batch_size")
-  for field in fields:
+    splits["eval.batch_size"] = 1
+  for field, num_micro_batches in splits.items():
     value = get(config, field)
-    for count, what in ((num_devices, "devices"), (num_processes, "processes (hosts)")):
-      if value % count:
-        raise usage_error(field, value, f"the global batch must split evenly over the {count} "
-                          f"{what}: choose a multiple of {count}")
+    if value % (num_devices * num_micro_batches):
+      split = (f"into {num_micro_batches} micro-batches (--config.train.grad_accum_steps), "
+               f"each evenly over" if num_micro_batches > 1 else "evenly over")
+      raise usage_error(field, value, f"the global batch must split {split} the {num_devices} "
+                        f"devices: choose a multiple of {num_devices * num_micro_batches}")
+    if value % num_processes:
+      raise usage_error(field, value, f"the global batch must split evenly over the "
+                        f"{num_processes} processes (hosts): choose a multiple of {num_processes}")
 
 
 def unknown_dataset_message(name, directory: str) -> str:

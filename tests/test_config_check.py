@@ -106,6 +106,11 @@ def test_every_batch_must_split_over_devices_and_processes(data_dir):
       "choose a multiple of 8")
   assert refusal(config_with(data_dir, sample__batch_size=36), num_devices=8).startswith(
       "--config.sample.batch_size=36: the global batch must split evenly over the 8 devices")
+  accumulating = config_with(data_dir, train__batch_size=96)
+  accumulating.train.grad_accum_steps = 8
+  assert refusal(accumulating, num_devices=8) == (
+      "--config.train.batch_size=96: the global batch must split into 8 micro-batches "
+      "(--config.train.grad_accum_steps), each evenly over the 8 devices: choose a multiple of 64")
   assert refusal(config_with(data_dir), num_devices=4, num_processes=3) == (
       "--config.train.batch_size=128: the global batch must split evenly over the 3 processes "
       "(hosts): choose a multiple of 3")
