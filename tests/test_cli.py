@@ -57,6 +57,7 @@ CASES = {
     "bug": (["--fail=bug"], {}),
     "job_verbose": (["--fail=job", "--verbose"], {}),
     "usage_with_traceback_env": (["--config.train.num_steps=0"], {cli.TRACEBACK_ENV: "1"}),
+    "valid": ([], {}),
 }
 
 
@@ -72,7 +73,8 @@ def results(tmp_path_factory) -> dict:
   for name, (args, env) in CASES.items():
     workdir = root / name
     started[name] = (workdir, subprocess.Popen(
-        [sys.executable, str(program), f"--workdir={workdir}", *args], cwd=REPO,
+        [sys.executable, str(program), f"--workdir={workdir}", *args,
+         f"--config.data.data_dir={root / 'tensorflow_datasets'}"], cwd=REPO,
         env={**environment, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   finished = {}
   for name, (workdir, process) in started.items():
@@ -100,6 +102,12 @@ def test_bad_inputs_are_one_line_and_exit_2_with_nothing_written(results):
     assert (exit_code, len(lines)) == (2, 1), (name, lines)
     assert lines[0].startswith(start), (name, lines)
     assert not workdir.exists(), name
+
+
+def test_a_valid_command_runs(results):
+  exit_code, lines, workdir = results["valid"]
+  assert exit_code == 0, lines
+  assert workdir.is_dir()
 
 
 def test_run_time_failures_are_one_line_and_exit_1_the_traceback_on_request(results):
