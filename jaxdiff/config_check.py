@@ -138,8 +138,17 @@ def check_sizes(config) -> None:
     check_real_numbers(config, SAMPLE_REAL_NUMBERS)
   if get(config, "train.eval_every", 0):
     check_whole_numbers(config, EVAL_WHOLE_NUMBERS)
-    if "bpd" in get(config, "eval.metrics"):
+    if "bpd" in eval_metrics(config):
       check_whole_numbers(config, BPD_WHOLE_NUMBERS)
+
+
+def eval_metrics(config) -> tuple[str, ...]:
+  """config.eval.metrics, refused unless it is a tuple (or list) of names."""
+  chosen = get(config, "eval.metrics")
+  if not isinstance(chosen, (tuple, list)) or not all(isinstance(m, str) for m in chosen):
+    raise usage_error("eval.metrics", chosen,
+                      f"expected a tuple of metric names, e.g. \"('{metrics.METRICS[0]}',)\"")
+  return tuple(chosen)
 
 
 def check_sampler(config, section: str, schedule: schedules.Schedule) -> None:
@@ -175,11 +184,7 @@ def check_names(config) -> None:
       with refusing("sample.guidance_scale", guidance_scale):
         samplers.check_labels([], get(config, "model.num_classes"))
   if get(config, "train.eval_every", 0):
-    chosen = get(config, "eval.metrics")
-    if isinstance(chosen, str) or not all(isinstance(metric, str) for metric in chosen):
-      raise usage_error("eval.metrics", chosen,
-                        f"expected a tuple of metric names, e.g. \"('{metrics.METRICS[0]}',)\"")
-    if any(metric != "bpd" for metric in chosen):
+    if any(metric != "bpd" for metric in eval_metrics(config)):
       check_sampler(config, "eval", schedule)
 
 
@@ -225,6 +230,8 @@ def check_dataset(config) -> None:
     raise usage_error("data.dataset", name, unknown_dataset_message(name, directory))
   try:
     data.dataset_info(config.data)
+  except ImportError as error:  # a packaged dataset whose package is not installed
+    raise usage_error("data.dataset", name, error) from error
   except FileNotFoundError as error:  # a missing folder or an unprepared TFDS dataset
     advice = (f"; give {data.FOLDER_PREFIX}PATH of an existing folder of PNG/JPEG images"
               if name.startswith(data.FOLDER_PREFIX) else "")
@@ -245,7 +252,7 @@ def check_metrics(config) -> None:
   """Each of config.eval.metrics runs on this dataset and machine (when the run evaluates)."""
   if not get(config, "train.eval_every", 0):
     return
-  chosen = get(config, "eval.metrics")
+  chosen = eval_metrics(config)
   for metric in chosen:
     with refusing("eval.metrics", chosen):
       metrics.check_metric(metric, config.data)

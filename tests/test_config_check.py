@@ -77,6 +77,8 @@ def test_the_shipped_configs_pass(data_dir):
     (dict(eval__metrics=("fud",)),
      "--config.eval.metrics=('fud',): unknown metric 'fud'; choose one of "
      "('bpd', 'fid', 'quality')"),
+    (dict(eval__metrics="fid"),
+     "--config.eval.metrics=fid: expected a tuple of metric names, e.g. \"('bpd',)\""),
     (dict(sample__guidance_scale=3.0), "--config.sample.guidance_scale=3.0: this model is "
                                        "unconditional"),
     (dict(data__num_channels=3), "dataset 'digits' has 1-channel images but "
@@ -171,6 +173,7 @@ FIELDS = {
     "train.ema_decay": "unit_real", "model.dropout": "unit_real", "train.adam_b2": "unit_real",
     "diffusion.prediction": "name", "diffusion.schedule": "name", "train.lr_decay": "name",
     "sample.sampler": "name", "eval.sampler": "name", "data.dataset": "name",
+    "eval.metrics": "name",
 }
 
 
