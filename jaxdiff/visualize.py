@@ -1,6 +1,7 @@
 """Pictures that show the idea working: the denoising panel and the loss curves."""
 
 import json
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,24 +45,37 @@ def denoising_panel(rows: np.ndarray) -> np.ndarray:
                           scale=images.display_scale(tiles.shape[3]))
 
 
-def plot_losses(metrics_path: str, output_path: str) -> None:
+class LossPlot(NamedTuple):
+  """What `plot_losses` draws: the loss curve and the mean loss of each t-bin late in training."""
+
+  steps: list[int]
+  losses: list[float]
+  bin_means: list[float]   # bin i: mean of loss_t_bin_i over the last tenth of the logs
+  num_late: int            # how many logs that last tenth holds
+
+
+def plot_losses(metrics_path: str, output_path: str) -> LossPlot | None:
   """Two plots from metrics.jsonl: the training loss against step, and the loss in each t-bin
-  over the last tenth of training (how hard denoising is at each noise level)."""
+  over the last tenth of training (how hard denoising is at each noise level). Returns what it
+  plotted (None, writing nothing, when no record has a loss)."""
   with open(metrics_path) as f:
     records = [json.loads(line) for line in f]
   records = [r for r in records if isinstance(r.get("loss"), float)]
   if not records:
-    return
-  figure, (curve, by_t) = pyplot.subplots(1, 2, figsize=(10, 3.5))
-  curve.plot([r["step"] for r in records], [r["loss"] for r in records])
-  curve.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    return None
   late = records[-max(1, len(records) // 10):]
   bins = sorted({k for r in late for k in r if k.startswith("loss_t_bin_")},
                 key=lambda k: int(k.rsplit("_", 1)[1]))
-  means = [np.mean([r[k] for r in late if k in r]) for k in bins]
-  by_t.bar(range(len(bins)), means)
+  plotted = LossPlot(steps=[r["step"] for r in records], losses=[r["loss"] for r in records],
+                     bin_means=[float(np.mean([r[k] for r in late if k in r])) for k in bins],
+                     num_late=len(late))
+  figure, (curve, by_t) = pyplot.subplots(1, 2, figsize=(10, 3.5))
+  curve.plot(plotted.steps, plotted.losses)
+  curve.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+  by_t.bar(range(len(bins)), plotted.bin_means)
   by_t.set(xlabel=f"t bin (of {len(bins)}, low t = little noise)", ylabel="loss",
            title=f"loss by timestep, last {len(late)} logs")
   figure.tight_layout()
   figure.savefig(output_path, dpi=100)
   pyplot.close(figure)
+  return plotted

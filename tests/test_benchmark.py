@@ -29,13 +29,71 @@ def test_benchmark_reports_throughput_flops_and_mfu(tmp_path):
   assert "jaxdiff" in benchmark.format_table(result)
 
 
+def diffusers_unet2d_param_count(config) -> int:
+  """The parameter count of the peer, diffusers' `UNet2DModel` as benchmarks/peer_diffusers.py
+  builds it (positional time embedding, AttnDown/DownBlock2D, UNetMidBlock2D, AttnUp/UpBlock2D,
+  3×3 convolutions with bias, convolutional resampling), in closed form from diffusers'
+  architecture, so that the comparison runs without torch."""
+  model_config = config.model
+  widths = [model_config.ch * mult for mult in model_config.ch_mult]
+  size, num_levels = config.data.image_size, len(widths)
+  attention = [size // 2**level in model_config.attn_resolutions for level in range(num_levels)]
+  temb = 4 * widths[0]
+  conv3x3 = lambda c_in, c_out: 9 * c_in * c_out + c_out
+  linear = lambda c_in, c_out: c_in * c_out + c_out
+  norm = lambda c: 2 * c
+
+  def resnet(c_in, c_out):  # norm1, conv1, time_emb_proj, norm2, conv2, 1×1 shortcut
+    shortcut = linear(c_in, c_out) if c_in != c_out else 0
+    return (norm(c_in) + conv3x3(c_in, c_out) + linear(temb, c_out) + norm(c_out)
+            + conv3x3(c_out, c_out) + shortcut)
+
+  def attn(c):  # group_norm, to_q, to_k, to_v, to_out
+    return norm(c) + 4 * linear(c, c)
+
+  count = linear(widths[0], temb) + linear(temb, temb)  # time embedding
+  if model_config.num_classes:
+    count += (model_config.num_classes + 1) * temb
+  count += conv3x3(config.data.num_channels, widths[0])
+  c_in = widths[0]
+  for level, width in enumerate(widths):
+    for block in range(model_config.num_res_blocks):
+      count += resnet(c_in if block == 0 else width, width)
+      count += attn(width) if attention[level] else 0
+    count += conv3x3(width, width) if level < num_levels - 1 else 0  # downsampler
+    c_in = width
+  count += 2 * resnet(widths[-1], widths[-1]) + attn(widths[-1])  # middle
+  reversed_widths, previous = widths[::-1], widths[-1]
+  for index, width in enumerate(reversed_widths):
+    level = num_levels - 1 - index
+    block_input = reversed_widths[min(index + 1, num_levels - 1)]
+    for block in range(model_config.num_res_blocks + 1):
+      skip = block_input if block == model_config.num_res_blocks else width
+      count += resnet((previous if block == 0 else width) + skip, width)
+      count += attn(width) if attention[level] else 0
+    count += conv3x3(width, width) if index < num_levels - 1 else 0  # upsampler
+    previous = width
+  return count + norm(widths[0]) + conv3x3(widths[0], model_config.out_channels)
+
+
+@pytest.mark.parametrize("config_path, num_classes, expected", [
+    ("configs/cifar10.py", 0, 35_746_307),  # google/ddpm-cifar10-32, the DDPM paper's 35.7M
+    ("configs/default.py", 0, 1_001_729),
+    ("configs/mnist5k.py", 10, 6_472_705),  # class-conditional: an embedding of 11 classes
+])
+def test_jaxdiff_has_the_parameter_count_of_the_peer(config_path, num_classes, expected):
+  config = benchmark.load_config(config_path, "float32")
+  config.model.num_classes = num_classes
+  model = train_step.create_model(config)
+  shapes = jax.eval_shape(lambda key: train_step.init_state(config, model, key), jax.random.key(0))
+  assert count_params(shapes.params) == diffusers_unet2d_param_count(config) == expected
+
+
 @pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                     reason="the peer needs the bench extra: pip install -e '.[bench]'")
 @pytest.mark.parametrize("config_path", ["configs/cifar10.py", "configs/default.py"])
-def test_the_peer_has_the_same_parameter_count(config_path):
+def test_the_peer_has_the_closed_form_parameter_count(config_path):
   from benchmarks import peer_diffusers
   config = benchmark.load_config(config_path, "float32")
-  model = train_step.create_model(config)
-  shapes = jax.eval_shape(lambda key: train_step.init_state(config, model, key), jax.random.key(0))
   peer = peer_diffusers.unet2d_from_config(config)
-  assert sum(p.numel() for p in peer.parameters()) == count_params(shapes.params)
+  assert sum(p.numel() for p in peer.parameters()) == diffusers_unet2d_param_count(config)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion, schedules
-from test_schedules import reference
+from tests.helpers import reference
 
 T = 1000
 

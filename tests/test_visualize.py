@@ -44,13 +44,27 @@ def test_panel_image_has_a_row_per_t_and_image_and_five_columns():
   assert panel.shape == (2 * 2 * tile + 1, 5 * tile + 1, 1) and panel.dtype == np.uint8
 
 
-def test_loss_plot_is_written(tmp_path):
+def test_loss_plot_draws_the_loss_curve_and_the_late_bin_means(tmp_path):
   bins = train_step.loss_by_timestep(jnp.ones(1000), jnp.arange(1000), 1000, 10)
   np.testing.assert_array_equal(bins["loss_bin_count"], [100] * 10)  # every bin is covered
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for step in range(1, 21):
       record = {"step": step, "loss": 1.0 / step}
-      record.update({f"loss_t_bin_{i}": 0.1 * (10 - i) for i in range(10)})
+      record.update({f"loss_t_bin_{i}": 0.01 * step * (10 - i) for i in range(10)})
       f.write(json.dumps(record) + "\n")
-  visualize.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "losses.png"))
+      if step == 10:  # an evaluation record has no loss and is not plotted
+        f.write(json.dumps({"step": step, "eval/quality/accuracy": 0.5}) + "\n")
+  plotted = visualize.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "losses.png"))
+  assert plotted.steps == list(range(1, 21))
+  np.testing.assert_allclose(plotted.losses, [1.0 / step for step in range(1, 21)])
+  # The last tenth of 20 logs is steps 19 and 20: bin i's mean is 0.01 · 19.5 · (10 − i).
+  assert plotted.num_late == 2
+  np.testing.assert_allclose(plotted.bin_means, [0.195 * (10 - i) for i in range(10)])
   assert Image.open(tmp_path / "losses.png").size == (1000, 350)
+
+
+def test_no_loss_plot_without_a_loss(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/bpd/bpd": 3.1}) + "\n")
+  plotted = visualize.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "losses.png"))
+  assert plotted is None
+  assert not (tmp_path / "losses.png").exists()

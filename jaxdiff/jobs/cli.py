@@ -1,0 +1,190 @@
+"""The error contract of train.py, sample.py and evaluate.py (see `errors`), around absl's app.
+
+  from jaxdiff.jobs import cli
+  _CONFIG = cli.define_config_file("configs/default.py", "Config file ...")
+  ...
+  if __name__ == "__main__":
+    cli.run(main)
+
+A bad input (a flag that does not parse, a missing config file, an unknown config field, an
+`errors.UsageError` or absl's `app.UsageError` from `main`) prints one line `error: …` on
+stderr and exits 2; a failure at run time (`errors.JobError`, or any other exception) prints
+one line and exits 1. With --verbose, or TRACEBACK_ENV=1 in the environment, the traceback is
+printed before that line.
+"""
+
+import difflib
+import os
+import re
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxdiff import errors
+
+TRACEBACK_ENV = "JAXDIFF_TRACEBACK"
+CONFIG_FLAG = "config"
+USAGE_EXIT_CODE = 2
+FAILURE_EXIT_CODE = 1
+
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             f"On an error, also print the traceback (or set {TRACEBACK_ENV}=1).")
+# An error met while defining the config flag (absl parses the default config and its overrides
+# then), reported when the program starts.
+_define_errors: list[errors.UsageError] = []
+
+
+def wants_traceback(argv: Sequence[str]) -> bool:
+  """--verbose on the command line (parsed or not yet), or TRACEBACK_ENV set to a non-empty,
+  non-zero value."""
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  if flags.FLAGS.is_parsed():
+    return _VERBOSE.value
+  return any(arg in ("--verbose", "-verbose", "--verbose=true", "--verbose=1") for arg in argv)
+
+
+def exit_with(error: BaseException, exit_code: int, argv: Sequence[str]) -> None:
+  """Print `error: <message>` as one line on stderr (after the traceback, if asked for) and exit."""
+  if wants_traceback(argv):
+    traceback.print_exception(error)
+  message = " ".join(str(error).split())
+  if not isinstance(error, (errors.UsageError, errors.JobError, app.UsageError, flags.Error)):
+    message = (f"unexpected {type(error).__name__}: {message} (rerun with --verbose or "
+               f"{TRACEBACK_ENV}=1 for the traceback)")
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(exit_code)
+
+
+def config_field_names(config, prefix: str = "") -> list[str]:
+  """Every dotted field name of a ConfigDict, leaves and sections: ['data', 'data.dataset', …]."""
+  names = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    names.append(name)
+    if hasattr(value, "items"):
+      names.extend(config_field_names(value, f"{name}."))
+  return names
+
+
+def override_fields(argv: Sequence[str], flag_name: str = CONFIG_FLAG) -> list[str]:
+  """The dotted fields the command line overrides: --config.train.batch_size=64 → 'train.batch_size'
+  (also --noconfig.x and --config.x VALUE)."""
+  pattern = re.compile(rf"^--?(no)?{re.escape(flag_name)}\.([^=]+)")
+  return [match.group(2) for arg in argv if (match := pattern.match(arg))]
+
+
+def config_path(argv: Sequence[str], default: str, flag_name: str = CONFIG_FLAG) -> str:
+  """The config file the command line names (--config=PATH or --config PATH), else `default`."""
+  path = default
+  for index, arg in enumerate(argv):
+    if arg.startswith(f"--{flag_name}=") or arg.startswith(f"-{flag_name}="):
+      path = arg.split("=", 1)[1]
+    elif arg in (f"--{flag_name}", f"-{flag_name}") and index + 1 < len(argv):
+      path = argv[index + 1]
+  return path
+
+
+def has_field(config, field: str) -> bool:
+  node = config
+  for part in field.split("."):
+    if not hasattr(node, "items") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def unknown_field_error(config, fields: Sequence[str],
+                        flag_name: str = CONFIG_FLAG) -> errors.UsageError | None:
+  """A one-line error for the first of `fields` that `config` does not have, naming the nearest
+  real fields; None when it has them all."""
+  names = config_field_names(config)
+  for field in fields:
+    if not has_field(config, field):
+      nearest = difflib.get_close_matches(field, names, n=3, cutoff=0.5)
+      hint = (f"the nearest are {', '.join(f'--{flag_name}.{name}' for name in nearest)}"
+              if nearest else f"see the fields of the --{flag_name} file")
+      return errors.UsageError(f"--{flag_name}.{field}: the config has no such field; {hint}")
+  return None
+
+
+def load_config_error(path: str, flag_name: str = CONFIG_FLAG) -> errors.UsageError | None:
+  """A one-line error when the config file `path` (PATH or PATH:ARGUMENT) cannot be loaded."""
+  file_path = path.split(":", 1)[0]
+  if not os.path.isfile(file_path):
+    return errors.UsageError(
+        f"--{flag_name}={path}: no such file (relative paths start at {os.getcwd()}); give a "
+        f"config file such as configs/default.py")
+  return None
+
+
+def override_error(error: Exception, argv: Sequence[str], default: str,
+                   flag_name: str = CONFIG_FLAG) -> errors.UsageError:
+  """What went wrong while parsing the config flag, as one line: a missing file, an unknown
+  field, or the loader's own message."""
+  path = config_path(argv, default, flag_name)
+  missing = load_config_error(path, flag_name)
+  if missing:
+    return missing
+  try:
+    config = config_flags.config_flags.ConfigFileFlagParser(flag_name).parse(path)
+    unknown = unknown_field_error(config, override_fields(argv, flag_name), flag_name)
+  except Exception:  # pylint: disable=broad-exception-caught  (reported below as it came)
+    unknown = None
+  return unknown or errors.UsageError(
+      f"--{flag_name}={path}: cannot load it with its overrides: {type(error).__name__}: {error}")
+
+
+def define_config_file(default: str, help_string: str,
+                       flag_name: str = CONFIG_FLAG) -> flags.FlagHolder:
+  """`config_flags.DEFINE_config_file(flag_name, default, help_string)`, whose failures (an
+  unknown override while the default config is parsed at definition) are reported by `run`."""
+  try:
+    return config_flags.DEFINE_config_file(flag_name, default, help_string)
+  except Exception as error:  # pylint: disable=broad-exception-caught  (reported by `run`)
+    _define_errors.append(override_error(error, sys.argv, default, flag_name))
+    return config_flags.DEFINE_config_file(flag_name, default, help_string, sys_argv=sys.argv[:1])
+
+
+def default_config_path() -> str:
+  """The config flag's default file ('' when the program has no config flag)."""
+  if CONFIG_FLAG not in flags.FLAGS:
+    return ""
+  return flags.FLAGS[CONFIG_FLAG].default_as_str.strip("'")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with the contract: any failure is one line and exit 2."""
+  if _define_errors:
+    exit_with(_define_errors[0], USAGE_EXIT_CODE, argv)
+  try:
+    remaining = flags.FLAGS(argv)
+  except flags.Error as error:
+    exit_with(errors.UsageError(f"{error} (see --helpfull)"), USAGE_EXIT_CODE, argv)
+  except Exception as error:  # pylint: disable=broad-exception-caught  (ml_collections' KeyError)
+    exit_with(override_error(error, argv, default_config_path()), USAGE_EXIT_CODE, argv)
+  if CONFIG_FLAG in flags.FLAGS:
+    try:
+      flags.FLAGS[CONFIG_FLAG].value.keys()
+    except OSError as error:  # ml_collections defers a failed load to the first use
+      path = config_path(argv, default_config_path())
+      exit_with(load_config_error(path) or errors.UsageError(f"--{CONFIG_FLAG}={path}: {error}"),
+                USAGE_EXIT_CODE, argv)
+  return remaining
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """`app.run(main)` with the error contract of this module."""
+
+  def guarded_main(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except (errors.UsageError, app.UsageError) as error:
+      exit_with(error, USAGE_EXIT_CODE, argv)
+    except Exception as error:  # pylint: disable=broad-exception-caught  (the contract: one line)
+      exit_with(error, FAILURE_EXIT_CODE, argv)
+
+  app.run(guarded_main, flags_parser=parse_flags)
