@@ -14,13 +14,12 @@ recovered in one step from the prediction. Metrics print a table and write JSON.
 
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 
-from jaxdiff import checkpoint, generate, samplers
+from jaxdiff import generate, samplers
 from jaxdiff.evaluation import metrics
-from jaxdiff.jobs import evaluate
+from jaxdiff.jobs import cli, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or export).", required=True)
 _METRIC = flags.DEFINE_enum("metric", "quality", ["panel", *metrics.METRICS], "What to compute.")
@@ -61,17 +60,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   metric = _METRIC.value
-  try:
-    evaluate.check_request(_OUTPUT.value, num_samples=_NUM_SAMPLES.value,
-                           num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value)
-    if metric == "panel":
-      print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
+  evaluate.check_request(_OUTPUT.value, num_samples=_NUM_SAMPLES.value,
+                         num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value)
+  if metric == "panel":
+    print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
                                         _CHECKPOINT_STEP.value))
-      return
-    result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
-                          seed=_SEED.value, **metric_options(metric))
-  except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as error:
-    sys.exit(f"error: {error}")
+    return
+  result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
+                        seed=_SEED.value, **metric_options(metric))
   output = _OUTPUT.value or os.path.join(
       _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -82,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,12 +9,11 @@ trajectory.png: a row per sample from static (left) to the image (right).
 Needs no dataset and no TensorFlow; runs data-parallel over the local devices.
 """
 
-import sys
 
 from absl import app, flags, logging
 
-from jaxdiff import checkpoint, generate, samplers
-from jaxdiff.jobs import sample
+from jaxdiff import generate, samplers
+from jaxdiff.jobs import cli, sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export folder.",
                                required=True)
@@ -55,19 +54,16 @@ def main(argv):
   trajectory_every = _TRAJECTORY_EVERY.value
   if trajectory_every is None and _TRAJECTORY.value:
     trajectory_every = max(1, _NUM_STEPS.value // 10)
-  try:
-    options = generate.SamplingOptions(
-        sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
-        clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
-        eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value, batch_size=_BATCH_SIZE.value)
-    written = sample.run(
-        _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
-        num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
-        trajectory_every=trajectory_every)
-  except (checkpoint.CheckpointError, ValueError) as error:
-    sys.exit(f"error: {error}")
+  options = generate.SamplingOptions(
+      sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
+      clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
+      eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value, batch_size=_BATCH_SIZE.value)
+  written = sample.run(
+      _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
+      num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
+      trajectory_every=trajectory_every)
   print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,17 +10,14 @@ other hosts); GPU clusters pass --coordinator_address, --num_processes and --pro
 """
 
 import glob
-import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jaxdiff import checkpoint
-from jaxdiff.jobs import train
+from jaxdiff.jobs import cli, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
-                                          "Config file (a get_config() returning a ConfigDict).")
+_CONFIG = cli.define_config_file("configs/default.py",
+                                 "Config file (a get_config() returning a ConfigDict).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/default",
                                "Where checkpoints, metrics, TensorBoard logs and samples go.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -44,13 +41,10 @@ def main(argv):
   distributed = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else tpu_attached()
   if distributed or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    summary = train.run(_CONFIG.value, _WORKDIR.value)
-  except (train.TrainingError, checkpoint.CheckpointError, ValueError) as error:
-    sys.exit(f"error: {error}")
+  summary = train.run(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(summary)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_nonfinite_steps = 10  # stop after this many unhealthy steps in a row:
   train.spike_factor = 10.0       # loss > this × its running median is a spike,
   train.max_relative_update = 0.5  # ‖Δθ‖/‖θ‖ above this is an exploding update
-  train.resume_step = 0           # 0: the newest good checkpoint; N: resume from step N
+  train.resume_step = placeholder(int)  # unset: the newest good step; N: resume from step N
   train.loss_bins = 10            # loss logged in this many bins of t
   train.compilation_cache_dir = "~/.cache/jaxdiff/xla"  # compiled programs kept across runs; "" off
   train.profile_steps = ()        # (FIRST, LAST): a jax.profiler trace into WORKDIR/profile

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion, schedules
+from jaxdiff import diffusion, errors, schedules
 from jaxdiff.schedules import Schedule
 
 ApplyFn = Callable[..., jax.Array]
@@ -298,14 +298,14 @@ def check_labels(labels, num_classes: int) -> None:
   is one of its classes, 0 ≤ y < num_classes. Traced labels (inside `jax.jit`) are not checked:
   check them before."""
   if num_classes < 1:
-    raise ValueError(f"this model is unconditional (num_classes = {num_classes}): class labels "
-                     "and guidance need a class-conditional model")
+    raise errors.UsageError(f"this model is unconditional (num_classes = {num_classes}): class "
+                            "labels and guidance need a class-conditional model")
   if isinstance(labels, jax.core.Tracer):
     return
   values = np.asarray(labels)
   if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise ValueError(f"class labels must be in [0, {num_classes}), got "
-                     f"{sorted(set(values.ravel().tolist()))}")
+    raise errors.UsageError(f"class labels must be in [0, {num_classes}), got "
+                            f"{sorted(set(values.ravel().tolist()))}")
 
 
 def guided(cond_apply_fn: ApplyFn, labels, num_classes: int, guidance_scale: float) -> ApplyFn:

@@ -398,4 +398,8 @@ def test_incompatible_model_config_names_both_values(packaged_dir, data_override
 def test_compatible_model_config_passes(packaged_dir):
   model_config = ml_collections.ConfigDict(
       {"out_channels": 1, "num_classes": 10, "ch_mult": (1, 2, 2)})
-  data.check_model_compatible(make_config("digits", packaged_dir, image_size=16), model_config)
+  data_config = make_config("digits", packaged_dir, image_size=16)
+  data.check_model_compatible(data_config, model_config)  # raises if not
+  info = data.dataset_info(data_config)
+  assert (info.num_classes, info.num_channels) == (model_config.num_classes,
+                                                   model_config.out_channels)

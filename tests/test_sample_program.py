@@ -71,7 +71,7 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
                        ("--guidance_scale=3", "unconditional")]:
     result = subprocess.run(command + [bad], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
   missing = subprocess.run(command[:2] + [f"--workdir={tmp_path}/nothing"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)

@@ -238,7 +238,7 @@ def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path,
 def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data_dir):
   config = job_config(data_dir, num_steps=2, eval_every=1)
   config.eval.metrics = ("likelihood",)
-  with pytest.raises(ValueError, match="unknown metric 'likelihood'"):
+  with pytest.raises(errors.UsageError, match="unknown metric 'likelihood'"):
     train.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 
@@ -247,7 +247,8 @@ def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data
                                          ("eval_every", -5)])
 def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir, name, value):
   config = job_config(data_dir, num_steps=2, **{name: value})
-  with pytest.raises(ValueError, match=f"config.train.{name} = {value}: expected a whole number"):
+  with pytest.raises(errors.UsageError,
+                     match=f"^--config.train.{name}={value}: expected a whole number"):
     train.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 

@@ -19,8 +19,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxdiff import checkpoint, data, errors, generate, images, parallel, schedules, train_step
-from jaxdiff import visualize
+from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, schedules,
+                     train_step, visualize)
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
@@ -85,17 +85,6 @@ def is_due(step: int, every: int, last_step: int) -> bool:
   """The one rule for periodic work (checkpoints, sample grids, evaluation): every `every` steps
   and at the last step; `every` = 0 means never."""
   return every > 0 and (step % every == 0 or step == last_step)
-
-
-def check_intervals(train_config) -> None:
-  """Step intervals are whole numbers: log_every ≥ 1; the others ≥ 0, where 0 means never
-  (checkpoint_every = 0: only at the end and on a stop signal)."""
-  minimum = {"log_every": 1, "checkpoint_every": 0, "sample_every": 0, "eval_every": 0}
-  for name, low in minimum.items():
-    value = train_config.get(name, low)
-    if not isinstance(value, int) or value < low:
-      raise ValueError(f"config.train.{name} = {value!r}: expected a whole number of steps ≥ {low}"
-                       f"{' (0 means never)' if low == 0 else ''}.")
 
 
 def save_resolved_config(config, workdir: str) -> None:
@@ -225,7 +214,7 @@ class MetricsWindow:
 def restore_or_init(config, model, mesh, checkpointer: checkpoint.Checkpointer, key):
   """(state, data iterator position or None): from `config.train.resume_step` if set, else the
   newest readable checkpoint, else a fresh state made from `key` with its shardings."""
-  resume_step = config.train.resume_step or None
+  resume_step = config.train.get("resume_step")
   if resume_step is None and not checkpoint.list_steps(checkpointer.workdir):
     return train_step.create_state(config, model, mesh, key), None
   restored = checkpointer.restore(train_step.abstract_state(config, model, mesh),
@@ -301,15 +290,10 @@ def _diverged_message(health: LossHealth, workdir: str) -> str:
 def run(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  config_check.check_train_config(config, jax.device_count(), jax.process_count())
   train_config = config.train
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
-  parallel.check_divisible(train_config.batch_size, mesh)
-  check_intervals(train_config)
-  data.check_model_compatible(config.data, config.model)
-  if train_config.eval_every:
-    for metric in config.eval.metrics:
-      metrics.check_metric(metric, config.data)
   profiler = Profiler(train_config.profile_steps, workdir)
   if train_config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
