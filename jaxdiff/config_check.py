@@ -84,9 +84,9 @@ def refusing(field: str, value):
   """Turns a ValueError, TypeError or KeyError raised inside into a UsageError naming `field`."""
   try:
     yield
-  except errors.UsageError:
-    raise
   except (ValueError, TypeError, KeyError) as error:
+    if isinstance(error, errors.UsageError) and str(error).startswith("--config."):
+      raise
     raise usage_error(field, value, error) from error
 
 
@@ -159,7 +159,7 @@ def check_sampler(config, section: str, schedule: schedules.Schedule) -> None:
   if not is_whole(num_steps):
     raise usage_error(f"{section}.num_steps", num_steps, "expected a whole number of steps ≥ 1")
   with refusing(f"{section}.num_steps", num_steps):
-    samplers.spaced_timesteps(schedule, num_steps, samplers.DEFAULT_SPACING[name])
+    samplers.spaced_timesteps(schedule, num_steps, samplers.get_sampler(name).spacing)
 
 
 def check_names(config) -> None:
