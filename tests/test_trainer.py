@@ -171,7 +171,7 @@ def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
                "model.num_res_blocks": 1, "model.dropout": 0.1,
                "diffusion.num_timesteps": 20, "train.batch_size": 16, "train.log_every": 1,
                "train.checkpoint_every": 1000, "train.sample_every": 0, "train.eval_every": 0,
-               "train.warmup_steps": 0}
+               "train.warmup_steps": 0, "train.lr_decay": "constant"}  # num_steps changes
   flags = [f"--config.{name}={value}".replace(" ", "") for name, value in overrides.items()]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
