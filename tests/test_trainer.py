@@ -186,19 +186,19 @@ def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
 
   processes = start(100_000)
   metrics_file = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
+  deadline = time.time() + 600
   while not (os.path.exists(metrics_file) and os.path.getsize(metrics_file)):
     assert time.time() < deadline and all(p.poll() is None for p in processes)
     time.sleep(0.2)
   processes[1].send_signal(signal.SIGTERM)
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output
   assert "stopped by signal" in outputs[0] and "trained steps" not in outputs[1]
   (stopped_at,) = checkpoint.list_steps(workdir)
 
   processes = start(stopped_at + 2)
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output
   assert f"trained steps {stopped_at}→{stopped_at + 2}" in outputs[0]
