@@ -13,6 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
+  # The device mesh: the batch is split over data × fsdp; the train state over fsdp (FSDP).
+  # One size may be -1: the remaining devices.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "digits"
   data.data_dir = "~/tensorflow_datasets"
@@ -64,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_to_keep = 3
   train.max_nonfinite_steps = 10  # stop after this many non-finite steps in a row
   train.loss_bins = 10            # loss logged in this many bins of t
+  train.grad_accum_steps = 1      # the batch in this many micro-batches, one optimizer update
+  train.steps_per_call = 1        # optimizer steps per compiled call (a scan over K batches)
+  train.peak_tflops = 0.0         # one device's peak, for MFU; 0: from telemetry's chip table
 
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = "ddpm"
