@@ -112,7 +112,7 @@ def state_shardings(abstract_state, mesh: Mesh):
 def bytes_per_device(abstract_tree, shardings) -> int:
   """Bytes that the largest share of `abstract_tree` laid out with `shardings` takes on one
   device (every device holds the same amount when dimensions divide evenly)."""
-  return sum(math.prod(sharding.shard_shape(np.shape(x))) * np.dtype(x.dtype).itemsize
+  return sum(math.prod(sharding.shard_shape(np.shape(x))) * x.dtype.itemsize
              for x, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)))
 
 

@@ -104,6 +104,20 @@ def abstract_state(config, model: UNet, mesh: Mesh | None = None) -> TrainState:
                       shapes, parallel.state_shardings(shapes, mesh))
 
 
+def abstract_batch(config, mesh: Mesh):
+  """The shapes, dtypes and shardings of what the jitted step takes as its batch: {'image':
+  float32 [B, H, W, C], 'label': int32 [B]}, or K of them stacked [K, B, ...] with
+  `config.train.steps_per_call` = K > 1."""
+  size, channels = config.data.image_size, config.data.num_channels
+  steps_per_call, batch_size = config.train.steps_per_call, config.train.batch_size
+  stacked = (steps_per_call,) if steps_per_call > 1 else ()
+  sharding = (parallel.stacked_batch_sharding(mesh) if stacked
+              else parallel.batch_sharding(mesh))
+  return {"image": jax.ShapeDtypeStruct((*stacked, batch_size, size, size, channels),
+                                        jnp.float32, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((*stacked, batch_size), jnp.int32, sharding=sharding)}
+
+
 def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
   """A fresh TrainState made directly with its shardings over `mesh` (never whole on one
   device first)."""
