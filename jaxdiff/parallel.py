@@ -7,7 +7,7 @@ fsdp = 1 (the default) this is plain data parallelism with a replicated state.
 """
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -107,6 +107,18 @@ def state_shardings(abstract_state, mesh: Mesh):
   fsdp_size = mesh.shape[FSDP_AXIS]
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)),
                       abstract_state)
+
+
+def with_gathered_params(loss_fn: Callable, mesh: Mesh) -> Callable:
+  """`loss_fn(params, ...)` computed with whole parameters: under FSDP every device all-gathers
+  the shards it lacks before the forward pass, and the gradients are reduce-scattered back onto
+  the shards, so the activations stay split over the batch only (no layer is split by channel).
+  With fsdp = 1 the parameters are whole already and nothing moves."""
+
+  def gathered_loss_fn(params, *args):
+    return loss_fn(jax.lax.with_sharding_constraint(params, replicated(mesh)), *args)
+
+  return gathered_loss_fn
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:

@@ -129,8 +129,9 @@ def test_gradient_accumulation_equals_the_whole_batch_and_needs_less_memory():
 
 
 def test_several_steps_per_call_equal_single_calls():
-  """Five steps in one scan give each step's metrics and the final state of five calls (to
-  float32 rounding: XLA fuses the scan's body a little differently from the lone step)."""
+  """Five steps in one scan give each step's metrics and the final state of five calls, to
+  float32 rounding: XLA fuses the scan's body a little differently from the lone step (seen:
+  values near 0 of the state differ by up to 3e-6 after five steps)."""
   batches = [digits_batch(index=i) for i in range(5)]
   _, init, single_step, mesh = compiled((2, 2))
   state, singles = init(jax.random.key(0)), []
@@ -149,7 +150,7 @@ def test_several_steps_per_call_equal_single_calls():
   trained = lambda state: jax.tree.leaves(
       jax.device_get((state.step, state.params, state.ema_params, state.opt_state)))
   for one_by_one, together in zip(trained(state), trained(state_after_five)):
-    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_non_finite_step_leaves_the_state_untouched():
