@@ -109,16 +109,20 @@ def state_shardings(abstract_state, mesh: Mesh):
                       abstract_state)
 
 
-def with_gathered_params(loss_fn: Callable, mesh: Mesh) -> Callable:
-  """`loss_fn(params, ...)` computed with whole parameters: under FSDP every device all-gathers
-  the shards it lacks before the forward pass, and the gradients are reduce-scattered back onto
-  the shards, so the activations stay split over the batch only (no layer is split by channel).
-  With fsdp = 1 the parameters are whole already and nothing moves."""
+def split_loss_fn(loss_fn: Callable, mesh: Mesh) -> Callable:
+  """`loss_fn(params, batch, draws, key)` computed with whole parameters on a batch (and its
+  per-example draws) split over every device. Under FSDP every device all-gathers the
+  parameter shards it lacks before the forward pass, and the gradients are reduce-scattered
+  back onto the shards, so activations stay split by batch (no layer is split by channel); the
+  batch's constraint also holds each micro-batch of gradient accumulation in place. With
+  fsdp = 1 and a whole batch, nothing moves."""
 
-  def gathered_loss_fn(params, *args):
-    return loss_fn(jax.lax.with_sharding_constraint(params, replicated(mesh)), *args)
+  def split(params, batch, draws, key):
+    params = jax.lax.with_sharding_constraint(params, replicated(mesh))
+    batch, draws = jax.lax.with_sharding_constraint((batch, draws), batch_sharding(mesh))
+    return loss_fn(params, batch, draws, key)
 
-  return gathered_loss_fn
+  return split
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:

@@ -265,7 +265,7 @@ def make_train_step(model: UNet, schedule: Schedule, config, mesh: Mesh):
       draw_fn=functools.partial(draw_noise, num_timesteps=schedule.num_timesteps,
                                 num_classes=config.model.num_classes,
                                 p_uncond=train_config.p_uncond),
-      loss_fn=parallel.with_gathered_params(make_loss_fn(model, schedule, config), mesh),
+      loss_fn=parallel.split_loss_fn(make_loss_fn(model, schedule, config), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
       ema_decay_fn=ema_decay_fn(train_config), num_timesteps=schedule.num_timesteps,
