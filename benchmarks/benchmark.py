@@ -1,16 +1,20 @@
 """Speed of jaxdiff's train step and samplers, side by side with the PyTorch peer, on whatever
 devices are present.
 
-  python -m benchmarks.benchmark --config=configs/cifar10.py --batch_size=16 --peer
-  python -m benchmarks.benchmark --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16
+    python -m benchmarks.benchmark --config=configs/cifar10.py --batch_size=16 --peer
+    python -m benchmarks.benchmark --config=configs/cifar10.py --batch_size=128 --dtype=bfloat16
+    python -m benchmarks.benchmark --mesh=2,2 --grad_accum_steps=4 --steps_per_call=5
+    python -m benchmarks.benchmark --memory   # per-device memory at fsdp 1, 2, 4; runs nothing
 
 Each number is the median of `--repeats` timed calls after a warm-up call, synchronised with
 `block_until_ready` (and, for the peer, by reading its outputs back). The peer runs after
 jaxdiff in a process of its own (`benchmarks/peer_diffusers.py`), the same way; run the
 benchmark on an otherwise idle machine. Reported:
   * train: images/s and steps/s of the real train step (`train_step.make_train_step`: loss,
-    Adam, gradient clipping, EMA, data parallel over every device), its compile time, its
-    FLOPs per image from XLA's cost analysis, and the model FLOPs utilisation (MFU): achieved
+    Adam, gradient clipping, EMA, over a `--mesh=DATA,FSDP` of every device, with
+    `--grad_accum_steps` micro-batches and `--steps_per_call` steps a call), its compile time,
+    its FLOPs per image from XLA's cost analysis (`telemetry.step_flops`), and the model FLOPs
+    utilisation (MFU): achieved
     FLOP/s over the devices' peak (one device's, measured in the same run with a large matmul
     of the dtype, times the device count);
   * forward: images/s of the U-Net's forward pass at the sampling batch (one sampler step);
@@ -18,6 +22,12 @@ benchmark on an otherwise idle machine. Reported:
     time, with the compile time of the same sampler at 10× the steps (a scan: about equal);
   * peak host memory (ru_maxrss) and device memory where the backend reports it.
 Prints a table and writes JSON with the device, versions, config and load average.
+
+`--memory` instead compiles, without running, the train step of `--memory_configs` (a config
+path, or `large`: a U-Net of ch 256, ch_mult (1, 1, 2, 2, 4, 4) at 256×256, 481M parameters,
+the size of ADM's large models) on meshes (4, 1), (2, 2) and (1, 4) of the first 4 devices, and
+reports each device's share of the train state and XLA's memory analysis of the step (its
+arguments, outputs and temporaries per device).
 """
 
 import argparse
@@ -34,9 +44,10 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from jaxdiff import parallel, samplers, schedules, train_step
+from jaxdiff import parallel, samplers, schedules, telemetry, train_step
 from jaxdiff.models import count_params
 
 
@@ -79,20 +90,20 @@ class JaxdiffBench:
     self.schedule = schedules.from_config(config.diffusion)
     size, channels = config.data.image_size, config.data.num_channels
     self.image_shape = (size, size, channels)
-    self.state = jax.jit(lambda key: train_step.init_state(config, self.model, key),
-                         out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+    self.state = train_step.create_state(config, self.model, mesh, jax.random.key(0))
     self.num_params = count_params(self.state.params)
     rng = np.random.default_rng(0)
+    steps_per_call = config.train.steps_per_call
+    stacked = (steps_per_call,) if steps_per_call > 1 else ()
     self.batch = parallel.global_batch(
-        {"image": rng.uniform(-1, 1, (batch_size, *self.image_shape)).astype(np.float32),
-         "label": np.zeros(batch_size, np.int32)}, mesh)
+        {"image": rng.uniform(-1, 1, (*stacked, batch_size, *self.image_shape)).astype(np.float32),
+         "label": np.zeros((*stacked, batch_size), np.int32)}, mesh, stacked=bool(stacked))
     step_fn = train_step.make_train_step(self.model, self.schedule, config, mesh)
     start = time.perf_counter()
     self.compiled_step = step_fn.lower(self.state, self.batch).compile()
     self.train_compile_seconds = time.perf_counter() - start
-    # XLA's cost analysis counts the partitioned program, i.e. one device's share.
-    self.train_flops_per_image = (self.compiled_step.cost_analysis()["flops"]
-                                  * mesh.devices.size / batch_size)
+    self.train_flops_per_image = (telemetry.step_flops(self.model, self.schedule, config, mesh)
+                                  / batch_size)
 
   def train_step(self):
     self.state, metrics = self.compiled_step(self.state, self.batch)
@@ -141,9 +152,19 @@ def parse_samplers(spec: str) -> list[tuple[str, int]]:
   return [(name, int(steps)) for name, steps in pairs]
 
 
+def mesh_config(spec: str) -> ml_collections.ConfigDict:
+  """'DATA,FSDP' -> config.mesh."""
+  data, fsdp = (int(size) for size in spec.split(","))
+  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
+
+
 def run(args) -> dict:
+  args = argparse.Namespace(**{**vars(make_parser().parse_args([])), **vars(args)})
   config = load_config(args.config, args.dtype)
-  mesh = parallel.make_mesh()
+  config.mesh = mesh_config(args.mesh)
+  config.train.update(grad_accum_steps=args.grad_accum_steps,
+                      steps_per_call=args.steps_per_call)
+  mesh = parallel.make_mesh(mesh_config=config.mesh)
   devices = jax.devices()
   result = {
       "device": f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform})",
@@ -151,6 +172,8 @@ def run(args) -> dict:
                    "python": platform.python_version()},
       "host": {"cpu_count": os.cpu_count(), "machine": platform.machine()},
       "config": args.config, "dtype": args.dtype, "batch_size": args.batch_size,
+      "mesh": dict(mesh.shape), "grad_accum_steps": args.grad_accum_steps,
+      "steps_per_call": args.steps_per_call,
       "num_samples": args.num_samples, "repeats": args.repeats,
       "load_average_before": os.getloadavg(),
   }
@@ -159,7 +182,8 @@ def run(args) -> dict:
   result["jaxdiff"] = {"params": bench.num_params,
                        "train_compile_seconds": bench.train_compile_seconds,
                        "train_flops_per_image": bench.train_flops_per_image}
-  result["jaxdiff"]["train_step_seconds"] = median_seconds(bench.train_step, args.repeats)
+  result["jaxdiff"]["train_step_seconds"] = (  # per optimizer step
+      median_seconds(bench.train_step, args.repeats) / args.steps_per_call)
   result["jaxdiff"]["forward_seconds"] = median_seconds(bench.forward_fn(args.num_samples),
                                                         args.repeats)
   for name, images in (("train_step", args.batch_size), ("forward", args.num_samples)):
@@ -209,7 +233,9 @@ def format_table(result: dict) -> str:
   jaxdiff, peer = result["jaxdiff"], result.get("peer", {})
   rows = [("device", result["device"], ""), ("dtype / batch", f"{result['dtype']} / "
           f"{result['batch_size']}", ""),
-          ("params", f"{jaxdiff['params']:,}", f"{peer['params']:,}" if peer else "")]
+          ("params", f"{jaxdiff['params']:,}", f"{peer['params']:,}" if peer else ""),
+          ("mesh / micro-batches / steps a call", f"{tuple(result['mesh'].values())} / "
+           f"{result['grad_accum_steps']} / {result['steps_per_call']}", "")]
   for metric, label in (("train_step_images_per_sec", "train img/s"),
                         ("forward_images_per_sec", "forward img/s (sampling batch)")):
     rows.append((label, f"{jaxdiff[metric]:.2f}", f"{peer[metric]:.2f}" if peer else ""))
@@ -238,7 +264,62 @@ def format_table(result: dict) -> str:
                    for a, b, c in lines)
 
 
-def main():
+LARGE_UNET = dict(ch=256, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                  attn_resolutions=(32, 16, 8), num_heads=4)
+
+
+def memory_config(name: str, dtype: str):
+  """A config path, or 'large': configs/cifar10.py at 256×256 with LARGE_UNET."""
+  if name != "large":
+    return load_config(name, dtype)
+  config = load_config("configs/cifar10.py", dtype)
+  config.data.image_size = 256
+  config.model.update(LARGE_UNET)
+  return config
+
+
+def state_memory(config, batch_size: int, grad_accum_steps: int, mesh_shapes) -> list[dict]:
+  """Per device, on each (data, fsdp) mesh: the train state's share and XLA's memory analysis
+  of the compiled step, from abstract inputs (`jax.eval_shape`): nothing is run or allocated."""
+  config.train.update(batch_size=batch_size, grad_accum_steps=grad_accum_steps)
+  model = train_step.create_model(config)
+  schedule = schedules.from_config(config.diffusion)
+  rows = []
+  for data, fsdp in mesh_shapes:
+    mesh = parallel.make_mesh(jax.devices()[:data * fsdp],
+                              ml_collections.ConfigDict({"data": data, "fsdp": fsdp}))
+    state = train_step.abstract_state(config, model, mesh)
+    start = time.perf_counter()
+    compiled = train_step.make_train_step(model, schedule, config, mesh).lower(
+        state, train_step.abstract_batch(config, mesh)).compile()
+    memory = compiled.memory_analysis()
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    rows.append({
+        "mesh": (data, fsdp), "grad_accum_steps": grad_accum_steps,
+        "params": count_params(state.params),
+        "state_bytes": parallel.bytes_per_device(state, shardings),
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "compile_seconds": time.perf_counter() - start})
+  return rows
+
+
+def format_memory_table(tables: dict[str, list[dict]]) -> str:
+  lines = ["| config | params | mesh (data, fsdp) | micro-batches | state / device | arguments | "
+           "outputs | temporaries | compile |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  gib = lambda n: f"{n / 2**30:.3f} GiB"
+  for name, rows in tables.items():
+    for row in rows:
+      lines.append(f"| {name} | {row['params'] / 1e6:.1f}M | {row['mesh']} | "
+                   f"{row['grad_accum_steps']} | "
+                   f"{gib(row['state_bytes'])} | {gib(row['argument_bytes'])} | "
+                   f"{gib(row['output_bytes'])} | {gib(row['temp_bytes'])} | "
+                   f"{row['compile_seconds']:.0f} s |")
+  return "\n".join(lines)
+
+
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/cifar10.py")
   parser.add_argument("--batch_size", type=int, default=16, help="Global train batch.")
@@ -250,8 +331,25 @@ def main():
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--peer", action="store_true",
                       help="Also time diffusers' UNet2DModel (pip install -e '.[bench]').")
+  parser.add_argument("--mesh", default="-1,1", help="DATA,FSDP sizes (one may be -1).")
+  parser.add_argument("--grad_accum_steps", type=int, default=1)
+  parser.add_argument("--steps_per_call", type=int, default=1)
+  parser.add_argument("--memory", action="store_true",
+                      help="Only the per-device memory table at fsdp 1, 2, 4 (runs nothing).")
+  parser.add_argument("--memory_configs", default="configs/cifar10.py,large")
+  parser.add_argument("--memory_batch_size", type=int, default=4)
   parser.add_argument("--output", default="benchmarks/results/benchmark.json")
-  args = parser.parse_args()
+  return parser
+
+
+def main():
+  args = make_parser().parse_args()
+  if args.memory:
+    tables = {name: state_memory(memory_config(name, args.dtype), args.memory_batch_size,
+                                 args.grad_accum_steps, ((4, 1), (2, 2), (1, 4)))
+              for name in args.memory_configs.split(",")}
+    print(format_memory_table(tables))
+    return
   result = run(args)
   print(format_table(result))
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -14,6 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
+  # The device mesh: the batch is split over data × fsdp; the train state over fsdp (FSDP).
+  # One size may be -1: the remaining devices.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "digits"
   data.data_dir = "~/tensorflow_datasets"
@@ -70,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.loss_bins = 10            # loss logged in this many bins of t
   train.compilation_cache_dir = "~/.cache/jaxdiff/xla"  # compiled programs kept across runs; "" off
   train.profile_steps = ()        # (FIRST, LAST): a jax.profiler trace into WORKDIR/profile
+  train.grad_accum_steps = 1      # the batch in this many micro-batches, one optimizer update
+  train.steps_per_call = 1        # optimizer steps per compiled call (a scan over K batches)
+  train.peak_tflops = 0.0         # one device's peak, for MFU; 0: from telemetry's chip table
 
   # The trainer's sample grids, read by generate.SamplingOptions.from_config.
   config.sample = sample = ml_collections.ConfigDict()

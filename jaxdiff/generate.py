@@ -89,7 +89,7 @@ def generate(model_apply, variables, schedule, key, options: SamplingOptions, *,
   labels = _labels(labels, num_samples, num_classes, options.guidance_scale)
   batch_sharded = parallel.batch_sharding(mesh)
   frames_sharded = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+      mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
 
   def sample_batch(variables, batch_index, batch_labels):
     if labels is None:
@@ -106,9 +106,12 @@ def generate(model_apply, variables, schedule, key, options: SamplingOptions, *,
         None if result.trajectory is None
         else jax.lax.with_sharding_constraint(result.trajectory, frames_sharded))
 
-  # Inputs and outputs replicated: every host passes and receives whole batches.
-  sample_batch = jax.jit(sample_batch, in_shardings=parallel.replicated(mesh),
-                         out_shardings=parallel.replicated(mesh))
+  # The variables keep the train state's layout (`parallel.state_shardings`: whole or split over
+  # fsdp); the rest in and out replicated: every host passes and receives whole batches.
+  replicated = parallel.replicated(mesh)
+  sample_batch = jax.jit(
+      sample_batch, in_shardings=(parallel.state_shardings(variables, mesh), replicated,
+                                  replicated), out_shardings=replicated)
   num_batches = -(-num_samples // batch_size)
   padded_labels = np.resize(labels if labels is not None else np.zeros(1, np.int32),
                             num_batches * batch_size).astype(np.int32)

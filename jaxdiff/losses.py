@@ -19,26 +19,41 @@ def drop_labels(key, labels, num_classes: int, p_uncond: float):
   return jnp.where(drop, num_classes, labels)
 
 
-def diffusion_loss(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, key,
-                   prediction: str = "eps", num_classes: int = 0, p_uncond: float = 0.0):
-  """L_simple = E_{t, ε} ‖target − f_θ(x_t, t)‖² with t ~ U{0, …, T−1}, ε ~ N(0, I) (DDPM eq. 14).
-
-  The target is ε, x0 or v by `prediction`. Returns (mean loss, aux) where aux holds the
-  per-example losses (mean over pixels) and their timesteps, for loss-by-timestep plots.
-  """
+def draw_noise(key, batch, *, num_timesteps: int, num_classes: int = 0, p_uncond: float = 0.0):
+  """The per-example randomness of L_simple for a whole batch: ({'t': t ~ U{0, …, T−1} [B],
+  'noise': ε ~ N(0, I) like the images, and with classes 'label': the labels after
+  classifier-free label dropout}, the network's dropout key). Drawn for the whole global batch at
+  once, so that splitting it into micro-batches afterwards leaves every example's draw as it was."""
   x0 = batch["image"]
   t_key, noise_key, label_key, dropout_key = jax.random.split(key, 4)
-  t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_timesteps)
-  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
-  labels = None
+  draws = {"t": jax.random.randint(t_key, x0.shape[:1], 0, num_timesteps),
+           "noise": jax.random.normal(noise_key, x0.shape, x0.dtype)}
   if num_classes:
-    labels = drop_labels(label_key, batch["label"], num_classes, p_uncond)
-  output = denoise_fn(params, x_t, t, labels, dropout_key)
+    draws["label"] = drop_labels(label_key, batch["label"], num_classes, p_uncond)
+  return draws, dropout_key
+
+
+def loss_from_draws(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, draws, dropout_key,
+                    prediction: str = "eps"):
+  """L_simple = mean over the batch of ‖target − f_θ(x_t, t)‖² (DDPM eq. 14) at the given draws:
+  x_t = q_sample(x0, t, ε), the target ε, x0 or v by `prediction`. Returns (mean loss, aux) where
+  aux holds the per-example losses (mean over pixels) and their timesteps."""
+  x0, t, noise = batch["image"], draws["t"], draws["noise"]
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  output = denoise_fn(params, x_t, t, draws.get("label"), dropout_key)
   target = diffusion.training_target(schedule, prediction, x0, t, noise)
   per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
                          axis=tuple(range(1, x0.ndim)))
   return jnp.mean(per_example), {"per_example_loss": per_example, "t": t}
+
+
+def diffusion_loss(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, key,
+                   prediction: str = "eps", num_classes: int = 0, p_uncond: float = 0.0):
+  """L_simple = E_{t, ε} ‖target − f_θ(x_t, t)‖² with t ~ U{0, …, T−1}, ε ~ N(0, I) (DDPM eq. 14):
+  `loss_from_draws` at `draw_noise(key, batch)`."""
+  draws, dropout_key = draw_noise(key, batch, num_timesteps=schedule.num_timesteps,
+                                  num_classes=num_classes, p_uncond=p_uncond)
+  return loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key, prediction)
 
 
 # The variational bound (DDPM eq. 5), per example, in nats:

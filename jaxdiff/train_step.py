@@ -1,9 +1,9 @@
 """The train state, the optimizer, learning rate and EMA rule from config, and the train step.
 
-`train_step` is a pure function of (state, batch) that receives what it depends on (the loss, the
-optimizer, the learning-rate and EMA-decay functions) as arguments, as the Flax examples do;
-`make_train_step` builds those from a config once and jits the step over the mesh with the
-state's shardings from `parallel.state_shardings`.
+`train_step` is a pure function of (state, batch) that receives what it depends on (the noise
+draw, the loss, the optimizer, the learning-rate and EMA-decay functions) as arguments, as the
+Flax examples do; `make_train_step` builds those from a config once and jits the step over the
+mesh with the state's shardings from `parallel.state_shardings`.
 """
 
 import functools
@@ -104,6 +104,20 @@ def abstract_state(config, model: UNet, mesh: Mesh | None = None) -> TrainState:
                       shapes, parallel.state_shardings(shapes, mesh))
 
 
+def abstract_batch(config, mesh: Mesh):
+  """The shapes, dtypes and shardings of what the jitted step takes as its batch: {'image':
+  float32 [B, H, W, C], 'label': int32 [B]}, or K of them stacked [K, B, ...] with
+  `config.train.steps_per_call` = K > 1."""
+  size, channels = config.data.image_size, config.data.num_channels
+  steps_per_call, batch_size = config.train.steps_per_call, config.train.batch_size
+  stacked = (steps_per_call,) if steps_per_call > 1 else ()
+  sharding = (parallel.stacked_batch_sharding(mesh) if stacked
+              else parallel.batch_sharding(mesh))
+  return {"image": jax.ShapeDtypeStruct((*stacked, batch_size, size, size, channels),
+                                        jnp.float32, sharding=sharding),
+          "label": jax.ShapeDtypeStruct((*stacked, batch_size), jnp.int32, sharding=sharding)}
+
+
 def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
   """A fresh TrainState made directly with its shardings over `mesh` (never whole on one
   device first)."""
@@ -112,33 +126,78 @@ def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
 
 
 def make_loss_fn(model: UNet, schedule: Schedule, config) -> Callable:
-  """(params, batch, key) ↦ (L_simple, aux) of `losses.diffusion_loss` for this model and config,
-  with dropout active."""
+  """(params, batch, draws, dropout_key) ↦ (L_simple, aux) of `losses.loss_from_draws` for this
+  model and config, with dropout active; the draws come from `losses.draw_noise`."""
 
   def denoise_fn(params, x_t, t, labels, key):
     return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": key})
 
-  def loss_fn(params, batch, key):
-    return losses.diffusion_loss(
-        denoise_fn, params, schedule, batch, key, prediction=config.diffusion.prediction,
-        num_classes=config.model.num_classes, p_uncond=config.train.p_uncond)
+  def loss_fn(params, batch, draws, dropout_key):
+    return losses.loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key,
+                                  config.diffusion.prediction)
 
   return loss_fn
 
 
-def train_step(state: TrainState, batch, *, loss_fn: Callable,
+def split_micro_batches(x, num_micro_batches: int):
+  """[B, ...] -> [k, B/k, ...] where micro-batch i holds rows i, i + k, i + 2k, …: a device's
+  rows of the batch are its rows of every micro-batch, so the split moves no data."""
+  rows = x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:])
+  return jnp.swapaxes(rows, 0, 1)
+
+
+def merge_micro_batches(x):
+  """The inverse of `split_micro_batches`: [k, B/k, ...] -> [B, ...] in batch order."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Callable:
+  """`jax.value_and_grad(loss_fn, has_aux=True)` over a whole batch, computed on
+  `num_micro_batches` = k slices one after another (`lax.scan`), so that only one slice's
+  activations are alive at a time. The loss and gradients are the means over the slices (equal
+  sizes: the whole batch's mean); aux's per-example values come back in batch order. Slice i's
+  dropout key is fold_in(dropout_key, i); t, noise and labels are the whole batch's draws."""
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro_batches == 1:
+    return value_and_grad
+
+  def accumulated(params, batch, draws, dropout_key):
+    def accumulate(grad_sum, micro):
+      index, micro_batch, micro_draws = micro
+      (loss, aux), grads = value_and_grad(params, micro_batch, micro_draws,
+                                          jax.random.fold_in(dropout_key, index))
+      return jax.tree.map(jnp.add, grad_sum, grads), (loss, aux)
+
+    micro_batches = jax.tree.map(lambda x: split_micro_batches(x, num_micro_batches),
+                                 (batch, draws))
+    grad_sum, (micro_losses, aux) = jax.lax.scan(
+        accumulate, jax.tree.map(jnp.zeros_like, params),
+        (jnp.arange(num_micro_batches), *micro_batches))
+    grads = jax.tree.map(lambda g: g / num_micro_batches, grad_sum)
+    return (jnp.mean(micro_losses), jax.tree.map(merge_micro_batches, aux)), grads
+
+  return accumulated
+
+
+def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable,
                optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               ema_decay_fn: Callable, num_timesteps: int, loss_bins: int):
+               ema_decay_fn: Callable, num_timesteps: int, loss_bins: int,
+               grad_accum_steps: int = 1):
   """One optimizer step on a global batch; returns (new state, metrics).
 
-  key = fold_in(rng, step); (loss, grads) of `loss_fn(params, batch, key)`; params ← optimizer
-  update; θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or
-  gradient is not finite leaves params, EMA and optimizer state as they were (only `step`
-  advances, so the next step draws fresh noise) and reports `finite = False`. The metrics
-  also give ‖Δθ‖/‖θ‖ (`relative_update`), which shows an exploding but still finite update.
+  key = fold_in(rng, step); (draws, dropout key) = `draw_fn(key, batch)` for the whole batch;
+  (loss, grads) of `loss_fn(params, batch, draws, dropout_key)`, accumulated over
+  `grad_accum_steps` micro-batches (`accumulated_value_and_grad`); params ← optimizer update;
+  θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or gradient
+  is not finite leaves params, EMA and optimizer state as they were (only `step` advances, so
+  the next step draws fresh noise) and reports `finite = False`.
+  The metrics also give ‖Δθ‖/‖θ‖ (`relative_update`), which shows an exploding but still
+  finite update.
   """
   step_key = jax.random.fold_in(state.rng, state.step)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_key)
+  draws, dropout_key = draw_fn(step_key, batch)
+  (loss, aux), grads = accumulated_value_and_grad(loss_fn, grad_accum_steps)(
+      state.params, batch, draws, dropout_key)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -174,17 +233,31 @@ def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
 
 def make_train_step(model: UNet, schedule: Schedule, config, mesh: Mesh):
   """`train_step` with its dependencies built from `config`, jitted once over the mesh: the
-  state with its shardings from `parallel.state_shardings`, the batch split over `data`, the old
-  state's buffers donated. The program is written for the global batch; XLA partitions it, so
-  per-device noise is each device's slice of the global draw and the result does not depend on
-  the number of devices."""
+  state with its shardings from `parallel.state_shardings`, the batch split over every device,
+  the old state's buffers donated. The program is written for the global batch; XLA partitions
+  it, so per-device noise is each device's slice of the global draw and the result does not
+  depend on the number of devices or the mesh's shape.
+
+  With `config.train.steps_per_call` = K > 1 the function runs K steps in one program (a
+  `lax.scan` of the step): it takes K stacked batches [K, B, ...] and returns the state after
+  the K-th step and the metrics of each step stacked [K, ...], as K calls would.
+  """
   train_config = config.train
+  parallel.check_divisible(train_config.batch_size, mesh, train_config.grad_accum_steps)
   step = functools.partial(
-      train_step, loss_fn=make_loss_fn(model, schedule, config),
+      train_step,
+      draw_fn=functools.partial(losses.draw_noise, num_timesteps=schedule.num_timesteps,
+                                num_classes=config.model.num_classes,
+                                p_uncond=train_config.p_uncond),
+      loss_fn=parallel.split_loss_fn(make_loss_fn(model, schedule, config), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
       ema_decay_fn=ema_decay_fn(train_config), num_timesteps=schedule.num_timesteps,
-      loss_bins=train_config.loss_bins)
+      loss_bins=train_config.loss_bins, grad_accum_steps=train_config.grad_accum_steps)
+  batch_sharding = parallel.batch_sharding(mesh)
+  if train_config.steps_per_call > 1:
+    step = functools.partial(jax.lax.scan, step)
+    batch_sharding = parallel.stacked_batch_sharding(mesh)
   state_shardings = parallel.state_shardings(abstract_state(config, model), mesh)
-  return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -172,7 +172,7 @@ def test_train_batches_are_global_sharded_and_scaled(packaged_dir):
   assert batch["image"].shape == (16, 16, 16, 1) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
   for array in batch.values():
-    assert array.sharding.spec == P(parallel.DATA_AXIS)
+    assert array.sharding.spec == P(parallel.BATCH_AXES)
     assert array.sharding.mesh.devices.size == len(jax.devices())
   images = np.asarray(batch["image"])
   assert images.min() == -1.0 and images.max() == 1.0  # digits span 0-16: blank and full ink
@@ -258,6 +258,26 @@ def test_restored_state_gives_the_same_next_batches(packaged_dir, prefetch):
   restored.set_state(state)
   assert_same_batches(expected, take(restored, 3))
   restored.close()
+
+
+def test_stacked_batches_are_consecutive_steps_and_resume_one_by_one(packaged_dir):
+  mesh = parallel.make_mesh(mesh_config=ml_collections.ConfigDict({"data": 4, "fsdp": 2}))
+  config = make_config("digits", packaged_dir, random_flip=True, prefetch=2)
+  singles = take(data.make_train_iterator(config, 16, seed=0, mesh=mesh), 6)
+  stacked_iterator = data.make_train_iterator(config, 16, seed=0, mesh=mesh, steps_per_call=3)
+  stacked = next(stacked_iterator)
+  state = stacked_iterator.get_state()
+  stacked_iterator.close()
+  assert stacked["image"].shape == (3, 16, 8, 8, 1) and stacked["label"].shape == (3, 16)
+  for array in stacked.values():
+    assert array.sharding.spec == P(None, parallel.BATCH_AXES)
+  assert_same_batches(singles[:3], [jax.tree.map(lambda x: np.asarray(x)[k], stacked)
+                                    for k in range(3)])
+  assert state["next_batch"] == 3
+  one_by_one = data.make_train_iterator(config, 16, seed=0, mesh=mesh)
+  one_by_one.set_state(state)
+  assert_same_batches(singles[3:], take(one_by_one, 3))
+  one_by_one.close()
 
 
 def test_state_of_another_stream_is_refused(packaged_dir):

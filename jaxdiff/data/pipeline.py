@@ -108,11 +108,13 @@ def _preprocess(data_config: ml_collections.ConfigDict, source: sources.Split,
 
 def host_train_batches(
     data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int, *,
-    start_batch: int = 0, process_index: int | None = None, process_count: int | None = None,
+    start_batch: int = 0, steps_per_call: int = 1, process_index: int | None = None,
+    process_count: int | None = None,
 ) -> grain.IterDataset:
   """This host's numpy batches of the training stream from global step `start_batch` on.
 
-  Infinite; each batch is {'image': float32 [B/P, H, W, C], 'label': int32 [B/P]}.
+  Infinite; each batch is {'image': float32 [B/P, H, W, C], 'label': int32 [B/P]}, or with
+  `steps_per_call` = K > 1 the batches of K consecutive steps stacked: [K, B/P, ...].
   """
   process_index, process_count = _hosts(process_index, process_count)
   source = sources.open_split(data_config, data_config.train_split)
@@ -122,8 +124,10 @@ def host_train_batches(
               .repeat()
               .random_map(_preprocess(data_config, source, data_config.random_flip),
                           seed=flip_seed))
-  batches = _host_rows(examples, global_batch_size, process_index, process_count)
-  return _prefetched(batches[start_batch:], data_config.num_workers)
+  batches = _host_rows(examples, global_batch_size, process_index, process_count)[start_batch:]
+  if steps_per_call > 1:
+    batches = batches.batch(steps_per_call)
+  return _prefetched(batches, data_config.num_workers)
 
 
 def host_eval_batches(
@@ -213,24 +217,29 @@ class _ReadAhead:
 
 
 class GlobalBatchIterator:
-  """Global batches (jax.Arrays sharded over the mesh axis 'data'), read ahead in a thread.
+  """Global batches (jax.Arrays split over the mesh), read ahead in a thread; with
+  `steps_per_call` = K > 1, K consecutive batches stacked [K, B, ...] at a time.
 
   `get_state()` is the position after the last batch *yielded* (not the last one read ahead),
-  plus what must match for `set_state` to give the same batches.
+  counted in single batches whatever K, plus what must match for `set_state` to give the same
+  batches.
   """
 
   def __init__(self, host_batches: Callable[[int], grain.IterDataset], mesh: Mesh,
-               prefetch: int, identity: dict[str, Any]):
+               prefetch: int, identity: dict[str, Any], steps_per_call: int = 1):
     self._host_batches = host_batches
     self._mesh = mesh
     self._prefetch = prefetch
     self._identity = identity
+    self._steps_per_call = steps_per_call
     self._start(0)
 
   def _start(self, next_batch: int) -> None:
     self._next_batch = next_batch
     self._grain_iterator = iter(self._host_batches(next_batch))
-    global_batches = (parallel.global_batch(batch, self._mesh) for batch in self._grain_iterator)
+    stacked = self._steps_per_call > 1
+    global_batches = (parallel.global_batch(batch, self._mesh, stacked)
+                      for batch in self._grain_iterator)
     self._batches = _ReadAhead(global_batches, self._prefetch) if self._prefetch else global_batches
 
   def __iter__(self) -> "GlobalBatchIterator":
@@ -238,7 +247,7 @@ class GlobalBatchIterator:
 
   def __next__(self) -> dict[str, jax.Array]:
     batch = next(self._batches)
-    self._next_batch += 1
+    self._next_batch += self._steps_per_call
     return batch
 
   def get_state(self) -> dict[str, Any]:
@@ -273,13 +282,17 @@ def _identity(data_config: ml_collections.ConfigDict, split: str, global_batch_s
 
 
 def make_train_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
-                        seed: int, mesh: Mesh) -> GlobalBatchIterator:
-  """Infinite training batches {'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]}."""
+                        seed: int, mesh: Mesh, steps_per_call: int = 1) -> GlobalBatchIterator:
+  """Infinite training batches {'image': float32 [B, H, W, C] in [-1, 1], 'label': int32 [B]},
+  or with `steps_per_call` = K > 1 those of K consecutive steps stacked [K, B, ...] for a train
+  step that runs K steps a call. The state counts steps, so it restores with any K."""
   parallel.check_divisible(global_batch_size, mesh)
   return GlobalBatchIterator(
-      lambda start: host_train_batches(data_config, global_batch_size, seed, start_batch=start),
+      lambda start: host_train_batches(data_config, global_batch_size, seed, start_batch=start,
+                                       steps_per_call=steps_per_call),
       mesh, data_config.prefetch,
-      _identity(data_config, data_config.train_split, global_batch_size, seed=int(seed)))
+      _identity(data_config, data_config.train_split, global_batch_size, seed=int(seed)),
+      steps_per_call)
 
 
 def make_eval_iterator(data_config: ml_collections.ConfigDict, global_batch_size: int,
