@@ -127,7 +127,7 @@ class JaxdiffBench:
     def run(variables, key):
       images = samplers.sample(name, self.model.apply, variables, self.schedule, key,
                                (num_samples, *self.image_shape), num_steps=num_steps,
-                               prediction=self.config.diffusion.prediction)
+                               prediction=self.config.diffusion.prediction).images
       return jax.lax.with_sharding_constraint(images, sharding)
 
     variables, key = {"params": self.state.ema_params}, jax.random.key(2)

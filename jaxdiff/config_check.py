@@ -14,7 +14,7 @@ import contextlib
 import difflib
 import math
 
-from jaxdiff import data, diffusion, errors, samplers, schedules, train_step
+from jaxdiff import data, diffusion, errors, parallel, samplers, schedules, train_step
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -209,6 +209,26 @@ def check_batch_split(config, num_devices: int, num_processes: int) -> None:
                         f"{num_processes} processes (hosts): choose a multiple of {num_processes}")
 
 
+def check_steps_per_call(config) -> None:
+  """With train.steps_per_call = K > 1, every step the loop acts on is the last of a call: the
+  run's length and the checkpoint, sample and eval intervals are multiples of K."""
+  steps_per_call = get(config, "train.steps_per_call", 1)
+  if steps_per_call == 1:
+    return
+  for field in ("train.num_steps", "train.checkpoint_every", "train.sample_every",
+                "train.eval_every"):
+    value = get(config, field, 0)
+    if value % steps_per_call:
+      raise usage_error(field, value, f"a multiple of --config.train.steps_per_call="
+                        f"{steps_per_call} is needed: the loop acts only between calls")
+
+
+def check_mesh(config, num_devices: int) -> None:
+  """config.mesh's sizes fit the devices (by `parallel.mesh_shape`, which builds the mesh)."""
+  if "mesh" in config:
+    parallel.mesh_shape(config.mesh, num_devices)
+
+
 def unknown_dataset_message(name, directory: str) -> str:
   """The datasets jaxdiff can read, and the nearest of them to `name`."""
   available = data.available_datasets(directory)
@@ -264,6 +284,8 @@ def check_train_config(config, num_devices: int, num_processes: int) -> None:
   the dataset (which reads data_dir)."""
   check_sizes(config)
   check_names(config)
+  check_mesh(config, num_devices)
+  check_steps_per_call(config)
   check_batch_split(config, num_devices, num_processes)
   check_dataset(config)
   check_metrics(config)

@@ -187,3 +187,16 @@ def test_random_invalid_overrides_always_give_a_one_line_usage_error(data_dir):
                  for field in fields}
     message = refusal(config_with(data_dir, **overrides))
     assert any(f"config.{field}" in message for field in fields), (overrides, message)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(train__steps_per_call=5, train__num_steps=12),
+     "--config.train.num_steps=12: a multiple of --config.train.steps_per_call=5 is needed"),
+    (dict(train__steps_per_call=5, train__num_steps=10, train__checkpoint_every=3),
+     "--config.train.checkpoint_every=3: a multiple of --config.train.steps_per_call=5"),
+    (dict(mesh__data=3, mesh__fsdp=2), "config.mesh.data = 3, config.mesh.fsdp = 2 do not fit "
+                                       "the 8 devices"),
+])
+def test_steps_per_call_and_mesh_are_refused_before_anything_is_written(data_dir, overrides,
+                                                                      expected):
+  assert refusal(config_with(data_dir, **overrides), num_devices=8).startswith(expected)

@@ -93,6 +93,25 @@ def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, data_dir):
   assert not os.path.exists(tmp_path / "bad")
 
 
+def test_steps_per_call_and_fsdp_log_every_step_like_the_plain_loop(tmp_path, data_dir):
+  """Two steps per compiled call, and the state split over fsdp = 2, log a row per step with the
+  losses of the plain loop; every row carries images/s and TFLOP/s per device, and the first
+  the step's compile time."""
+  plain, stacked, sharded = (str(tmp_path / name) for name in ("plain", "stacked", "sharded"))
+  train.run(job_config(data_dir, num_steps=4, checkpoint_every=2), plain)
+  train.run(job_config(data_dir, num_steps=4, checkpoint_every=2, steps_per_call=2), stacked)
+  config = job_config(data_dir, num_steps=4, checkpoint_every=2)
+  config.mesh.fsdp = 2
+  train.run(config, sharded)
+  for workdir in (stacked, sharded):
+    np.testing.assert_allclose([logged(workdir)[s] for s in range(1, 5)],
+                               [logged(plain)[s] for s in range(1, 5)], rtol=1e-5)
+    assert checkpoint.list_steps(workdir) == [2, 4]
+  rows = logged(stacked, "tflops_per_device")
+  assert sorted(rows) == [1, 2, 3, 4] and all(value > 0 for value in rows.values())
+  assert sorted(logged(stacked, "compile_seconds")) == [1]
+
+
 def test_is_due_every_k_steps_and_at_the_end():
   assert [s for s in range(1, 11) if train.is_due(s, 4, 10)] == [4, 8, 10]
   assert [s for s in range(1, 11) if train.is_due(s, 0, 10)] == []

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, schedules,
-                     train_step, visualize)
+                     telemetry, train_step, visualize)
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
@@ -148,37 +148,50 @@ class LossHealth:
 class MetricsWindow:
   """The host side of the step metrics.
 
-  `push(step, metrics)` takes a dispatched step's metrics and reads the previous step's (one step
-  late, so the device never waits for the host); `flush()` reads the last one. Every finished
-  step updates `health`; every `log_every` steps (and at `last_step`) the window's means,
-  steps/s and images/s are written. Time inside `paused()` (sampling, evaluation, checkpoint
-  waits) is left out of the rates.
+  `push(last_step, metrics)` takes a dispatched call's metrics (one step's, or K steps' stacked
+  [K, ...] when `steps_per_call` = K) and reads the previous call's: one call late, so the device
+  never waits for the host; `flush()` reads the last one. Every finished step updates `health`;
+  every `log_every` steps (and at `last_step`) the window's means, steps/s, images/s and, from
+  `flops_per_step` and the device's `peak` TFLOP/s, TFLOP/s per device and MFU are written, with
+  `first_row` (e.g. the step's compile time) added to the first row. Time inside `paused()`
+  (sampling, evaluation, checkpoint waits) is left out of the rates.
   """
 
   def __init__(self, writer: MetricWriter, health: LossHealth, *, log_every: int,
-               batch_size: int, last_step: int, progress: tqdm):
+               batch_size: int, last_step: int, progress: tqdm, steps_per_call: int = 1,
+               flops_per_step: float = 0.0, num_devices: int = 1, peak: float | None = None,
+               first_row: dict | None = None):
     self.writer, self.health, self.progress = writer, health, progress
     self.log_every, self.batch_size, self.last_step = log_every, batch_size, last_step
+    self.steps_per_call, self.flops_per_step = steps_per_call, flops_per_step
+    self.num_devices, self.peak = num_devices, peak
+    self._first_row = dict(first_row or {})
     self._pending = None
     self._finished = []
     self._start = time.perf_counter()
     self._paused_seconds = 0.0
 
-  def push(self, step: int, step_metrics) -> None:
+  def push(self, last_step: int, call_metrics) -> None:
     self.flush()
-    self._pending = (step, step_metrics)
+    self._pending = (last_step, call_metrics)
 
   def flush(self) -> None:
     if self._pending is None:
       return
-    (step, step_metrics), self._pending = self._pending, None
-    step_metrics = jax.device_get(step_metrics)
-    self.health.update(step, float(step_metrics["loss"]), bool(step_metrics["finite"]),
-                       float(step_metrics["relative_update"]))
-    self._finished.append(step_metrics)
-    self.progress.update(1)
-    if step % self.log_every == 0 or step == self.last_step:
-      self._write(step)
+    (last_step, call_metrics), self._pending = self._pending, None
+    call_metrics = jax.device_get(call_metrics)
+    if self.steps_per_call == 1:
+      rows = [call_metrics]
+    else:
+      rows = [{name: value[k] for name, value in call_metrics.items()}
+              for k in range(self.steps_per_call)]
+    for step, row in enumerate(rows, start=last_step - len(rows) + 1):
+      self.health.update(step, float(row["loss"]), bool(row["finite"]),
+                         float(row["relative_update"]))
+      self._finished.append(row)
+      self.progress.update(1)
+      if step % self.log_every == 0 or step == self.last_step:
+        self._write(step)
 
   @contextlib.contextmanager
   def paused(self):
@@ -189,9 +202,8 @@ class MetricsWindow:
       self._paused_seconds += time.perf_counter() - start
 
   def _write(self, step: int) -> None:
-    seconds = time.perf_counter() - self._start - self._paused_seconds
+    seconds = max(time.perf_counter() - self._start - self._paused_seconds, 1e-9)
     history = self._finished
-    steps_per_sec = len(history) / max(seconds, 1e-9)
     finite = [m for m in history if m["finite"]]
     mean_of = lambda name: np.mean([m[name] for m in finite], axis=0) if finite else np.nan
     scalars = {
@@ -199,16 +211,22 @@ class MetricsWindow:
         "grad_norm": mean_of("grad_norm"),
         "relative_update": mean_of("relative_update"),
         "learning_rate": history[-1]["learning_rate"],
-        "steps_per_sec": steps_per_sec,
-        "images_per_sec": steps_per_sec * self.batch_size,
+        "steps_per_sec": len(history) / seconds,
+        **telemetry.throughput(len(history), seconds, batch_size=self.batch_size,
+                               flops_per_step=self.flops_per_step,
+                               num_devices=self.num_devices, peak=self.peak),
         "nonfinite_steps": len(history) - len(finite),
+        **self._first_row,
     }
     if finite:
       scalars.update(loss_by_t_scalars(mean_of("loss_bin_sum"), mean_of("loss_bin_count")))
     self.writer.write(step, scalars)
-    self.progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                              img_s=f"{scalars['images_per_sec']:.0f}")
+    postfix = dict(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
+    if "mfu" in scalars:
+      postfix["mfu"] = f"{scalars['mfu']:.0%}"
+    self.progress.set_postfix(**postfix)
     self._finished, self._start, self._paused_seconds = [], time.perf_counter(), 0.0
+    self._first_row = {}
 
 
 def restore_or_init(config, model, mesh, checkpointer: checkpoint.Checkpointer, key):
@@ -249,8 +267,9 @@ class _Outputs:
 
 
 class Profiler:
-  """A `jax.profiler` trace of steps first..last (inclusive) into WORKDIR/profile, which
-  TensorBoard's profile tab reads (`profile_steps` = () or (first, last))."""
+  """A `jax.profiler` trace of steps first..last (inclusive; with several steps per call, of the
+  calls that hold them) into WORKDIR/profile, which TensorBoard's profile tab reads
+  (`profile_steps` = () or (first, last)). `before` and `after` take a call's last step."""
 
   def __init__(self, profile_steps, workdir: str):
     self.steps = tuple(profile_steps)
@@ -261,12 +280,12 @@ class Profiler:
     self.active = False
 
   def before(self, step: int) -> None:
-    if self.steps and step == self.steps[0]:
+    if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
       jax.profiler.start_trace(self.directory)
       self.active = True
 
   def after(self, step: int, state) -> None:
-    if self.active and step == self.steps[1]:
+    if self.active and step >= self.steps[1]:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
       self.active = False
@@ -293,7 +312,7 @@ def run(config, workdir: str) -> TrainSummary:
   config_check.check_train_config(config, jax.device_count(), jax.process_count())
   train_config = config.train
   is_chief = jax.process_index() == 0
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(mesh_config=config.mesh)
   profiler = Profiler(train_config.profile_steps, workdir)
   if train_config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
@@ -303,7 +322,9 @@ def run(config, workdir: str) -> TrainSummary:
   model = train_step.create_model(config)
   schedule = schedules.from_config(config.diffusion)
   init_key, outputs_key = jax.random.split(jax.random.key(config.seed))
-  train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh)
+  steps_per_call = train_config.steps_per_call
+  train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh,
+                                        steps_per_call=steps_per_call)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
   state, data_state = restore_or_init(config, model, mesh, checkpointer, init_key)
   if data_state is not None:
@@ -311,16 +332,30 @@ def run(config, workdir: str) -> TrainSummary:
   if is_chief:  # only once the config is known to continue what is on disk
     save_resolved_config(config, workdir)
   first_step, last_step = int(state.step), train_config.num_steps
-  step_fn = train_step.make_train_step(model, schedule, config, mesh)
+  if (last_step - first_step) % steps_per_call:
+    raise errors.UsageError(
+        f"--config.train.steps_per_call={steps_per_call}: the run goes from step {first_step} to "
+        f"{last_step}, which is not a whole number of calls; choose num_steps or resume_step so "
+        f"that their difference is a multiple of {steps_per_call}")
+  compile_start = time.perf_counter()
+  step_fn = train_step.make_train_step(model, schedule, config, mesh).lower(
+      train_step.abstract_state(config, model, mesh), train_step.abstract_batch(config, mesh)
+  ).compile()
+  compile_seconds = time.perf_counter() - compile_start
   writer = MetricWriter(workdir, enabled=is_chief)
   outputs = _Outputs(config, workdir, model, schedule, mesh, writer, outputs_key)
   health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
                       train_config.max_relative_update)
   progress = tqdm(total=last_step, initial=first_step, disable=not is_chief, unit="step",
                   dynamic_ncols=True)
-  window = MetricsWindow(writer, health, log_every=train_config.log_every,
-                         batch_size=train_config.batch_size, last_step=last_step,
-                         progress=progress)
+  window = MetricsWindow(
+      writer, health, log_every=train_config.log_every, batch_size=train_config.batch_size,
+      last_step=last_step, progress=progress, steps_per_call=steps_per_call,
+      flops_per_step=telemetry.step_flops(model, schedule, config, mesh),
+      num_devices=mesh.size,
+      peak=telemetry.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
+                                 train_config.peak_tflops),
+      first_row={"compile_seconds": compile_seconds})
   start_time, step, stop = time.perf_counter(), first_step, StopSignal()
 
   def save_if_healthy(step: int, *, wait: bool = False) -> None:
@@ -333,11 +368,11 @@ def run(config, workdir: str) -> TrainSummary:
 
   try:
     with stop.installed():
-      for step in range(first_step + 1, last_step + 1):
+      for step in range(first_step + steps_per_call, last_step + 1, steps_per_call):
         profiler.before(step)
-        state, step_metrics = step_fn(state, next(train_iter))
+        state, call_metrics = step_fn(state, next(train_iter))
         profiler.after(step, state)
-        window.push(step, step_metrics)
+        window.push(step, call_metrics)
         if health.diverged:
           raise TrainingError(_diverged_message(health, workdir))
         stopping = stop.should_stop(step)
