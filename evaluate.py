@@ -31,7 +31,7 @@ _SAMPLER = flags.DEFINE_enum("sampler", "dpm_solver", list(samplers.SAMPLERS),
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampler steps.")
 _CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
                              "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
-                             "dpm_solver).")
+                             "the DPM-Solvers).")
 _THRESHOLD_PERCENTILE = flags.DEFINE_float(
     "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
     "e.g. 0.995. Default: none.")

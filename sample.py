@@ -19,14 +19,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export fold
                                required=True)
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Which checkpoint (default: the newest good one).")
-_SAMPLER = flags.DEFINE_string("sampler", "dpm_solver", "ddpm, ddim or dpm_solver.")
+_SAMPLER = flags.DEFINE_string("sampler", "dpm_solver",
+                               f"One of {', '.join(samplers.SAMPLERS)}.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
 _SPACING = flags.DEFINE_string("spacing", None,
-                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} "
-                               "(default: the sampler's: logsnr for dpm_solver, else uniform).")
+                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
+                               "the sampler's: logsnr for the DPM-Solvers, else uniform).")
 _CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
                              "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
-                             "dpm_solver).")
+                             "the DPM-Solvers).")
 _THRESHOLD_PERCENTILE = flags.DEFINE_float(
     "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
     "e.g. 0.995 (Imagen). Default: none.")

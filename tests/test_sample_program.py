@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import errors
+from jaxdiff import errors, samplers
 from jaxdiff.generate import SamplingOptions
 from jaxdiff.jobs import evaluate, sample, train
 from jaxdiff.jobs import workdir as workdir_lib
@@ -26,7 +26,7 @@ def workdir(tmp_path_factory, judged_data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler):
   options = SamplingOptions(sampler=sampler, num_steps=5, batch_size=8)
   written = sample.run(workdir, str(tmp_path), options, num_samples=10, seed=3,
