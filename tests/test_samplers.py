@@ -4,12 +4,14 @@ import dataclasses
 import functools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
 from jaxdiff import errors, generate, parallel, samplers, schedules
+from jaxdiff.models import UNet
 from tests.oracles import gaussian_eps, gaussian_flow_map
 
 SCHEDULE = schedules.linear(1000)
@@ -370,6 +372,52 @@ def test_generate_is_the_same_on_one_and_eight_devices_and_cuts_the_last_batch()
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   np.testing.assert_array_equal(whole["images"][:20], one["images"])
   assert len(np.unique(whole["images"][:, 0, 0, 0])) == 24  # every batch has its own noise
+
+
+def test_generate_times_the_first_batch_apart_from_the_steady_rate():
+  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
+  common = dict(image_shape=(2, 2, 1), progress=False)
+  apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
+  three = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options,
+                            num_samples=20, **common)["timing"]
+  assert three["first_batch_seconds"] > 0 and three["images_per_second"] > 0
+  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=8,
+                          **common)["timing"]
+  assert one["first_batch_seconds"] > 0 and one["images_per_second"] is None
+  assert generate.timing_line(12.345, 67.891) == (
+      "sampling: first batch (compile and run) 12.3 s, then 67.89 images/s")
+  assert generate.timing_line(0.5, None) == (
+      "sampling: first batch (compile and run) 0.5 s, one batch only, no steady rate")
+
+
+def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
+  """A tiny U-Net with noisy params (so no layer is zero) sampled by DDIM-10 as a float32 and
+  as a bfloat16 network: the images differ (bf16 computes) but stay close, and the network
+  is shown exactly the int32 timesteps 999 … 0 of the spacing."""
+  model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+               out_channels=1)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  params = unravel(flat + 0.05 * jax.random.normal(jax.random.key(1), flat.shape))
+  seen = []
+
+  def bfloat16_apply(variables, x, t):
+    jax.debug.callback(lambda t: seen.append((np.asarray(t).dtype, int(np.asarray(t)[0]))), t)
+    return model.clone(dtype="bfloat16").apply(variables, x, t)
+
+  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8, clip_x0=False)
+  images = {name: generate.generate(apply_fn, {"params": params}, SCHEDULE, jax.random.key(2),
+                                    options, num_samples=8, image_shape=(8, 8, 1),
+                                    progress=False)["images"]
+            for name, apply_fn in (("float32", model.apply), ("bfloat16", bfloat16_apply))}
+  assert images["bfloat16"].dtype == np.float32
+  assert not np.array_equal(images["bfloat16"], images["float32"])
+  relative_error = (np.linalg.norm(images["bfloat16"] - images["float32"])
+                    / np.linalg.norm(images["float32"]))
+  assert relative_error < 0.02, relative_error
+  expected = samplers.spaced_timesteps(SCHEDULE, 10, "uniform")[::-1]
+  assert seen == [(np.int32, int(t)) for t in expected] and 999 in expected
 
 
 def test_generate_with_labels_guidance_and_trajectory():
