@@ -21,6 +21,7 @@ and DDIM, made for images in [−1, 1]; DPM-Solver++ defaults to neither clippin
 thresholding.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -148,12 +149,15 @@ def ddim(eta: float = 0.0) -> Sampler:
   return _stateless(update)
 
 
-def dpm_solver(lower_order_final: bool = True) -> Sampler:
-  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction, deterministic.
+def dpm_solver(lower_order_final: bool = True, eta: float = 0.0) -> Sampler:
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction; deterministic at η = 0,
+  DPM-Solver++(2M) SDE at η = 1 (diffusers' sde-dpmsolver++, k-diffusion's dpmpp_2m_sde).
 
   With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_{i−1} − λ_i, a step from i to i−1 is
-      x_{i−1} = (σ_{i−1}/σ_i) x_i − α_{i−1} (e^{−h} − 1) D,
-      D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h.
+      x_{i−1} = (σ_{i−1}/σ_i) e^{−ηh} x_i + α_{i−1} (1 − e^{−(1+η)h}) D
+                + σ_{i−1} √(1 − e^{−2ηh}) z,   z ~ N(0, I),
+      D = (1 + 1/(2r)) x̂0_i − 1/(2r) x̂0_{i+1},  r = h_{prev}/h;
+  at η = 0 that is x_{i−1} = (σ_{i−1}/σ_i) x_i − α_{i−1} (e^{−h} − 1) D.
   Steps are first order (D = x̂0_i) at the start, at the end (which lands on ᾱ = 1, x = x̂0)
   and, with `lower_order_final` and fewer than 15 steps (as in diffusers), also the step
   before it, which steadies very short runs. The state is (x̂0_{i+1}, λ_{i+1}).
@@ -174,11 +178,13 @@ def dpm_solver(lower_order_final: bool = True) -> Sampler:
     r = (lambda_now - lambda_before) / jnp.where(first_order, 1.0, h)
     half_over_r = 0.5 / jnp.where(first_order, 1.0, r)
     data = jnp.where(first_order, x0, (1 + half_over_r) * x0 - half_over_r * x0_before)
-    x_next = jnp.where(
-        i == 0, x0,
-        jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x
-        - jnp.sqrt(alpha_bar_next) * jnp.expm1(-jnp.where(i == 0, 0.0, h)) * data)
-    return x_next, (x0, lambda_now)
+    h = jnp.where(i == 0, 0.0, h)
+    x_next = (jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * jnp.exp(-eta * h) * x
+              - jnp.sqrt(alpha_bar_next) * jnp.expm1(-(1 + eta) * h) * data)
+    if eta:
+      noise = jax.random.normal(inputs.key, x.shape, x.dtype)
+      x_next = x_next + jnp.sqrt(-(1 - alpha_bar_next) * jnp.expm1(-2 * eta * h)) * noise
+    return jnp.where(i == 0, x0, x_next), (x0, lambda_now)
 
   return Sampler(init, step)
 
@@ -317,6 +323,8 @@ SAMPLERS = {
     "ddim": Registered(ddim, spacing="uniform", clip_x0=True),
     "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False),
     "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False),
+    "dpm_solver_sde": Registered(functools.partial(dpm_solver, eta=1.0), spacing="logsnr",
+                                 clip_x0=False),
 }
 
 

@@ -43,7 +43,7 @@ def test_ddpm_lands_on_the_single_training_image(variance):
     ("ddpm", 1000, "uniform", {"variance": "beta_tilde"}),
     ("ddim", 1000, "uniform", {}), ("ddim", 50, "quadratic", {}),
     ("dpm_solver", 10, "logsnr", {}), ("dpm_solver", 20, "logsnr", {}),
-    ("dpm_solver_3m", 20, "logsnr", {})])
+    ("dpm_solver_3m", 20, "logsnr", {}), ("dpm_solver_sde", 20, "logsnr", {})])
 def test_samplers_reproduce_the_gaussian_data_distribution(name, num_steps, spacing, options):
   samples = run(name, num_steps, spacing, **options).images
   assert abs(float(samples.mean()) - MEAN) < 0.02
@@ -138,8 +138,10 @@ def test_ddim_eta_zero_is_deterministic_given_x_T_and_eta_one_is_ddpm():
   np.testing.assert_allclose(d, ddpm, atol=1e-5)
 
 
-def dpm_solver_reference(x_init, timesteps, lower_order_final):
-  """DPM-Solver++(2M) in float64 NumPy, written from Lu et al. (2022), Algorithm 2."""
+def dpm_solver_reference(x_init, timesteps, lower_order_final, eta=0.0, noises=None):
+  """DPM-Solver++(2M) in float64 NumPy, written from Lu et al. (2022), Algorithm 2; with
+  η > 0 the 2M SDE (Lu et al. 2022, App. B; k-diffusion's dpmpp_2m_sde), noises[k] the z of
+  the k-th step."""
   betas = np.float32(np.linspace(1e-4, 0.02, 1000)).astype(np.float64)
   alpha_bars = np.cumprod(1 - betas)
   x0_hat = lambda x, a: MEAN + np.sqrt(a) * STD**2 / (a * STD**2 + 1 - a) * (x - np.sqrt(a) * MEAN)
@@ -158,7 +160,10 @@ def dpm_solver_reference(x_init, timesteps, lower_order_final):
     else:
       r = (lam(a) - previous[1]) / h
       data = (1 + 1 / (2 * r)) * d - 1 / (2 * r) * previous[0]
-    x = np.sqrt((1 - a_next) / (1 - a)) * x - np.sqrt(a_next) * np.expm1(-h) * data
+    x = (np.sqrt((1 - a_next) / (1 - a)) * np.exp(-eta * h) * x
+         + np.sqrt(a_next) * (1 - np.exp(-(1 + eta) * h)) * data)
+    if eta:
+      x = x + np.sqrt(1 - a_next) * np.sqrt(1 - np.exp(-2 * eta * h)) * noises[k]
     previous = (d, lam(a))
 
 
@@ -170,6 +175,24 @@ def test_dpm_solver_matches_a_float64_reference(lower_order_final):
   actual = run("dpm_solver", 12, "logsnr", shape=x_init.shape, x_init=x_init,
                lower_order_final=lower_order_final).images
   np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", [8, 20])
+def test_dpm_solver_sde_matches_a_float64_reference_with_the_same_noise(num_steps):
+  """`run` draws step k's noise (k = 0 … K−1, from x_T on) with key k of split(second half of
+  split(key), K)."""
+  x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  step_keys = jax.random.split(jax.random.split(jax.random.key(15))[1], num_steps)
+  noises = [np.asarray(jax.random.normal(k, x_init.shape), np.float64) for k in step_keys]
+  # The reference's lower_order_final has no 15-step limit: pass it only where it applies.
+  expected = dpm_solver_reference(np.asarray(x_init), timesteps, num_steps < 15, eta=1.0,
+                                  noises=noises)
+  actual = run("dpm_solver_sde", num_steps, "logsnr", key=15, shape=x_init.shape,
+               x_init=x_init).images
+  np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+  ode = run("dpm_solver", num_steps, "logsnr", key=15, shape=x_init.shape, x_init=x_init).images
+  assert np.abs(np.asarray(actual) - np.asarray(ode)).mean() > 0.05
 
 
 def dpm_solver_3m_reference(x_init, timesteps, lower_order_final):
@@ -518,7 +541,7 @@ def test_sampling_options_from_config_sections():
       sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
   config.sample.sampler = "euler"
   with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
-                     "of ddim, ddpm, dpm_solver, dpm_solver_3m$"):
+                     "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde$"):
     generate.SamplingOptions.from_config(config.sample)
 
 
