@@ -430,11 +430,14 @@ def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
     return model.clone(dtype="bfloat16").apply(variables, x, t)
 
   options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8, clip_x0=False)
-  images = {name: generate.generate(apply_fn, {"params": params}, SCHEDULE, jax.random.key(2),
-                                    options, num_samples=8, image_shape=(8, 8, 1),
-                                    progress=False)["images"]
-            for name, apply_fn in (("float32", model.apply), ("bfloat16", bfloat16_apply))}
-  assert images["bfloat16"].dtype == np.float32
+  results = {name: generate.generate(apply_fn, {"params": params}, SCHEDULE, jax.random.key(2),
+                                     options, num_samples=8, image_shape=(8, 8, 1),
+                                     trajectory_every=1, progress=False)
+             for name, apply_fn in (("float32", model.apply), ("bfloat16", bfloat16_apply))}
+  images = {name: result["images"] for name, result in results.items()}
+  assert results["bfloat16"]["trajectory"].dtype == np.float32  # x after every step
+  respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, 10, "uniform"))
+  assert all(np.asarray(coefficients).dtype == np.float32 for coefficients in respaced)
   assert not np.array_equal(images["bfloat16"], images["float32"])
   relative_error = (np.linalg.norm(images["bfloat16"] - images["float32"])
                     / np.linalg.norm(images["float32"]))
