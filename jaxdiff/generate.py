@@ -4,6 +4,7 @@
 `config.eval`) to a sampler run; `generate` takes it."""
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -73,7 +74,10 @@ def generate(model_apply, variables, schedule, key, options: SamplingOptions, *,
              num_classes: int = 0, trajectory_every: int | None = None, mesh=None,
              progress: bool = True) -> dict:
   """`num_samples` images in [−1, 1], `options.batch_size` at a time, as numpy arrays:
-  {'images': [N, H, W, C], 'labels': [N] or None, 'trajectory': [frames, N, H, W, C] or None}.
+  {'images': [N, H, W, C], 'labels': [N] or None, 'trajectory': [frames, N, H, W, C] or None,
+   'timing': {'first_batch_seconds', 'images_per_second'}}: the wall time of the first batch
+  (compiling included) and the steady rate after it, images computed after the first batch
+  over their time (whole batches; None when there is only one batch).
 
   `model_apply(variables, x_t, t[, labels])` is the network (e.g. `UNet.apply`); a conditional
   model (`num_classes` > 0) gets `labels` (default: the classes in turn) with classifier-free
@@ -115,14 +119,28 @@ def generate(model_apply, variables, schedule, key, options: SamplingOptions, *,
   num_batches = -(-num_samples // batch_size)
   padded_labels = np.resize(labels if labels is not None else np.zeros(1, np.int32),
                             num_batches * batch_size).astype(np.int32)
-  batches = []
+  batches, seconds = [], []
   for b in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
     batch_labels = padded_labels[b * batch_size:(b + 1) * batch_size]
+    start = time.perf_counter()
     batches.append(jax.device_get(sample_batch(variables, np.int32(b), batch_labels)))
+    seconds.append(time.perf_counter() - start)
   image_batches, frame_batches = zip(*batches)
+  steady_seconds = sum(seconds[1:])
+  timing = {"first_batch_seconds": seconds[0],
+            "images_per_second": (num_batches - 1) * batch_size / steady_seconds
+                                 if num_batches > 1 else None}
   return {"images": np.concatenate(image_batches)[:num_samples], "labels": labels,
           "trajectory": None if trajectory_every is None
-                        else np.concatenate(frame_batches, axis=1)[:, :num_samples]}
+                        else np.concatenate(frame_batches, axis=1)[:, :num_samples],
+          "timing": timing}
+
+
+def timing_line(first_batch_seconds: float, images_per_second: float | None) -> str:
+  """`generate`'s timing as one line: the first (compiling) batch, then the steady rate."""
+  rate = ("one batch only, no steady rate" if images_per_second is None
+          else f"then {images_per_second:.4g} images/s")
+  return f"sampling: first batch (compile and run) {first_batch_seconds:.3g} s, {rate}"
 
 
 def _labels(labels, num_samples: int, num_classes: int, guidance_scale: float):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import errors
+from jaxdiff import errors, generate, samplers
 from jaxdiff.generate import SamplingOptions
 from jaxdiff.jobs import evaluate, sample, train
 from jaxdiff.jobs import workdir as workdir_lib
@@ -26,12 +26,12 @@ def workdir(tmp_path_factory, judged_data_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver"])
+@pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler):
   options = SamplingOptions(sampler=sampler, num_steps=5, batch_size=8)
   written = sample.run(workdir, str(tmp_path), options, num_samples=10, seed=3,
                        trajectory_every=2, progress=False)
-  assert sorted(os.path.basename(p) for p in written) == [
+  assert sorted(os.path.basename(p) for p in written.paths) == [
       "samples.npz", "samples.png", "settings.json", "trajectory.png"]
   arrays = np.load(tmp_path / "samples.npz")
   assert arrays["images"].shape == (10, 8, 8, 1) and arrays["images"].dtype == np.uint8
@@ -39,12 +39,38 @@ def test_each_sampler_writes_images_npz_and_settings(workdir, tmp_path, sampler)
   assert Image.open(tmp_path / "samples.png").size == (4 * 33 + 1, 3 * 33 + 1)
   settings = json.load(open(tmp_path / "settings.json"))
   assert settings["sampler"] == sampler and settings["checkpoint_step"] == 3
+  assert settings["dtype"] == "float32" and settings["images_per_second"] > 0
+  assert settings["first_batch_seconds"] == written.timing["first_batch_seconds"] > 0
   assert SamplingOptions(**{name: settings[name] for name in (
       "sampler", "num_steps", "spacing", "clip_x0", "threshold_percentile", "eta",
       "guidance_scale", "batch_size")}) == options
   again = tmp_path / "again"
   sample.run(workdir, str(again), options, num_samples=10, seed=3, progress=False)
   np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], arrays["images"])
+
+
+@pytest.mark.slow
+def test_bfloat16_sampling_is_close_to_float32(workdir, tmp_path, monkeypatch):
+  """dtype (--dtype) overrides the model's float32 compute for sampling: generate gets the
+  network in that dtype, its images are close to the float32 ones (test_samplers shows that
+  they differ), and settings.json says which dtype computed them."""
+  options = SamplingOptions(sampler="dpm_solver", num_steps=5, batch_size=8)
+  generate_images, networks = generate.generate, []
+
+  def recording(model_apply, *args, **kwargs):
+    networks.append(model_apply.__self__.dtype)
+    return generate_images(model_apply, *args, **kwargs)
+
+  monkeypatch.setattr(generate, "generate", recording)
+  pixels = {}
+  for dtype in ("float32", "bfloat16", None):
+    out = tmp_path / str(dtype)
+    sample.run(workdir, str(out), options, num_samples=8, dtype=dtype, progress=False)
+    assert json.load(open(out / "settings.json"))["dtype"] == (dtype or "float32")
+    pixels[dtype] = np.load(out / "samples.npz")["images"].astype(np.float64)
+  assert networks == ["float32", "bfloat16", "float32"]
+  np.testing.assert_array_equal(pixels[None], pixels["float32"])
+  assert np.abs(pixels["bfloat16"] - pixels["float32"]).mean() < 2.0  # of 255 levels
 
 
 @pytest.mark.slow
@@ -58,6 +84,8 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1)
+  assert re.search(r"^sampling: first batch \(compile and run\) [0-9.e+-]+ s, one batch only",
+                   result.stdout, re.MULTILINE), result.stdout
   trajectory = subprocess.run(command + ["--trajectory", f"--output_dir={tmp_path}/t"], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
   assert trajectory.returncode == 0, trajectory.stderr
@@ -68,6 +96,8 @@ def test_sample_py_from_the_command_line(workdir, tmp_path):
                        ("--num_steps=101", "num_steps = 101: more than the model's T = 100"),
                        ("--batch_size=0", "batch_size = 0: a batch holds at least 1 image"),
                        ("--trajectory_every=0", "--trajectory_every=0: must be at least 1"),
+                       ("--dtype=float16", "--dtype=float16: not a compute dtype; choose one "
+                        "of float32, bfloat16"),
                        ("--guidance_scale=3", "unconditional")]:
     result = subprocess.run(command + [bad], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -123,13 +153,16 @@ def run_evaluate_py(*flags):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("metric,flags,numbers", [
+@pytest.mark.parametrize("metric,flags,numbers,dtype", [
     ("bpd", ["--num_images=16", "--batch_size=8"],
-     ["bpd", "prior_bpd", "diffusion_bpd", "decoder_bpd", "uniform_bpd"]),
-    ("quality", ["--num_samples=16", "--batch_size=8", "--num_steps=3", "--sampler=ddim"],
-     ["frechet", "frechet_real_vs_real", "frechet_noise_vs_real", "class_entropy_bits"]),
+     ["bpd", "prior_bpd", "diffusion_bpd", "decoder_bpd", "uniform_bpd"], "float32"),
+    ("quality", ["--num_samples=16", "--batch_size=8", "--num_steps=3", "--sampler=ddim",
+                 "--spacing=trailing", "--dtype=bfloat16"],
+     ["frechet", "frechet_real_vs_real", "frechet_noise_vs_real", "class_entropy_bits"],
+     "bfloat16"),
 ])
-def test_evaluate_py_prints_a_table_and_writes_json(workdir, tmp_path, metric, flags, numbers):
+def test_evaluate_py_prints_a_table_and_writes_json(workdir, tmp_path, metric, flags, numbers,
+                                                    dtype):
   output = tmp_path / f"{metric}.json"
   result = run_evaluate_py(f"--workdir={workdir}", f"--metric={metric}", f"--output={output}",
                            *flags)
@@ -137,6 +170,9 @@ def test_evaluate_py_prints_a_table_and_writes_json(workdir, tmp_path, metric, f
   with open(output) as f:
     written = json.load(f)
   assert written["checkpoint_step"] == 3 and written["dataset"] == "digits"
+  assert written["dtype"] == dtype
+  if metric == "quality":
+    assert written["sampling"]["spacing"] == "trailing"
   for name in numbers:
     assert np.isfinite(written[name])
     assert any(line.split()[:1] == [name] for line in result.stdout.splitlines())
@@ -159,6 +195,8 @@ def a_file(tmp_path):
     (dict(num_samples=0), "--num_samples=0: must be at least 1"),
     (dict(num_samples=-3), "--num_samples=-3: must be at least 1"),
     (dict(trajectory_every=0), "--trajectory_every=0: must be at least 1"),
+    (dict(dtype="float16"), "--dtype=float16: not a compute dtype; choose one of float32, "
+                            "bfloat16 (or leave it out for the model's own)"),
     (dict(output_dir="{file}"), "--output_dir={file}: {file} is a file, not a folder"),
     (dict(output_dir="{file}/out"), "--output_dir={file}/out: {file} is a file, not a folder")])
 def test_sample_run_refuses_bad_requests_before_loading_a_model(tmp_path, a_file, request_,
@@ -194,7 +232,9 @@ def test_evaluate_py_refuses_bad_flags_before_loading(tmp_path, a_file):
   for bad, message in [("--num_samples=0", "--num_samples=0: must be at least 1"),
                        ("--batch_size=-2", "--batch_size=-2: must be at least 1"),
                        (f"--output={a_file}/x.json", f"{a_file} is a file, not a folder"),
-                       ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile")]:
+                       ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile"),
+                       ("--dtype=half", "--dtype=half: not a compute dtype"),
+                       ("--spacing=cubic", "spacing = 'cubic': unknown spacing")]:
     result = run_evaluate_py(f"--workdir={tmp_path}/nothing", "--metric=quality", bad)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "does not exist" not in result.stderr

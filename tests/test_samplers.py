@@ -4,12 +4,14 @@ import dataclasses
 import functools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
 from jaxdiff import errors, generate, parallel, samplers, schedules
+from jaxdiff.models import UNet
 from tests.oracles import gaussian_eps, gaussian_flow_map
 
 SCHEDULE = schedules.linear(1000)
@@ -40,7 +42,8 @@ def test_ddpm_lands_on_the_single_training_image(variance):
     ("ddpm", 1000, "uniform", {"variance": "beta"}),
     ("ddpm", 1000, "uniform", {"variance": "beta_tilde"}),
     ("ddim", 1000, "uniform", {}), ("ddim", 50, "quadratic", {}),
-    ("dpm_solver", 10, "logsnr", {}), ("dpm_solver", 20, "logsnr", {})])
+    ("dpm_solver", 10, "logsnr", {}), ("dpm_solver", 20, "logsnr", {}),
+    ("dpm_solver_3m", 20, "logsnr", {}), ("dpm_solver_sde", 20, "logsnr", {})])
 def test_samplers_reproduce_the_gaussian_data_distribution(name, num_steps, spacing, options):
   samples = run(name, num_steps, spacing, **options).images
   assert abs(float(samples.mean()) - MEAN) < 0.02
@@ -53,25 +56,39 @@ def test_ddpm_needs_the_full_chain_where_dpm_solver_needs_ten_steps():
   assert ddpm_error > 0.1 and dpm_error < 0.04 and dpm_error < ddpm_error / 4
 
 
+def flow_rms_error(name, num_steps, spacing):
+  """RMS distance, sample by sample from the same x_T, between `name` at `num_steps` and the
+  exact probability-flow ODE solution (ending with the denoiser at the first kept timestep)."""
+  x_init = jax.random.normal(jax.random.key(8), (1024, 2, 2, 1))
+  first_timestep = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
+  exact = gaussian_flow_map(SCHEDULE, MEAN, STD, x_init, first_timestep)
+  samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init).images
+  return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - exact)**2)))
+
+
 @pytest.mark.parametrize("name, num_steps, spacing, max_rms", [
     ("ddim", 1000, "uniform", 0.003), ("ddim", 50, "quadratic", 0.03),
-    ("dpm_solver", 10, "logsnr", 0.015), ("dpm_solver", 20, "logsnr", 0.015)])
+    ("dpm_solver", 10, "logsnr", 0.015), ("dpm_solver", 20, "logsnr", 0.015),
+    ("dpm_solver_3m", 20, "logsnr", 0.003)])
 def test_deterministic_samplers_follow_the_probability_flow_ode(name, num_steps, spacing,
                                                                 max_rms):
-  """Sample by sample, against the exact ODE solution from the same x_T; DDIM at 10 steps is
-  ten times further off than DPM-Solver++ at 10."""
-  x_init = jax.random.normal(jax.random.key(8), (1024, 2, 2, 1))
-
-  def rms_error(name, num_steps, spacing):
-    first_timestep = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
-    exact = gaussian_flow_map(SCHEDULE, MEAN, STD, x_init, first_timestep)
-    samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init).images
-    return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - exact)**2)))
-
-  error = rms_error(name, num_steps, spacing)
+  """Against the exact ODE solution; DDIM at 10 steps is ten times further off than
+  DPM-Solver++ at 10."""
+  error = flow_rms_error(name, num_steps, spacing)
   assert error < max_rms
   if name == "dpm_solver" and num_steps == 10:
-    assert rms_error("ddim", 10, "logsnr") > 10 * error
+    assert flow_rms_error("ddim", 10, "logsnr") > 10 * error
+
+
+def test_dpm_solver_3m_converges_at_third_order_where_2m_does_at_second():
+  """From 20 to 40 steps the 2M error falls about 4× (second order) and the 3M error more than
+  2³ = 8×; 3M is 3× closer than 2M at 20 steps and 10× at 40. (At 10 logsnr steps, h ≈ 1, 2M
+  is the closer of the two on this data.)"""
+  errors_2m = [flow_rms_error("dpm_solver", k, "logsnr") for k in (20, 40)]
+  errors_3m = [flow_rms_error("dpm_solver_3m", k, "logsnr") for k in (20, 40)]
+  assert 3 < errors_2m[0] / errors_2m[1] < 5
+  assert errors_3m[0] / errors_3m[1] > 8
+  assert errors_3m[0] < errors_2m[0] / 3 and errors_3m[1] < errors_2m[1] / 10
 
 
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
@@ -121,8 +138,10 @@ def test_ddim_eta_zero_is_deterministic_given_x_T_and_eta_one_is_ddpm():
   np.testing.assert_allclose(d, ddpm, atol=1e-5)
 
 
-def dpm_solver_reference(x_init, timesteps, lower_order_final):
-  """DPM-Solver++(2M) in float64 NumPy, written from Lu et al. (2022), Algorithm 2."""
+def dpm_solver_reference(x_init, timesteps, lower_order_final, eta=0.0, noises=None):
+  """DPM-Solver++(2M) in float64 NumPy, written from Lu et al. (2022), Algorithm 2; with
+  η > 0 the 2M SDE (Lu et al. 2022, App. B; k-diffusion's dpmpp_2m_sde), noises[k] the z of
+  the k-th step."""
   betas = np.float32(np.linspace(1e-4, 0.02, 1000)).astype(np.float64)
   alpha_bars = np.cumprod(1 - betas)
   x0_hat = lambda x, a: MEAN + np.sqrt(a) * STD**2 / (a * STD**2 + 1 - a) * (x - np.sqrt(a) * MEAN)
@@ -141,7 +160,10 @@ def dpm_solver_reference(x_init, timesteps, lower_order_final):
     else:
       r = (lam(a) - previous[1]) / h
       data = (1 + 1 / (2 * r)) * d - 1 / (2 * r) * previous[0]
-    x = np.sqrt((1 - a_next) / (1 - a)) * x - np.sqrt(a_next) * np.expm1(-h) * data
+    x = (np.sqrt((1 - a_next) / (1 - a)) * np.exp(-eta * h) * x
+         + np.sqrt(a_next) * (1 - np.exp(-(1 + eta) * h)) * data)
+    if eta:
+      x = x + np.sqrt(1 - a_next) * np.sqrt(1 - np.exp(-2 * eta * h)) * noises[k]
     previous = (d, lam(a))
 
 
@@ -151,6 +173,75 @@ def test_dpm_solver_matches_a_float64_reference(lower_order_final):
   timesteps = samplers.spaced_timesteps(SCHEDULE, 12, "logsnr")
   expected = dpm_solver_reference(np.asarray(x_init), timesteps, lower_order_final)
   actual = run("dpm_solver", 12, "logsnr", shape=x_init.shape, x_init=x_init,
+               lower_order_final=lower_order_final).images
+  np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", [8, 20])
+def test_dpm_solver_sde_matches_a_float64_reference_with_the_same_noise(num_steps):
+  """`run` draws step k's noise (k = 0 … K−1, from x_T on) with key k of split(second half of
+  split(key), K)."""
+  x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  step_keys = jax.random.split(jax.random.split(jax.random.key(15))[1], num_steps)
+  noises = [np.asarray(jax.random.normal(k, x_init.shape), np.float64) for k in step_keys]
+  # The reference's lower_order_final has no 15-step limit: pass it only where it applies.
+  expected = dpm_solver_reference(np.asarray(x_init), timesteps, num_steps < 15, eta=1.0,
+                                  noises=noises)
+  actual = run("dpm_solver_sde", num_steps, "logsnr", key=15, shape=x_init.shape,
+               x_init=x_init).images
+  np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+  ode = run("dpm_solver", num_steps, "logsnr", key=15, shape=x_init.shape, x_init=x_init).images
+  assert np.abs(np.asarray(actual) - np.asarray(ode)).mean() > 0.05
+
+
+def dpm_solver_3m_reference(x_init, timesteps, lower_order_final):
+  """DPM-Solver++(3M) in float64 NumPy, as an exponential integrator: a third-order step is
+  x_t = (σ_t/σ_s) x_s + σ_t ∫_{λ_s}^{λ_t} e^λ p(λ) dλ with p the quadratic through the last
+  three (λ, x̂0), integrated by Gauss–Legendre quadrature; a first-order step takes p = x̂0_s,
+  a second-order step is 2M's. Orders as in diffusers' `DPMSolverMultistepScheduler`: capped
+  by how many x̂0 there are and, with `lower_order_final` and fewer than 15 steps, by the
+  steps left."""
+  betas = np.float32(np.linspace(1e-4, 0.02, 1000)).astype(np.float64)
+  alpha_bars = np.cumprod(1 - betas)
+  x0_hat = lambda x, a: MEAN + np.sqrt(a) * STD**2 / (a * STD**2 + 1 - a) * (x - np.sqrt(a) * MEAN)
+  lam = lambda a: 0.5 * np.log(a / (1 - a))
+  nodes, weights = np.polynomial.legendre.leggauss(20)
+  x, outputs, lambdas = np.asarray(x_init, np.float64), [], []
+  path = list(timesteps[::-1])
+  for k, t in enumerate(path):
+    a = alpha_bars[t]
+    outputs.append(x0_hat(x, a))
+    lambdas.append(lam(a))
+    if k == len(path) - 1:
+      return outputs[-1]
+    order = min(3, len(outputs))
+    if lower_order_final and len(path) < 15:
+      order = min(order, len(path) - 1 - k)
+    a_t = alpha_bars[path[k + 1]]
+    lambda_s, lambda_t = lambdas[-1], lam(a_t)
+    h = lambda_t - lambda_s
+    if order == 2:
+      r = (lambda_s - lambdas[-2]) / h
+      data = (1 + 1 / (2 * r)) * outputs[-1] - 1 / (2 * r) * outputs[-2]
+      x = np.sqrt((1 - a_t) / (1 - a)) * x - np.sqrt(a_t) * np.expm1(-h) * data
+      continue
+    known = np.stack(outputs[-order:]).reshape(order, -1)
+    coefficients = np.polyfit(lambdas[-order:], known, order - 1)  # [order, pixels]
+    points = lambda_s + 0.5 * h * (nodes + 1)
+    interpolant = np.stack([np.polyval(coefficients, p) for p in points])
+    integral = 0.5 * h * np.einsum("q,q,qn->n", weights, np.exp(points), interpolant)
+    x = (np.sqrt((1 - a_t) / (1 - a)) * x
+         + np.sqrt(1 - a_t) * integral.reshape(x.shape))
+
+
+@pytest.mark.parametrize("num_steps", [6, 12, 20])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_dpm_solver_3m_matches_a_float64_reference(num_steps, lower_order_final):
+  x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  expected = dpm_solver_3m_reference(np.asarray(x_init), timesteps, lower_order_final)
+  actual = run("dpm_solver_3m", num_steps, "logsnr", shape=x_init.shape, x_init=x_init,
                lower_order_final=lower_order_final).images
   np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
 
@@ -306,6 +397,55 @@ def test_generate_is_the_same_on_one_and_eight_devices_and_cuts_the_last_batch()
   assert len(np.unique(whole["images"][:, 0, 0, 0])) == 24  # every batch has its own noise
 
 
+def test_generate_times_the_first_batch_apart_from_the_steady_rate():
+  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
+  common = dict(image_shape=(2, 2, 1), progress=False)
+  apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
+  three = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options,
+                            num_samples=20, **common)["timing"]
+  assert three["first_batch_seconds"] > 0 and three["images_per_second"] > 0
+  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=8,
+                          **common)["timing"]
+  assert one["first_batch_seconds"] > 0 and one["images_per_second"] is None
+  assert generate.timing_line(12.345, 67.891) == (
+      "sampling: first batch (compile and run) 12.3 s, then 67.89 images/s")
+  assert generate.timing_line(0.5, None) == (
+      "sampling: first batch (compile and run) 0.5 s, one batch only, no steady rate")
+
+
+def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
+  """A tiny U-Net with noisy params (so no layer is zero) sampled by DDIM-10 as a float32 and
+  as a bfloat16 network: the images differ (bf16 computes) but stay close, and the network
+  is shown exactly the int32 timesteps 999 … 0 of the spacing."""
+  model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+               out_channels=1)
+  x = jnp.zeros((1, 8, 8, 1))
+  params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  params = unravel(flat + 0.05 * jax.random.normal(jax.random.key(1), flat.shape))
+  seen = []
+
+  def bfloat16_apply(variables, x, t):
+    jax.debug.callback(lambda t: seen.append((np.asarray(t).dtype, int(np.asarray(t)[0]))), t)
+    return model.clone(dtype="bfloat16").apply(variables, x, t)
+
+  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8, clip_x0=False)
+  results = {name: generate.generate(apply_fn, {"params": params}, SCHEDULE, jax.random.key(2),
+                                     options, num_samples=8, image_shape=(8, 8, 1),
+                                     trajectory_every=1, progress=False)
+             for name, apply_fn in (("float32", model.apply), ("bfloat16", bfloat16_apply))}
+  images = {name: result["images"] for name, result in results.items()}
+  assert results["bfloat16"]["trajectory"].dtype == np.float32  # x after every step
+  respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, 10, "uniform"))
+  assert all(np.asarray(coefficients).dtype == np.float32 for coefficients in respaced)
+  assert not np.array_equal(images["bfloat16"], images["float32"])
+  relative_error = (np.linalg.norm(images["bfloat16"] - images["float32"])
+                    / np.linalg.norm(images["float32"]))
+  assert relative_error < 0.02, relative_error
+  expected = samplers.spaced_timesteps(SCHEDULE, 10, "uniform")[::-1]
+  assert seen == [(np.int32, int(t)) for t in expected] and 999 in expected
+
+
 def test_generate_with_labels_guidance_and_trajectory():
   options = generate.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
                                      guidance_scale=1.0)
@@ -404,7 +544,7 @@ def test_sampling_options_from_config_sections():
       sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
   config.sample.sampler = "euler"
   with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
-                     "of ddim, ddpm, dpm_solver$"):
+                     "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde$"):
     generate.SamplingOptions.from_config(config.sample)
 
 

@@ -87,6 +87,35 @@ def test_bfloat16_computes_in_bfloat16(tiny):
   assert rel_err < 0.05
 
 
+def test_a_bfloat16_model_sees_t_998_as_998(tiny):
+  """bfloat16 holds 998 as 996 or 1000; a bfloat16 model still embeds t and runs the time MLP
+  in float32: its time embedding equals the float32 model's, and a float64 NumPy reference,
+  for t = 996, 998, 999 and 1000."""
+  assert float(jnp.asarray(998, jnp.bfloat16)) in (996.0, 1000.0)
+  t = jnp.array([996, 998, 999, 1000])
+  x = jnp.broadcast_to(tiny.x[:1], (4, *tiny.x.shape[1:]))
+
+  def time_embedding(dtype):
+    _, state = UNet(**TINY, dtype=dtype).apply(
+        {"params": tiny.perturbed}, x, t, capture_intermediates=lambda module, _: (
+            module.name == "temb_dense1"), mutable=["intermediates"])
+    return state["intermediates"]["temb_dense1"]["__call__"][0]
+
+  in_bfloat16 = time_embedding("bfloat16")
+  assert in_bfloat16.dtype == jnp.float32
+  np.testing.assert_array_equal(in_bfloat16, time_embedding("float32"))
+  half = TINY["ch"] // 2
+  freqs = np.exp(-np.log(10_000.0) * np.arange(half, dtype=np.float64) / (half - 1))
+  args = np.asarray(t, np.float64)[:, None] * freqs
+  layer = lambda h, name: (h @ np.asarray(tiny.perturbed[name]["kernel"], np.float64)
+                           + np.asarray(tiny.perturbed[name]["bias"], np.float64))
+  hidden = layer(np.concatenate([np.sin(args), np.cos(args)], axis=1), "temb_dense0")
+  expected = layer(hidden / (1 + np.exp(-hidden)), "temb_dense1")
+  np.testing.assert_allclose(in_bfloat16, expected, rtol=1e-4, atol=1e-4)
+  gaps = np.abs(np.diff(expected, axis=0)).max(axis=1)  # 996→998, 998→999, 999→1000
+  assert gaps.min() > 100 * np.abs(in_bfloat16 - expected).max()
+
+
 def test_built_from_config_dict():
   model_config = ml_collections.ConfigDict({**TINY, "num_classes": 0, "dtype": "float32",
                                             "resamp_with_conv": True, "num_heads": 1,

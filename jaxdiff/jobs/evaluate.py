@@ -23,18 +23,22 @@ def check_request(output: str | None, **counts) -> None:
 
 
 def run(workdir: str, metric: str, *, checkpoint_step: int | None = None, seed: int = 0,
-        **options) -> dict:
-  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices;
-  the result also names the checkpoint, dataset and device count."""
+        dtype: str | None = None, **options) -> dict:
+  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices,
+  with the network computing in `dtype` (None: as trained); the result also names the
+  checkpoint, dataset, dtype and device count."""
+  sample_job.check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config = trained.config
   metrics.check_metric(metric, config.data)
+  model = sample_job.computing_in(trained.model, dtype)
   mesh = parallel.make_mesh(jax.local_devices())
   start = time.perf_counter()
-  result = metrics.evaluate(metric, trained.model, trained.params, config, mesh,
-                            jax.random.key(seed), **options)
+  result = metrics.evaluate(metric, model, trained.params, config, mesh, jax.random.key(seed),
+                            **options)
   return {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset, "seed": seed,
-          "devices": mesh.devices.size, "seconds": time.perf_counter() - start}
+          "dtype": model.dtype, "devices": mesh.devices.size,
+          "seconds": time.perf_counter() - start}
 
 
 def format_table(result: dict) -> str:
@@ -46,10 +50,13 @@ def format_table(result: dict) -> str:
 
 
 def write_panel(workdir: str, output_path: str, checkpoint_step: int | None = None,
-                seed: int = 0) -> str:
-  """The panel of a trained workdir's EMA params, as a PNG (needs the dataset for x0)."""
+                seed: int = 0, dtype: str | None = None) -> str:
+  """The panel of a trained workdir's EMA params, the network computing in `dtype` (None: as
+  trained), as a PNG (needs the dataset for x0)."""
+  sample_job.check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   x0, noise = panels.panel_inputs(trained.config, jax.random.key(seed))
-  image = panels.panel(trained.model, trained.params, trained.schedule, trained.config, x0, noise)
+  image = panels.panel(sample_job.computing_in(trained.model, dtype), trained.params,
+                       trained.schedule, trained.config, x0, noise)
   images.save_png(output_path, image)
   return os.path.abspath(output_path)

@@ -3,12 +3,22 @@
 import dataclasses
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from jaxdiff import errors, generate, images, parallel
 from jaxdiff.jobs import workdir as workdir_lib
+
+DTYPES = ("float32", "bfloat16")
+
+
+class Written(NamedTuple):
+  """What `run` wrote (paths) and how fast it sampled (`generate.generate`'s timing)."""
+
+  paths: list[str]
+  timing: dict
 
 
 def check_positive(**counts) -> None:
@@ -30,22 +40,39 @@ def check_folder(flag: str, value: str, folder: str | None = None) -> None:
                             f"path with no file in the way")
 
 
+def check_dtype(dtype: str | None) -> None:
+  """errors.UsageError unless `dtype` (the --dtype flag) is None or one of DTYPES."""
+  if dtype is not None and dtype not in DTYPES:
+    raise errors.UsageError(f"--dtype={dtype}: not a compute dtype; choose one of "
+                            f"{', '.join(DTYPES)} (or leave it out for the model's own)")
+
+
+def computing_in(model, dtype: str | None):
+  """`model` (a UNet) computing in `dtype`, None: in its config.model.dtype. Its float32 params
+  fit either; time and its embedding stay float32 inside (models/unet.py), and the samplers'
+  x and schedule coefficients are float32 outside."""
+  return model if dtype is None else model.clone(dtype=dtype)
+
+
 def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
         checkpoint_step: int | None = None, num_samples: int = 64, seed: int = 0,
         class_label: int | None = None, trajectory_every: int | None = None,
-        progress: bool = True) -> list[str]:
-  """What `sample.py` does: EMA params from `workdir` → images sampled as `options` say,
-  written to `output_dir` as samples.png, samples.npz, settings.json (and trajectory.png).
-  Refuses bad requests (errors.UsageError) before loading the model, and a step count beyond
-  the model's T (`generate`) before sampling. Returns the paths written."""
+        dtype: str | None = None, progress: bool = True) -> Written:
+  """What `sample.py` does: EMA params from `workdir` → images sampled as `options` say, by
+  the network computing in `dtype` (None: as trained), written to `output_dir` as
+  samples.png, samples.npz, settings.json (and trajectory.png). Refuses bad requests
+  (errors.UsageError) before loading the model, and a step count beyond the model's T
+  (`generate`) before sampling. Returns the paths written and the sampling's timing."""
   check_positive(num_samples=num_samples, trajectory_every=trajectory_every)
+  check_dtype(dtype)
   check_folder("output_dir", output_dir)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config, step = trained.config, trained.step
+  model = computing_in(trained.model, dtype)
   mesh = parallel.make_mesh(jax.local_devices())
   size, channels = config.data.image_size, config.data.num_channels
   result = generate.generate(
-      trained.model.apply, {"params": trained.params}, trained.schedule, jax.random.key(seed),
+      model.apply, {"params": trained.params}, trained.schedule, jax.random.key(seed),
       options, num_samples=num_samples, image_shape=(size, size, channels),
       prediction=config.diffusion.prediction, labels=class_label,
       num_classes=config.model.num_classes, trajectory_every=trajectory_every, mesh=mesh,
@@ -62,7 +89,8 @@ def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
   settings = dict(workdir=os.path.abspath(workdir), checkpoint_step=step,
                   **dataclasses.asdict(options), num_samples=num_samples, seed=seed,
                   class_label=class_label, trajectory_every=trajectory_every,
-                  devices=len(mesh.devices.flat), config=json.loads(config.to_json_best_effort()))
+                  dtype=model.dtype, **result["timing"], devices=len(mesh.devices.flat),
+                  config=json.loads(config.to_json_best_effort()))
   with open(paths["settings.json"], "w") as f:
     json.dump(settings, f, indent=2)
   if trajectory_every is None:
@@ -70,4 +98,4 @@ def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
   else:
     frames = images.to_uint8(result["trajectory"][:, :8])  # [frames, ≤8 samples, H, W, C]
     images.save_png(paths["trajectory.png"], images.trajectory_strip(frames, scale=scale))
-  return list(paths.values())
+  return Written(list(paths.values()), result["timing"])

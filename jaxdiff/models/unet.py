@@ -1,6 +1,9 @@
 """The DDPM U-Net ε_θ(x_t, t[, y]) (Ho et al. 2020, `diffusion_tf/models/unet.py`), NHWC.
 
-Parameters are always float32; `dtype` only sets the compute precision. Parameter names
+Parameters are always float32; `dtype` only sets the compute precision of the layers that
+see images. Time stays float32 whatever `dtype` is: t → sinusoidal embedding → the two-layer
+time MLP (`temb_dense0`, `temb_dense1`) runs in float32, since bfloat16 cannot hold t = 998
+(it rounds to 996 or 1000) and the MLP costs nothing next to the convolutions. Parameter names
 follow the official TensorFlow code (`down_0_block_0`, `mid_attn_1`, `conv_out`, …).
 """
 
@@ -161,8 +164,8 @@ class UNet(nn.Module):
     dtype = jnp.dtype(self.dtype)
     temb_dim = 4 * self.ch
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-    temb = dense(temb_dim, dtype, "temb_dense0")(timestep_embedding(t, self.ch))
-    temb = dense(temb_dim, dtype, "temb_dense1")(nn.silu(temb))
+    temb = dense(temb_dim, jnp.float32, "temb_dense0")(timestep_embedding(t, self.ch))
+    temb = dense(temb_dim, jnp.float32, "temb_dense1")(nn.silu(temb))
     if self.num_classes > 0:
       if y is None:
         y = jnp.full((batch,), self.num_classes, jnp.int32)
