@@ -70,7 +70,8 @@ def test_the_shipped_configs_pass(data_dir):
     (dict(train__lr_decay="exp"), "--config.train.lr_decay=exp: unknown lr_decay 'exp'; choose "
                                   "one of ['constant', 'cosine', 'linear']"),
     (dict(sample__sampler="dpm"), "--config.sample.sampler=dpm: unknown sampler 'dpm'; "
-                                  "available: ['ddim', 'ddpm', 'dpm_solver']"),
+                                  "available: ['ddim', 'ddpm', 'dpm_solver', 'dpm_solver_3m', "
+                                  "'dpm_solver_sde']"),
     (dict(eval__sampler="euler"), "--config.eval.sampler=euler: unknown sampler 'euler'"),
     (dict(sample__num_steps=1001),
      "--config.sample.num_steps=1001: num_steps must be between 1 and T = 1000, got 1001"),

@@ -26,15 +26,15 @@ def check_metric(metric: str, data_config) -> None:
 
 def generate_uint8(model, params, config, mesh, key, options: generate.SamplingOptions, *,
                    num_samples: int):
-  """Samples as uint8 [N, H, W, C] and the classes asked for (None when unconditional);
-  conditional models get the classes in turn, with `options.guidance_scale`."""
+  """(samples as uint8 [N, H, W, C], the classes asked for (None when unconditional), the timing
+  of `generate`); conditional models get the classes in turn, with `options.guidance_scale`."""
   size, channels = config.data.image_size, config.data.num_channels
   result = generate.generate(
       model.apply, {"params": params}, schedules.from_config(config.diffusion), key, options,
       num_samples=num_samples, image_shape=(size, size, channels),
       prediction=config.diffusion.prediction, num_classes=config.model.num_classes, mesh=mesh,
       progress=False)
-  return images.to_uint8(result["images"]), result["labels"]
+  return images.to_uint8(result["images"]), result["labels"], result["timing"]
 
 
 def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = None,
@@ -65,15 +65,16 @@ def sample_metric(metric: str, model, params, config, mesh, key, *,
   """FID or the quality score of `num_samples` samples taken as `options` say; the result
   names the sampler and its step count, and keeps all the options under 'sampling'."""
   start = time.perf_counter()
-  samples, labels = generate_uint8(model, params, config, mesh, key, options,
-                                   num_samples=num_samples)
+  samples, labels, timing = generate_uint8(model, params, config, mesh, key, options,
+                                           num_samples=num_samples)
   sampling_seconds = time.perf_counter() - start
   if metric == "quality":
     result = quality.quality_score(samples, config.data, labels=labels)
   else:
     result = fid.fid_of_samples(samples, config.data, mesh=mesh)
   return {**result, "sampler": options.sampler, "num_steps": options.num_steps,
-          "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds}
+          "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds,
+          **timing}
 
 
 def evaluate(metric: str, model, params, config, mesh, key, **options) -> dict:
