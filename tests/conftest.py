@@ -48,6 +48,8 @@ def gcs_bucket():
   try:
     yield f"gs://{bucket}"
   finally:
+    import gc
+    gc.collect()  # tensorboardX uploads its gs:// event files once more when collected
     os.environ.clear()
     os.environ.update(saved_environment)
     emulator.stop()

@@ -209,6 +209,7 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
   """`train.py --workdir=gs://...` with only STORAGE_EMULATOR_HOST set: checkpoints, metrics,
   TensorBoard events and config.json land in the bucket, and nothing in the current folder."""
   data_dir = str(tmp_path / "tensorflow_datasets")
+  (tmp_path / "train_cwd").mkdir()
   environment = {name: value for name, value in os.environ.items()
                  if not name.startswith(("TENSORSTORE_", "GOOGLE_AUTH_", "CLOUD_STORAGE_",
                                          "GCSFS_", "EPATH_"))}
@@ -221,8 +222,9 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
        "--config.train.num_steps=4", "--config.train.batch_size=8",
        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
        "--config.train.sample_every=0", "--config.train.eval_every=0"],
-      env={**environment, "PYTHONPATH": helpers.REPO}, capture_output=True, text=True,
-      timeout=600)
+      env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
+      capture_output=True, text=True, timeout=600)
+  assert os.listdir(tmp_path / "train_cwd") == []  # no local `gs:` folder
   assert run.returncode == 0, run.stderr[-3000:]
   assert checkpoint.list_steps(f"{gcs_path}/run") == [2, 4]
   assert storage.exists(f"{gcs_path}/run/config.json")
