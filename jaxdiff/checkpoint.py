@@ -9,7 +9,8 @@ A checkpoint is WORKDIR/checkpoints/STEP/ with five items:
               checkpoints written before it existed, which count as good)
 
 Rules that keep the product of training safe:
-  * Orbax writes a step into STEP.orbax-checkpoint-tmp* and renames it to STEP when complete,
+  * Orbax writes a step into STEP.orbax-checkpoint-tmp* and renames it to STEP when complete
+    (in a gs:// bucket, which cannot rename, it writes STEP/ and then STEP/commit_success.txt),
     so a step cut off half-way is never listed. Its partial folder is left alone (another
     process may still be writing it): Orbax replaces it if that step is saved again, and it is
     safe to delete.
@@ -17,7 +18,7 @@ Rules that keep the product of training safe:
     is never saved.
   * A step that cannot be restored is reported by number and left in place; `restore` uses the
     newest readable step instead. When training then saves again, the broken steps are moved,
-    unchanged, to WORKDIR/checkpoints_broken/ (out of the way of new steps and of clean-up).
+    unchanged, to WORKDIR/checkpoints_broken/ (in a bucket: copied, then deleted; out of the way of new steps and of clean-up).
   * A step marked bad (saved with `good=False`) or holding non-finite values is never resumed
     from: `restore` refuses it, naming the last good step to resume from with `step=`. After
     `restore(step=N)`, the steps newer than N are moved, unchanged, to
@@ -37,8 +38,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Sequence, TypeVar
 
 import jax
@@ -48,7 +47,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxdiff import config_io, errors, train_step
+from jaxdiff import config_io, errors, storage, train_step
 
 ITEM_NAMES = ("train", "ema_params", "data", "config", "health")
 EXPORT_MARKER = "export.json"
@@ -96,16 +95,16 @@ def _describe(error: BaseException, limit: int = 300) -> str:
 
 
 def _checkpoints_folder(workdir: str) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+  return storage.join(workdir, "checkpoints")
 
 
 def list_steps(workdir: str) -> list[int]:
   """The committed steps under WORKDIR/checkpoints, oldest first (none if it does not exist):
-  Orbax names a step's folder by its number only once it is complete. Reads nothing else."""
+  locally Orbax names a step's folder by its number only once it is complete; in a bucket a
+  step counts once its commit_success.txt is written."""
   directory = _checkpoints_folder(workdir)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  return sorted(int(name) for name in storage.listdir(directory) if name.isdigit()
+                and ocp.step.is_path_finalized(storage.as_path(storage.join(directory, name))))
 
 
 def _read_newest(workdir: str, step: int | None, read: Callable[[int], _Read],
@@ -204,7 +203,7 @@ class Checkpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise CheckpointError(f"max_to_keep must be at least 1 (or None: keep all), got "
                             f"{max_to_keep}")
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    self.workdir = storage.resolve(workdir)
     self.directory = _checkpoints_folder(self.workdir)
     self._good_steps: set[int] = set()
     self._bad_steps: set[int] = set()
@@ -212,12 +211,10 @@ class Checkpointer:
     self._superseded_steps: set[int] = set()
     self._pending_step: int | None = None
     try:  # every process, so that all of them fail alike rather than wait for each other
-      os.makedirs(self.directory, exist_ok=True)
-      with tempfile.TemporaryFile(dir=self.directory):
-        pass
-    except OSError as error:
+      storage.check_writable(self.directory)
+    except Exception as error:  # OSError locally; each GCS client has its own errors
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
-                            f"{error.strerror or error}") from error
+                            f"{getattr(error, 'strerror', None) or error}") from error
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_KeepAfterGoodSteps(max_to_keep, self._good_steps, self._bad_steps),
         enable_async_checkpointing=True, create=True)
@@ -304,7 +301,7 @@ class Checkpointer:
 
   def _read_health(self, step: int) -> dict:
     """The step's health item; {"good": True} for steps written before it existed."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "health")):
+    if not storage.isdir(storage.join(self.directory, str(step), "health")):
       return {"good": True}
     return self._manager.restore(step, args=ocp.args.Composite(
         health=ocp.args.JsonRestore()))["health"]
@@ -369,16 +366,15 @@ class Checkpointer:
       return
     if jax.process_index() == 0:
       for step, folder in sorted(folders.items()):
-        aside_dir = os.path.join(self.workdir, folder)
-        target, copy = os.path.join(aside_dir, str(step)), 1
-        while os.path.exists(target):
-          target, copy = os.path.join(aside_dir, f"{step}-{copy}"), copy + 1
+        aside_dir = storage.join(self.workdir, folder)
+        target, copy = storage.join(aside_dir, str(step)), 1
+        while storage.exists(target):
+          target, copy = storage.join(aside_dir, f"{step}-{copy}"), copy + 1
         try:
-          os.makedirs(aside_dir, exist_ok=True)
-          os.rename(os.path.join(self.directory, str(step)), target)
-        except OSError as error:
+          storage.move(storage.join(self.directory, str(step)), target)
+        except Exception as error:  # OSError locally; each GCS client has its own errors
           raise CheckpointError(f"cannot move checkpoint step {step} to {target}: "
-                                f"{error.strerror or error}") from error
+                                f"{getattr(error, 'strerror', None) or error}") from error
         logging.warning("moved checkpoint step %d to %s", step, target)
     _sync_processes("set_aside")
     self._good_steps.difference_update(folders)
@@ -403,15 +399,15 @@ def load_ema(path: str, abstract_ema_params: AbstractEmaParams,
   Reads the EMA params and the config only (no optimizer state, no data), onto the shapes and
   shardings `abstract_ema_params(config)` gives.
   """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = storage.resolve(path)
+  if not storage.isdir(path):
     raise CheckpointError(f"{path} does not exist (or is not a folder)")
-  if os.path.exists(os.path.join(path, EXPORT_MARKER)):
+  if storage.exists(storage.join(path, EXPORT_MARKER)):
     return _load_export(path, abstract_ema_params)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
 
     def read(candidate: int) -> EmaCheckpoint:
-      step_dir = os.path.join(_checkpoints_folder(path), str(candidate))
+      step_dir = storage.join(_checkpoints_folder(path), str(candidate))
       try:
         config = config_io.config_from_json(reader.restore(step_dir, args=ocp.args.Composite(
             config=ocp.args.JsonRestore()))["config"])
@@ -426,12 +422,11 @@ def load_ema(path: str, abstract_ema_params: AbstractEmaParams,
 
 def _load_export(path: str, abstract_ema_params: AbstractEmaParams) -> EmaCheckpoint:
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      config = config_io.config_from_json(json.load(f))
-    with open(os.path.join(path, EXPORT_MARKER)) as f:
-      step = json.load(f)["step"]
+    config = config_io.config_from_json(json.loads(storage.read_text(
+        storage.join(path, "config.json"))))
+    step = json.loads(storage.read_text(storage.join(path, EXPORT_MARKER)))["step"]
     with ocp.StandardCheckpointer() as checkpointer:
-      params = checkpointer.restore(os.path.join(path, "ema_params"), abstract_ema_params(config))
+      params = checkpointer.restore(storage.join(path, "ema_params"), abstract_ema_params(config))
   except Exception as error:  # whatever the cause, the export cannot be used
     raise CheckpointError(f"the export in {path} cannot be read ({_describe(error)})") from error
   return EmaCheckpoint(params=params, config=config, step=step)
@@ -441,28 +436,31 @@ def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaPa
                step: int | None = None) -> str:
   """Write the EMA params of `workdir`'s newest readable step (or `step`) and their config to a
   new folder `export_dir`, all sampling needs; returns its path. One process only.
-  `abstract_ema_params`: as for `load_ema` (one device is enough)."""
-  export_dir = os.path.abspath(os.path.expanduser(export_dir))
-  if os.path.exists(export_dir):
+  `abstract_ema_params`: as for `load_ema` (one device is enough). It is written into a staging
+  folder beside `export_dir` and moved there (in a bucket: copied, then deleted)."""
+  export_dir = storage.resolve(export_dir)
+  if storage.exists(export_dir):
     raise CheckpointError(f"{export_dir} already exists; choose a new export folder")
   ema = load_ema(workdir, abstract_ema_params, step)
   parent = os.path.dirname(export_dir)
+  staging = storage.join(parent, storage.unique_name(f".{os.path.basename(export_dir)}.partial-"))
   try:
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.partial-", dir=parent)
-  except OSError as error:
-    raise CheckpointError(f"cannot write to {parent}: {error.strerror or error}") from error
+    storage.check_writable(parent)
+  except Exception as error:  # OSError locally; each GCS client has its own errors
+    raise CheckpointError(f"cannot write to {parent}: "
+                          f"{getattr(error, 'strerror', None) or error}") from error
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, "ema_params"), ema.params)
+      checkpointer.save(storage.join(staging, "ema_params"), ema.params)
       checkpointer.wait_until_finished()
-    with open(os.path.join(staging, "config.json"), "w") as f:
-      f.write(ema.config.to_json_best_effort(indent=2))
-    with open(os.path.join(staging, EXPORT_MARKER), "w") as f:
-      json.dump({"step": ema.step, "workdir": os.path.abspath(workdir)}, f, indent=2)
-    os.rename(staging, export_dir)
-  except (OSError, ValueError, RuntimeError) as error:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.write_text(storage.join(staging, "config.json"),
+                       ema.config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(staging, EXPORT_MARKER),
+                       json.dumps({"step": ema.step, "workdir": storage.resolve(workdir)},
+                                  indent=2))
+    storage.move(staging, export_dir)
+  except Exception as error:  # OSError locally; each GCS client has its own errors
+    storage.remove_tree(staging)
     raise CheckpointError(
         f"could not write the export {export_dir} ({_describe(error)})") from error
   return export_dir

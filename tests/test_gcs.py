@@ -1,0 +1,233 @@
+"""gs:// paths against a real GCS JSON API: the emulator on 127.0.0.1 (see conftest.gcs_bucket).
+
+Every test runs in an empty current folder and checks that it stays empty: nothing meant for the
+bucket may land on the local disk (no `gs:` folder).
+"""
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX.proto import event_pb2
+
+from jaxdiff import checkpoint, images, storage
+from jaxdiff.data import builders, sources
+from jaxdiff.jobs import workdir
+from jaxdiff.metric_writer import MetricWriter
+from tests import helpers
+from tests.test_checkpoint import (CONFIG, abstract, assert_same_state, assert_same_tree,
+                                   ema_shapes, mesh_of, saved_state)
+
+
+@pytest.fixture(autouse=True)
+def nothing_lands_locally(tmp_path, monkeypatch):
+  """Run in an empty current folder and check it is still empty afterwards."""
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield
+  assert os.listdir(cwd) == []
+
+
+def objects_under(prefix: str) -> dict[str, bytes]:
+  """{path relative to `prefix`: content} of every object under a gs:// prefix."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  filesystem, root = fsspec.core.url_to_fs(prefix)
+  return {os.path.relpath(name, root): filesystem.cat_file(name)
+          for name in filesystem.find(root)}
+
+
+def test_local_paths_resolve_as_before_and_urls_stay_as_they_are(tmp_path):
+  assert storage.resolve("~/run") == os.path.expanduser("~/run")
+  assert storage.resolve("run") == os.path.join(os.getcwd(), "run")
+  assert storage.resolve("gs://bucket/run/") == "gs://bucket/run"
+  assert storage.join("gs://bucket/run", "checkpoints", "3") == "gs://bucket/run/checkpoints/3"
+  assert not storage.is_url(str(tmp_path)) and storage.is_url("gs://bucket")
+
+
+def test_files_folders_appends_and_moves_in_a_bucket(gcs_path):
+  storage.write_text(f"{gcs_path}/a/b.txt", "one")
+  storage.append_text(f"{gcs_path}/a/b.txt", " two")
+  storage.append_text(f"{gcs_path}/a/new.txt", "three")
+  storage.write_bytes_atomically(f"{gcs_path}/c.bin", b"\x00\x01")
+  assert storage.read_text(f"{gcs_path}/a/b.txt") == "one two"
+  assert sorted(storage.listdir(gcs_path)) == ["a", "c.bin"]
+  assert storage.isdir(f"{gcs_path}/a") and not storage.isdir(f"{gcs_path}/c.bin")
+  assert storage.listdir(f"{gcs_path}/nothing") == []
+  storage.move(f"{gcs_path}/a", f"{gcs_path}/aside/a")  # a copy of each object, then a delete
+  assert not storage.exists(f"{gcs_path}/a")
+  assert objects_under(gcs_path) == {"aside/a/b.txt": b"one two", "aside/a/new.txt": b"three",
+                                     "c.bin": b"\x00\x01"}
+  with pytest.raises(FileExistsError):
+    storage.move(f"{gcs_path}/c.bin", f"{gcs_path}/aside/a/b.txt")
+
+
+def test_a_train_state_saves_and_restores_exactly_in_a_bucket(gcs_path):
+  older, newer = saved_state(2), saved_state(2, seed=8)
+  with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
+    checkpointer.save(1, older, {"n": 1}, CONFIG)
+    checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
+    checkpointer.save(2, older, {"n": 9}, CONFIG, wait=True)  # an existing step stays
+  assert checkpoint.list_steps(gcs_path) == [1, 2]
+  with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
+    restored = checkpointer.restore(abstract(1))  # onto another topology
+    assert restored.step == 2 and restored.data_state == {"n": 2} and restored.config == CONFIG
+    assert_same_state(restored.state, newer)
+    assert_same_state(checkpointer.restore(abstract(2), step=1).state, older)
+
+
+def test_a_step_without_its_commit_file_is_not_listed(gcs_path):
+  """In a bucket Orbax writes STEP/ in place and commit_success.txt last: a step cut off
+  before that file is half-written and must not count."""
+  with checkpoint.Checkpointer(gcs_path) as checkpointer:
+    checkpointer.save(3, saved_state(1), {"n": 3}, CONFIG, wait=True)
+  assert storage.exists(f"{gcs_path}/checkpoints/3/commit_success.txt")
+  storage.write_text(f"{gcs_path}/checkpoints/4/train/_METADATA", "{")
+  assert checkpoint.list_steps(gcs_path) == [3]
+  assert checkpoint.load_ema(gcs_path, ema_shapes(1)).step == 3
+
+
+def test_a_broken_step_in_a_bucket_is_skipped_and_then_set_aside(gcs_path, caplog):
+  older, newer = saved_state(1), saved_state(1, seed=8)
+  with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
+    checkpointer.save(1, older, {"n": 1}, CONFIG)
+    checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
+  step_2 = f"{gcs_path}/checkpoints/2"
+  for name, content in objects_under(f"{step_2}/train").items():  # a failing disk's damage
+    storage.write_bytes_atomically(f"{step_2}/train/{name}", content[:len(content) // 2])
+  damaged = objects_under(step_2)
+  with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
+    restored = checkpointer.restore(abstract(1))
+    assert restored.step == 1 and "checkpoint step 2" in caplog.text
+    assert_same_state(restored.state, older)
+    checkpointer.save(2, newer, {"n": 2}, CONFIG, wait=True)
+    assert checkpoint.list_steps(gcs_path) == [1, 2]
+    assert objects_under(f"{gcs_path}/checkpoints_broken/2") == damaged
+    restored = checkpointer.restore(abstract(1))
+  assert restored.data_state == {"n": 2}
+  assert_same_state(restored.state, newer)
+
+
+def test_exports_and_sampling_read_from_a_bucket(gcs_path):
+  state = saved_state(1)
+  with checkpoint.Checkpointer(f"{gcs_path}/work") as checkpointer:
+    checkpointer.save(3, state, {}, CONFIG)
+    checkpointer.save(4, state.replace(ema_params=state.params), {}, CONFIG)
+  ema = checkpoint.load_ema(f"{gcs_path}/work", ema_shapes(1), step=3)
+  assert ema.step == 3 and ema.config == CONFIG
+  assert_same_tree(ema.params, jax.device_get(state.ema_params))
+  export = workdir.export_ema(f"{gcs_path}/work", f"{gcs_path}/export", step=3)
+  assert export == f"{gcs_path}/export"
+  assert sorted(storage.listdir(export)) == ["config.json", "ema_params", "export.json"]
+  assert [name for name in storage.listdir(gcs_path) if "partial" in name] == []
+  assert json.loads(storage.read_text(f"{export}/export.json")) == {
+      "step": 3, "workdir": f"{gcs_path}/work"}
+  ema = checkpoint.load_ema(export, ema_shapes(2))
+  assert ema.step == 3 and ema.config == CONFIG
+  assert_same_tree(ema.params, jax.device_get(state.ema_params))
+  assert workdir.load_model(export, mesh=mesh_of(1)).step == 3
+  with pytest.raises(checkpoint.CheckpointError, match="already exists"):
+    workdir.export_ema(f"{gcs_path}/work", export)
+
+
+def tensorboard_scalars(folder: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the TFRecord event files in a folder (length, crc, data, crc)."""
+  scalars = {}
+  for name in storage.listdir(folder):
+    with storage.open_file(f"{folder}/{name}", "rb") as f:
+      content = f.read()
+    offset = 0
+    while offset < len(content):
+      (length,) = struct.unpack("<Q", content[offset:offset + 8])
+      event = event_pb2.Event.FromString(content[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return scalars
+
+
+def test_metrics_and_tensorboard_events_go_to_the_bucket(gcs_path):
+  writer = MetricWriter(gcs_path)
+  writer.write(1, {"loss": 0.5})
+  writer.write(2, {"loss": 0.25, "grad_norm": float("nan")})
+  writer.close()
+  time.sleep(1.1)  # event files are named by the second: the resumed run's is a new one
+  writer = MetricWriter(gcs_path)  # a resumed run appends
+  writer.write(3, {"loss": 0.125})
+  writer.close()
+  lines = storage.read_text(f"{gcs_path}/metrics.jsonl").splitlines()
+  assert [json.loads(line) for line in lines] == [
+      {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "grad_norm": "nan"},
+      {"step": 3, "loss": 0.125}]
+  scalars = tensorboard_scalars(f"{gcs_path}/tensorboard")
+  assert scalars["loss"] == {1: 0.5, 2: 0.25, 3: 0.125}
+
+
+def test_pngs_go_to_the_bucket(gcs_path):
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  gray = pixels[..., :1]
+  images.save_png(f"{gcs_path}/samples/rgb.png", pixels)
+  images.save_png(f"{gcs_path}/samples/gray.png", gray)
+  for name, expected in (("rgb.png", pixels), ("gray.png", gray[..., 0])):
+    with storage.open_file(f"{gcs_path}/samples/{name}", "rb") as f:
+      np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(f.read()))), expected)
+
+
+def test_a_tfds_data_dir_in_a_bucket_reads_like_a_local_one(gcs_path, tmp_path):
+  """digits prepared locally, copied to the bucket, read back through TFDS's ArrayRecord
+  source (its reader is google-cloud-cpp, pointed at the emulator by the same variable)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  local_dir = str(tmp_path / "tensorflow_datasets")
+  builders.prepared_builder("digits", local_dir)
+  fsspec.filesystem("gcs").put(local_dir + "/", f"{gcs_path}/data", recursive=True)
+  config = helpers.tiny_config()
+  config.data.update(dataset="digits", data_dir=local_dir)
+  local = sources.open_split(config.data, "test")
+  config.data.data_dir = f"{gcs_path}/data"
+  assert sources.prepared_tfds_datasets(config.data.data_dir) == []  # packaged: not listed
+  assert sources.dataset_info(config.data) == local.info
+  remote = sources.open_split(config.data, "test")
+  assert len(remote.records) == len(local.records) == 355
+  for index in (0, 1, 354):
+    np.testing.assert_array_equal(remote.records[index]["image"], local.records[index]["image"])
+    assert remote.records[index]["label"] == local.records[index]["label"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="jobs/train.py still makes workdirs with os.makedirs and "
+                   "writes config.json with open(); the lead ports them to jaxdiff.storage")
+def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
+  """`train.py --workdir=gs://...` with only STORAGE_EMULATOR_HOST set: checkpoints, metrics,
+  TensorBoard events and config.json land in the bucket, and nothing in the current folder."""
+  data_dir = str(tmp_path / "tensorflow_datasets")
+  (tmp_path / "train_cwd").mkdir()
+  environment = {name: value for name, value in os.environ.items()
+                 if not name.startswith(("TENSORSTORE_", "GOOGLE_AUTH_", "CLOUD_STORAGE_",
+                                         "GCSFS_", "EPATH_"))}
+  run = subprocess.run(
+      [sys.executable, os.path.join(helpers.REPO, "train.py"), "--config",
+       os.path.join(helpers.REPO, "configs", "default.py"), f"--workdir={gcs_path}/run",
+       f"--config.data.data_dir={data_dir}", "--config.model.ch=8",
+       "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1",
+       "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=20",
+       "--config.train.num_steps=4", "--config.train.batch_size=8",
+       "--config.train.log_every=1", "--config.train.checkpoint_every=2",
+       "--config.train.sample_every=0", "--config.train.eval_every=0"],
+      env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
+      capture_output=True, text=True, timeout=600)
+  assert os.listdir(tmp_path / "train_cwd") == []  # no local `gs:` folder
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert checkpoint.list_steps(f"{gcs_path}/run") == [2, 4]
+  assert storage.exists(f"{gcs_path}/run/config.json")
+  assert sorted(json.loads(line)["step"] for line in storage.read_text(
+      f"{gcs_path}/run/metrics.jsonl").splitlines() if "loss" in line) == [1, 2, 3, 4]
+  assert tensorboard_scalars(f"{gcs_path}/run/tensorboard")["loss"].keys() == {1, 2, 3, 4}
