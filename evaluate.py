@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags, logging
 
-from jaxdiff import generate, samplers
+from jaxdiff import generate, samplers, storage
 from jaxdiff.evaluation import metrics
 from jaxdiff.jobs import cli, evaluate, sample
 
@@ -78,15 +78,14 @@ def main(argv):
     return
   result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
                         seed=_SEED.value, dtype=_DTYPE.value, **metric_options(metric))
-  output = _OUTPUT.value or os.path.join(
-      _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output, "w") as f:
-    json.dump(result, f, indent=2)
+  output = storage.resolve(_OUTPUT.value or storage.join(
+      _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json"))
+  storage.makedirs(os.path.dirname(output))
+  storage.write_text(output, json.dumps(result, indent=2))
   print(evaluate.format_table(result))
   if "first_batch_seconds" in result:
     print(generate.timing_line(result["first_batch_seconds"], result["images_per_second"]))
-  print("wrote", os.path.abspath(output))
+  print("wrote", output)
 
 
 if __name__ == "__main__":

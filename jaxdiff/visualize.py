@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from jaxdiff import diffusion, images
+from jaxdiff import diffusion, images, storage
 from jaxdiff.schedules import Schedule
 
 matplotlib.use("Agg")
@@ -58,8 +58,7 @@ def plot_losses(metrics_path: str, output_path: str) -> LossPlot | None:
   """Two plots from metrics.jsonl: the training loss against step, and the loss in each t-bin
   over the last tenth of training (how hard denoising is at each noise level). Returns what it
   plotted (None, writing nothing, when no record has a loss)."""
-  with open(metrics_path) as f:
-    records = [json.loads(line) for line in f]
+  records = [json.loads(line) for line in storage.read_text(metrics_path).splitlines()]
   records = [r for r in records if isinstance(r.get("loss"), float)]
   if not records:
     return None
@@ -76,6 +75,7 @@ def plot_losses(metrics_path: str, output_path: str) -> LossPlot | None:
   by_t.set(xlabel=f"t bin (of {len(bins)}, low t = little noise)", ylabel="loss",
            title=f"loss by timestep, last {len(late)} logs")
   figure.tight_layout()
-  figure.savefig(output_path, dpi=100)
+  with storage.open_file(output_path, "wb") as f:
+    figure.savefig(f, dpi=100, format="png")
   pyplot.close(figure)
   return plotted

@@ -203,11 +203,11 @@ def test_a_tfds_data_dir_in_a_bucket_reads_like_a_local_one(gcs_path, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="jobs/train.py still makes workdirs with os.makedirs and "
-                   "writes config.json with open(); the lead ports them to jaxdiff.storage")
 def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
   """`train.py --workdir=gs://...` with only STORAGE_EMULATOR_HOST set: checkpoints, metrics,
-  TensorBoard events and config.json land in the bucket, and nothing in the current folder."""
+  TensorBoard events, sample grids and config.json land in the bucket, and nothing in the
+  current folder; sample.py and evaluate.py read the checkpoint back from the bucket and write
+  their results there."""
   data_dir = str(tmp_path / "tensorflow_datasets")
   (tmp_path / "train_cwd").mkdir()
   environment = {name: value for name, value in os.environ.items()
@@ -221,7 +221,9 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
        "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=20",
        "--config.train.num_steps=4", "--config.train.batch_size=8",
        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-       "--config.train.sample_every=0", "--config.train.eval_every=0"],
+       "--config.train.sample_every=4", "--config.sample.num_samples=4",
+       "--config.sample.batch_size=4", "--config.sample.num_steps=2",
+       "--config.train.eval_every=0"],
       env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
       capture_output=True, text=True, timeout=600)
   assert os.listdir(tmp_path / "train_cwd") == []  # no local `gs:` folder
@@ -231,3 +233,16 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
   assert sorted(json.loads(line)["step"] for line in storage.read_text(
       f"{gcs_path}/run/metrics.jsonl").splitlines() if "loss" in line) == [1, 2, 3, 4]
   assert tensorboard_scalars(f"{gcs_path}/run/tensorboard")["loss"].keys() == {1, 2, 3, 4}
+  assert storage.exists(f"{gcs_path}/run/samples/step_0000004.png")
+  assert storage.exists(f"{gcs_path}/run/losses.png")
+  for program, flags in (("sample.py", [f"--output_dir={gcs_path}/out", "--num_steps=2",
+                                         "--num_samples=4", "--batch_size=4"]),
+                         ("evaluate.py", ["--metric=bpd", "--num_images=4", "--batch_size=4"])):
+    result = subprocess.run(
+        [sys.executable, os.path.join(helpers.REPO, program), f"--workdir={gcs_path}/run",
+         *flags], env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert storage.exists(f"{gcs_path}/out/samples.png")
+  assert storage.exists(f"{gcs_path}/run/eval/bpd_0000004.json")
+  assert os.listdir(tmp_path / "train_cwd") == []

@@ -5,7 +5,7 @@ import time
 
 import jax
 
-from jaxdiff import errors, images, parallel
+from jaxdiff import errors, images, parallel, storage
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.jobs import sample as sample_job
 from jaxdiff.jobs import workdir as workdir_lib
@@ -17,9 +17,9 @@ def check_request(output: str | None, **counts) -> None:
   sample_job.check_positive(**counts)
   if output is None:
     return
-  if os.path.isdir(output):
+  if storage.isdir(output):
     raise errors.UsageError(f"--output={output}: is a folder; name the file to write")
-  sample_job.check_folder("output", output, os.path.dirname(os.path.abspath(output)))
+  sample_job.check_folder("output", output, os.path.dirname(storage.resolve(output)))
 
 
 def run(workdir: str, metric: str, *, checkpoint_step: int | None = None, seed: int = 0,
@@ -59,4 +59,4 @@ def write_panel(workdir: str, output_path: str, checkpoint_step: int | None = No
   image = panels.panel(sample_job.computing_in(trained.model, dtype), trained.params,
                        trained.schedule, trained.config, x0, noise)
   images.save_png(output_path, image)
-  return os.path.abspath(output_path)
+  return storage.resolve(output_path)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxdiff import errors, generate, images, parallel
+from jaxdiff import errors, generate, images, parallel, storage
 from jaxdiff.jobs import workdir as workdir_lib
 
 DTYPES = ("float32", "bfloat16")
@@ -32,10 +32,10 @@ def check_positive(**counts) -> None:
 def check_folder(flag: str, value: str, folder: str | None = None) -> None:
   """errors.UsageError when `folder` (default: `value`, the flag's), a folder to write into, or
   a folder above it is an existing file."""
-  existing = os.path.abspath(value if folder is None else folder)
-  while not os.path.exists(existing):
+  existing = storage.resolve(value if folder is None else folder)
+  while not storage.exists(existing) and os.path.dirname(existing) != existing:
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  if storage.exists(existing) and not storage.isdir(existing):
     raise errors.UsageError(f"--{flag}={value}: {existing} is a file, not a folder; choose a "
                             f"path with no file in the way")
 
@@ -77,22 +77,22 @@ def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
       prediction=config.diffusion.prediction, labels=class_label,
       num_classes=config.model.num_classes, trajectory_every=trajectory_every, mesh=mesh,
       progress=progress)
-  os.makedirs(output_dir, exist_ok=True)
+  storage.makedirs(output_dir)
   pixels = images.to_uint8(result["images"])
-  paths = {name: os.path.join(output_dir, name)
+  paths = {name: storage.join(output_dir, name)
            for name in ("samples.png", "samples.npz", "settings.json", "trajectory.png")}
   scale = images.display_scale(size)
   images.save_png(paths["samples.png"], images.make_grid(pixels, scale=scale))
-  np.savez_compressed(paths["samples.npz"], images=pixels,
-                      labels=result["labels"] if result["labels"] is not None
-                      else np.full(num_samples, -1, np.int32))
-  settings = dict(workdir=os.path.abspath(workdir), checkpoint_step=step,
+  with storage.open_file(paths["samples.npz"], "wb") as f:
+    np.savez_compressed(f, images=pixels,
+                        labels=result["labels"] if result["labels"] is not None
+                        else np.full(num_samples, -1, np.int32))
+  settings = dict(workdir=storage.resolve(workdir), checkpoint_step=step,
                   **dataclasses.asdict(options), num_samples=num_samples, seed=seed,
                   class_label=class_label, trajectory_every=trajectory_every,
                   dtype=model.dtype, **result["timing"], devices=len(mesh.devices.flat),
                   config=json.loads(config.to_json_best_effort()))
-  with open(paths["settings.json"], "w") as f:
-    json.dump(settings, f, indent=2)
+  storage.write_text(paths["settings.json"], json.dumps(settings, indent=2))
   if trajectory_every is None:
     del paths["trajectory.png"]
   else:

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, schedules,
-                     telemetry, train_step, visualize)
+                     storage, telemetry, train_step, visualize)
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
@@ -88,8 +88,8 @@ def is_due(step: int, every: int, last_step: int) -> bool:
 
 
 def save_resolved_config(config, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  storage.write_text(storage.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def loss_by_t_scalars(bin_sum: np.ndarray, bin_count: np.ndarray) -> dict:
@@ -256,7 +256,7 @@ class _Outputs:
                          self.panel_noise)
     if jax.process_index() == 0:
       for folder, image in (("samples", grid), ("panels", panel)):
-        images.save_png(os.path.join(self.workdir, folder, f"step_{step:07d}.png"), image)
+        images.save_png(storage.join(self.workdir, folder, f"step_{step:07d}.png"), image)
         self.writer.write_image(step, folder, image)
 
   def evaluation(self, step: int, ema_params) -> None:
@@ -276,7 +276,7 @@ class Profiler:
     if self.steps and not (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]):
       raise errors.UsageError(f"--config.train.profile_steps={profile_steps!r}: expected two steps "
                               f"FIRST,LAST with 1 ≤ FIRST ≤ LAST (or () for no trace)")
-    self.directory = os.path.join(workdir, "profile")
+    self.directory = storage.join(workdir, "profile")
     self.active = False
 
   def before(self, step: int) -> None:
@@ -308,7 +308,7 @@ def _diverged_message(health: LossHealth, workdir: str) -> str:
 
 def run(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.resolve(workdir)
   config_check.check_train_config(config, jax.device_count(), jax.process_count())
   train_config = config.train
   is_chief = jax.process_index() == 0
@@ -317,7 +317,7 @@ def run(config, workdir: str) -> TrainSummary:
   if train_config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser(train_config.compilation_cache_dir))
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
 
   model = train_step.create_model(config)
   schedule = schedules.from_config(config.diffusion)
@@ -396,7 +396,7 @@ def run(config, workdir: str) -> TrainSummary:
     checkpointer.close()
     writer.close()
   if is_chief:
-    visualize.plot_losses(os.path.join(workdir, "metrics.jsonl"),
-                          os.path.join(workdir, "losses.png"))
+    visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
+                          storage.join(workdir, "losses.png"))
   return TrainSummary(first_step, step, time.perf_counter() - start_time, health.last_good_loss,
                       workdir, preempted=bool(stop.received))
