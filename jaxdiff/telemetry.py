@@ -73,15 +73,23 @@ def throughput(num_steps: int, seconds: float, *, batch_size: int, flops_per_ste
   return result
 
 
-def step_flops(model, schedule, config, mesh) -> float:
+def lower_train_step(model, schedule, config, mesh):
+  """`train_step.make_train_step` lowered (traced, not compiled) for the abstract state and
+  batch of `config`."""
+  step_fn = train_step.make_train_step(model, schedule, config, mesh)
+  return step_fn.lower(train_step.abstract_state(config, model, mesh),
+                       train_step.abstract_batch(config, mesh))
+
+
+def step_flops(model, schedule, config, mesh, lowered=None) -> float:
   """FLOPs of one optimizer step on the global batch, over all devices: XLA's cost analysis of
   the plain step (one micro-batch, one step a call) lowered, not compiled, for the abstract
-  state and batch. The count is taken before partitioning, so it is the whole batch's. (XLA
-  counts a loop's body once, not times its trip count, so the compiled programs of
-  `grad_accum_steps` or `steps_per_call` > 1, both `lax.scan`s, would undercount.)"""
+  state and batch (`lowered`, the config's own lowered step, is used when it is that plain
+  step). The count is taken before partitioning, so it is the whole batch's. (XLA counts a
+  loop's body once, not times its trip count, so the compiled programs of `grad_accum_steps` or
+  `steps_per_call` > 1, both `lax.scan`s, would undercount.)"""
+  if lowered is not None and config.train.grad_accum_steps == config.train.steps_per_call == 1:
+    return float(lowered.cost_analysis()["flops"])
   plain = config.copy_and_resolve_references()
   plain.train.update(grad_accum_steps=1, steps_per_call=1)
-  step_fn = train_step.make_train_step(model, schedule, plain, mesh)
-  lowered = step_fn.lower(train_step.abstract_state(plain, model, mesh),
-                          train_step.abstract_batch(plain, mesh))
-  return float(lowered.cost_analysis()["flops"])
+  return float(lower_train_step(model, schedule, plain, mesh).cost_analysis()["flops"])

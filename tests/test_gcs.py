@@ -221,8 +221,8 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
        "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=20",
        "--config.train.num_steps=4", "--config.train.batch_size=8",
        "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-       "--config.train.sample_every=4", "--config.sample.num_samples=4",
-       "--config.sample.batch_size=4", "--config.sample.num_steps=2",
+       "--config.train.sample_every=4", "--config.sample.num_samples=8",
+       "--config.sample.batch_size=8", "--config.sample.num_steps=2",
        "--config.train.eval_every=0"],
       env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
       capture_output=True, text=True, timeout=600)
@@ -236,8 +236,8 @@ def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
   assert storage.exists(f"{gcs_path}/run/samples/step_0000004.png")
   assert storage.exists(f"{gcs_path}/run/losses.png")
   for program, flags in (("sample.py", [f"--output_dir={gcs_path}/out", "--num_steps=2",
-                                         "--num_samples=4", "--batch_size=4"]),
-                         ("evaluate.py", ["--metric=bpd", "--num_images=4", "--batch_size=4"])):
+                                         "--num_samples=8", "--batch_size=8"]),
+                         ("evaluate.py", ["--metric=bpd", "--num_images=8", "--batch_size=8"])):
     result = subprocess.run(
         [sys.executable, os.path.join(helpers.REPO, program), f"--workdir={gcs_path}/run",
          *flags], env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",

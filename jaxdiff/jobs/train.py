@@ -337,10 +337,9 @@ def run(config, workdir: str) -> TrainSummary:
         f"--config.train.steps_per_call={steps_per_call}: the run goes from step {first_step} to "
         f"{last_step}, which is not a whole number of calls; choose num_steps or resume_step so "
         f"that their difference is a multiple of {steps_per_call}")
+  lowered_step = telemetry.lower_train_step(model, schedule, config, mesh)
   compile_start = time.perf_counter()
-  step_fn = train_step.make_train_step(model, schedule, config, mesh).lower(
-      train_step.abstract_state(config, model, mesh), train_step.abstract_batch(config, mesh)
-  ).compile()
+  step_fn = lowered_step.compile()
   compile_seconds = time.perf_counter() - compile_start
   writer = MetricWriter(workdir, enabled=is_chief)
   outputs = _Outputs(config, workdir, model, schedule, mesh, writer, outputs_key)
@@ -351,7 +350,7 @@ def run(config, workdir: str) -> TrainSummary:
   window = MetricsWindow(
       writer, health, log_every=train_config.log_every, batch_size=train_config.batch_size,
       last_step=last_step, progress=progress, steps_per_call=steps_per_call,
-      flops_per_step=telemetry.step_flops(model, schedule, config, mesh),
+      flops_per_step=telemetry.step_flops(model, schedule, config, mesh, lowered_step),
       num_devices=mesh.size,
       peak=telemetry.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
                                  train_config.peak_tflops),
