@@ -18,6 +18,13 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+  """Slow end-to-end tests first: with two xdist workers the long ones then run beside each other
+  and the short ones fill in after, instead of one long test finishing alone at the end."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def judged_data_dir(tmp_path_factory) -> str:
   """A data_dir with digits prepared and its quality classifier trained and cached, once."""
