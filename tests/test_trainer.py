@@ -181,16 +181,18 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
-  """Two hosts of two CPU devices each (jax.distributed on localhost). SIGTERM reaches only
-  process 1; both stop after the same step, save it and exit 0. The rerun resumes, and the
-  whole loss curve equals what one process computes alone without interruption: the data
-  shards, the global batch, the collectives and the resume line up."""
+  """Two hosts of two CPU devices each (jax.distributed on localhost), the state split over an
+  fsdp axis of 4 that spans both. SIGTERM reaches only process 1; both stop after the same step,
+  save it and exit 0. The rerun resumes, and the whole loss curve equals what one process
+  computes alone without interruption: the data shards, the global batch, the sharded state,
+  the collectives and the resume line up."""
   workdir = str(tmp_path / "two_hosts")
   overrides = {"data.data_dir": data_dir, "model.ch": 16, "model.ch_mult": (1, 2),
                "model.num_res_blocks": 1, "model.dropout": 0.1,
                "diffusion.num_timesteps": 20, "train.batch_size": 16, "train.log_every": 1,
                "train.checkpoint_every": 1000, "train.sample_every": 0, "train.eval_every": 0,
-               "train.warmup_steps": 0, "train.lr_decay": "constant"}  # num_steps changes
+               "train.warmup_steps": 0, "train.lr_decay": "constant",  # num_steps changes
+               "mesh.fsdp": 4}
   flags = [f"--config.{name}={value}".replace(" ", "") for name, value in overrides.items()]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
