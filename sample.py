@@ -13,25 +13,15 @@ Needs no dataset and no TensorFlow; runs data-parallel over the local devices.
 
 from absl import app, flags, logging
 
-from jaxdiff import generate, samplers
+from jaxdiff import generate
 from jaxdiff.jobs import cli, sample
 
+_SAMPLING = cli.SamplingFlags()
+flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export folder.",
                                required=True)
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Which checkpoint (default: the newest good one).")
-_SAMPLER = flags.DEFINE_string("sampler", "dpm_solver",
-                               f"One of {', '.join(samplers.SAMPLERS)}.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
-_SPACING = flags.DEFINE_string("spacing", None,
-                               f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
-                               "the sampler's: logsnr for the DPM-Solvers, else uniform).")
-_CLIP_X0 = flags.DEFINE_bool("clip_x0", None,
-                             "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for "
-                             "the DPM-Solvers).")
-_THRESHOLD_PERCENTILE = flags.DEFINE_float(
-    "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
-    "e.g. 0.995 (Imagen). Default: none.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many images.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64,
                                    "Images per compiled call (a multiple of the device count).")
@@ -46,10 +36,6 @@ _TRAJECTORY = flags.DEFINE_bool("trajectory", False,
                                  "Also save the reverse process (10 frames) as trajectory.png.")
 _TRAJECTORY_EVERY = flags.DEFINE_integer("trajectory_every", None,
                                          "Also save x_t every K steps as trajectory.png.")
-_DTYPE = flags.DEFINE_string("dtype", None,
-                             f"The network's compute dtype, {' or '.join(sample.DTYPES)} "
-                             "(default: the model's config.model.dtype). Params, time and the "
-                             "sampler stay float32.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "samples", "Where the images go.")
 
 
@@ -59,15 +45,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
   trajectory_every = _TRAJECTORY_EVERY.value
   if trajectory_every is None and _TRAJECTORY.value:
-    trajectory_every = max(1, _NUM_STEPS.value // 10)
-  options = generate.SamplingOptions(
-      sampler=_SAMPLER.value, num_steps=_NUM_STEPS.value, spacing=_SPACING.value,
-      clip_x0=_CLIP_X0.value, threshold_percentile=_THRESHOLD_PERCENTILE.value,
-      eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value, batch_size=_BATCH_SIZE.value)
+    trajectory_every = max(1, _SAMPLING.num_steps.value // 10)
+  options = _SAMPLING.options(eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value,
+                             batch_size=_BATCH_SIZE.value)
   written = sample.run(
       _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
       num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
-      trajectory_every=trajectory_every, dtype=_DTYPE.value)
+      trajectory_every=trajectory_every, dtype=_SAMPLING.dtype.value)
   print(generate.timing_line(**written.timing))
   print("wrote " + ", ".join(written.paths))
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import errors
+from jaxdiff import errors, generate, samplers
+from jaxdiff.jobs import sample
 
 TRACEBACK_ENV = "JAXDIFF_TRACEBACK"
 CONFIG_FLAG = "config"
@@ -188,3 +189,32 @@ def run(main: Callable[[list[str]], Any]) -> None:
       exit_with(error, FAILURE_EXIT_CODE, argv)
 
   app.run(guarded_main, flags_parser=parse_flags)
+
+
+class SamplingFlags:
+  """The flags sample.py and evaluate.py share: how to sample (--sampler, --num_steps,
+  --spacing, --clip_x0, --threshold_percentile) and the network's compute --dtype. Defined once
+  once per program: `_SAMPLING = cli.SamplingFlags()` at module level."""
+
+  def __init__(self):
+    self.sampler = flags.DEFINE_string("sampler", "dpm_solver",
+                                       f"One of {', '.join(samplers.SAMPLERS)}.")
+    self.num_steps = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
+    self.spacing = flags.DEFINE_string(
+        "spacing", None, f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
+        "the sampler's: logsnr for the DPM-Solvers, else uniform).")
+    self.clip_x0 = flags.DEFINE_bool(
+        "clip_x0", None, "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for the "
+        "DPM-Solvers).")
+    self.threshold_percentile = flags.DEFINE_float(
+        "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
+        "e.g. 0.995 (Imagen). Default: none.")
+    self.dtype = flags.DEFINE_string(
+        "dtype", None, f"The network's compute dtype, {' or '.join(sample.DTYPES)} (default: "
+        "the model's config.model.dtype). Params, time and the sampler stay float32.")
+
+  def options(self, **more) -> generate.SamplingOptions:
+    """`generate.SamplingOptions` from these flags and `more` (batch_size, eta, …)."""
+    return generate.SamplingOptions(
+        sampler=self.sampler.value, num_steps=self.num_steps.value, spacing=self.spacing.value,
+        clip_x0=self.clip_x0.value, threshold_percentile=self.threshold_percentile.value, **more)
