@@ -1,5 +1,7 @@
 """Denoising panels of a model: held-out images noised to several t, and what it predicts."""
 
+import functools
+
 import jax
 import numpy as np
 
@@ -22,8 +24,15 @@ def panel_timesteps(schedule) -> tuple[int, ...]:
   return tuple(t * schedule.num_timesteps // 1000 for t in visualize.PANEL_TIMESTEPS)
 
 
+@functools.lru_cache(maxsize=8)
+def compiled_apply(model):
+  """`model.apply` jitted once per network, so a panel runs it as one program, not op by op."""
+  return jax.jit(model.apply)
+
+
 def panel(model, params, schedule, config, x0, noise) -> np.ndarray:
   """The uint8 panel of `visualize.denoising_rows` for the network `model` with `params`."""
-  predict_fn = lambda x_t, t: model.apply({"params": params}, x_t, t)
+  apply_fn = compiled_apply(model)
+  predict_fn = lambda x_t, t: apply_fn({"params": params}, x_t, t)
   return visualize.denoising_panel(visualize.denoising_rows(
       predict_fn, schedule, x0, noise, panel_timesteps(schedule), config.diffusion.prediction))
