@@ -283,7 +283,8 @@ def test_train_py_in_a_bucket_stops_on_sigterm_and_resumes_exactly(gcs_path, tmp
                "train.lr_decay": "constant",  # num_steps changes between the runs
                "train.log_every": 1, "train.checkpoint_every": 0, "train.sample_every": 1000,
                "train.eval_every": 0, "sample.num_samples": 8, "sample.batch_size": 8,
-               "sample.num_steps": 2,  # the subprocesses share this process's compiled programs:
+               "sample.num_steps": 2,
+               # the programs that train.py compiles, this process reuses, and the other way round
                "train.compilation_cache_dir": jax.config.jax_compilation_cache_dir}
   run_dir = f"{gcs_path}/run"
   cwd = tmp_path / "train_cwd"
