@@ -23,6 +23,7 @@ any that is set already:
 """
 
 import os
+import posixpath
 import uuid
 from typing import IO
 
@@ -90,14 +91,22 @@ def as_path(path: str) -> epath.Path:
   """`resolve(path)` as an epath.Path (local or URL alike). A UsageError where no client for
   the URL's scheme is installed."""
   path = resolve(path)
-  if path.startswith("gs://"):
-    _check_gcs_client()
+  _check_client(path)
   return epath.Path(path)
 
 
-def _check_gcs_client() -> None:
+def _filesystem(url: str):
+  """(fsspec file system, path within it) of a URL, for what epath cannot do: list a prefix
+  whole (its `walk` drops the `gs://`) and copy objects within a bucket."""
+  _check_client(url)
+  import fsspec  # pylint: disable=g-import-not-at-top
+  return fsspec.core.url_to_fs(url)
+
+
+def _check_client(path: str) -> None:
+  """A UsageError where `path` is gs:// and no GCS client is installed."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("gcsfs") is None:
+  if path.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
     raise errors.UsageError("gs:// paths need a GCS client: pip install 'jaxdiff[gcs]' (gcsfs)")
 
 
@@ -112,6 +121,18 @@ def exists(path: str) -> bool:
 
 def isdir(path: str) -> bool:
   return as_path(path).is_dir()
+
+
+def files_under(root: str) -> list[str]:
+  """The path relative to `root` ('/'-separated) of every file anywhere under it, sorted; empty
+  if `root` does not exist. Locally a walk that follows symbolic links; in a bucket, which has no
+  folders to walk, one listing of the objects under the prefix."""
+  root = resolve(root)
+  if not is_url(root):
+    return sorted(os.path.relpath(os.path.join(folder, name), root)
+                  for folder, _, names in os.walk(root, followlinks=True) for name in names)
+  filesystem, prefix = _filesystem(root)
+  return sorted(posixpath.relpath(name, prefix) for name in filesystem.find(prefix))
 
 
 def listdir(path: str) -> list[str]:
@@ -180,8 +201,7 @@ def move(source: str, target: str) -> None:
     makedirs(os.path.dirname(target))
     os.rename(source, target)
     return
-  import fsspec  # pylint: disable=g-import-not-at-top
-  filesystem, _ = fsspec.core.url_to_fs(source)
+  filesystem, _ = _filesystem(source)
   filesystem.copy(source, target, recursive=True)
   filesystem.rm(source, recursive=True)
 

@@ -7,6 +7,7 @@ bucket may land on the local disk (no `gs:` folder).
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from jaxdiff import checkpoint, images, storage
+from configs import default
+from jaxdiff import checkpoint, data, images, storage
 from jaxdiff.data import builders, sources
-from jaxdiff.jobs import workdir
+from jaxdiff.evaluation import fid, frechet
+from jaxdiff.jobs import train, workdir
 from jaxdiff.metric_writer import MetricWriter
 from tests import helpers
 from tests.test_checkpoint import (CONFIG, abstract, assert_same_state, assert_same_tree,
@@ -202,47 +205,154 @@ def test_a_tfds_data_dir_in_a_bucket_reads_like_a_local_one(gcs_path, tmp_path):
     assert remote.records[index]["label"] == local.records[index]["label"]
 
 
+def test_fid_statistics_are_cached_in_a_data_dir_in_a_bucket(gcs_path, tmp_path, monkeypatch):
+  """The first call computes the split's statistics and writes them under data_dir in the bucket;
+  the second reads them back from there (the features: the pixels themselves, not Inception)."""
+  rng = np.random.default_rng(1)
+  for index in range(3):
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+  config = helpers.tiny_config().data
+  config.update(dataset=data.FOLDER_PREFIX + str(tmp_path), data_dir=f"{gcs_path}/data",
+                train_split="train")
+  monkeypatch.setattr(fid, "extract_features",
+                      lambda params, images, mesh: images.reshape(len(images), -1)[:, :5])
+  expected = frechet.feature_stats(
+      data.load_split_numpy(config, "train")[0].reshape(3, -1)[:, :5])
+  computed = fid.reference_stats(config, params={}, mesh=mesh_of(1))
+  assert fid.stats_cache_path(config, "train", None).startswith(f"{gcs_path}/data/")
+  assert storage.exists(fid.stats_cache_path(config, "train", None))
+  monkeypatch.setattr(fid, "extract_features", None)  # a second computation would fail
+  cached = fid.reference_stats(config, params={}, mesh=mesh_of(1))
+  for stats in (computed, cached):
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-12)
+    assert stats.count == 3
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_an_image_folder_in_a_bucket_reads_like_the_local_one(gcs_path, tmp_path):
+  """Two classes of PNGs, one in a nested folder, the same files locally and in the bucket: the
+  same labels and pixels. Where no resize is needed the pixels are the files' own on the
+  pipeline's 0–255 scale (a 12×8 image centre-cropped to its rows 2–9); a 16×16 one is resized."""
+  rng = np.random.default_rng(0)
+  files = {name: rng.integers(0, 256, shape, dtype=np.uint8) for name, shape in (
+      ("cat/a.png", (8, 8, 3)), ("cat/b.png", (12, 8, 3)), ("dog/d.png", (16, 16, 3)),
+      ("dog/deep/c.png", (8, 8, 3)))}
+  local_root = tmp_path / "images"
+  for name, pixels in files.items():
+    (local_root / name).parent.mkdir(parents=True, exist_ok=True)
+    (local_root / name).write_bytes(png_bytes(pixels))
+    storage.write_bytes_atomically(f"{gcs_path}/images/{name}", png_bytes(pixels))
+  storage.write_text(f"{gcs_path}/images/dog/notes.txt", "not an image")
+  config = helpers.tiny_config().data
+  config.update(num_channels=3, image_size=8)
+  local, remote = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  local.dataset = data.FOLDER_PREFIX + str(local_root)
+  remote.dataset = f"{data.FOLDER_PREFIX}{gcs_path}/images/"
+  info = data.dataset_info(remote)
+  assert info.num_classes == 2 and info.num_examples == {"train": 4}
+  images_read, labels = data.load_split_numpy(remote, "train")
+  local_images, local_labels = data.load_split_numpy(local, "train")
+  np.testing.assert_array_equal(labels, [0, 0, 1, 1])  # cat/a, cat/b, dog/d, dog/deep/c
+  np.testing.assert_array_equal(labels, local_labels)
+  np.testing.assert_array_equal(images_read, local_images)
+  for index, expected in ((0, files["cat/a.png"]), (1, files["cat/b.png"][2:10]),
+                          (3, files["dog/deep/c.png"])):
+    np.testing.assert_array_equal(images_read[index], expected)
+  remote.dataset = f"{data.FOLDER_PREFIX}{gcs_path}/nothing"
+  with pytest.raises(FileNotFoundError, match=f"image folder {gcs_path}/nothing does not exist"):
+    data.dataset_info(remote)
+
+
 @pytest.mark.slow
-def test_train_py_trains_into_a_bucket_with_one_variable(gcs_path, tmp_path):
-  """`train.py --workdir=gs://...` with only STORAGE_EMULATOR_HOST set: checkpoints, metrics,
-  TensorBoard events, sample grids and config.json land in the bucket, and nothing in the
-  current folder; sample.py and evaluate.py read the checkpoint back from the bucket and write
-  their results there."""
-  data_dir = str(tmp_path / "tensorflow_datasets")
-  (tmp_path / "train_cwd").mkdir()
+def test_train_py_in_a_bucket_stops_on_sigterm_and_resumes_exactly(gcs_path, tmp_path):
+  """`train.py --workdir=gs://...` with only STORAGE_EMULATOR_HOST set. SIGTERM: it saves that
+  step and exits 0; rerun, it resumes, and the whole loss curve equals an uninterrupted run's (in
+  this process, in a local workdir). Checkpoints, metrics, TensorBoard events, sample grids,
+  panels, the loss plot and config.json land in the bucket, and nothing in the current folder;
+  sample.py and evaluate.py read the checkpoint back from the bucket and write their results
+  there."""
+  overrides = {"data.data_dir": str(tmp_path / "tensorflow_datasets"), "model.ch": 8,
+               "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+               "diffusion.num_timesteps": 20, "train.batch_size": 8,
+               "train.lr_decay": "constant",  # num_steps changes between the runs
+               "train.log_every": 1, "train.checkpoint_every": 0, "train.sample_every": 1000,
+               "train.eval_every": 0, "sample.num_samples": 8, "sample.batch_size": 8,
+               "sample.num_steps": 2,
+               # the programs that train.py compiles, this process reuses, and the other way round
+               "train.compilation_cache_dir": jax.config.jax_compilation_cache_dir}
+  run_dir = f"{gcs_path}/run"
+  cwd = tmp_path / "train_cwd"
+  cwd.mkdir()
   environment = {name: value for name, value in os.environ.items()
                  if not name.startswith(("TENSORSTORE_", "GOOGLE_AUTH_", "CLOUD_STORAGE_",
                                          "GCSFS_", "EPATH_"))}
-  run = subprocess.run(
-      [sys.executable, os.path.join(helpers.REPO, "train.py"), "--config",
-       os.path.join(helpers.REPO, "configs", "default.py"), f"--workdir={gcs_path}/run",
-       f"--config.data.data_dir={data_dir}", "--config.model.ch=8",
-       "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1",
-       "--config.model.attn_resolutions=()", "--config.diffusion.num_timesteps=20",
-       "--config.train.num_steps=4", "--config.train.batch_size=8",
-       "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-       "--config.train.sample_every=4", "--config.sample.num_samples=8",
-       "--config.sample.batch_size=8", "--config.sample.num_steps=2",
-       "--config.train.eval_every=0"],
-      env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
-      capture_output=True, text=True, timeout=600)
-  assert os.listdir(tmp_path / "train_cwd") == []  # no local `gs:` folder
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert checkpoint.list_steps(f"{gcs_path}/run") == [2, 4]
-  assert storage.exists(f"{gcs_path}/run/config.json")
-  assert sorted(json.loads(line)["step"] for line in storage.read_text(
-      f"{gcs_path}/run/metrics.jsonl").splitlines() if "loss" in line) == [1, 2, 3, 4]
-  assert tensorboard_scalars(f"{gcs_path}/run/tensorboard")["loss"].keys() == {1, 2, 3, 4}
-  assert storage.exists(f"{gcs_path}/run/samples/step_0000004.png")
-  assert storage.exists(f"{gcs_path}/run/losses.png")
-  for program, flags in (("sample.py", [f"--output_dir={gcs_path}/out", "--num_steps=2",
-                                         "--num_samples=8", "--batch_size=8"]),
-                         ("evaluate.py", ["--metric=bpd", "--num_images=8", "--batch_size=8"])):
-    result = subprocess.run(
-        [sys.executable, os.path.join(helpers.REPO, program), f"--workdir={gcs_path}/run",
-         *flags], env={**environment, "PYTHONPATH": helpers.REPO}, cwd=tmp_path / "train_cwd",
-        capture_output=True, text=True, timeout=600)
+  environment["PYTHONPATH"] = helpers.REPO
+
+  def program(name: str, *flags: str) -> list[str]:
+    return [sys.executable, os.path.join(helpers.REPO, name), f"--workdir={run_dir}", *flags]
+
+  def train_py(num_steps: int) -> list[str]:
+    return program("train.py", "--config", os.path.join(helpers.REPO, "configs", "default.py"),
+                   *(f"--config.{name}={value}".replace(" ", "")
+                     for name, value in overrides.items()),
+                   f"--config.train.num_steps={num_steps}")
+
+  process = subprocess.Popen(train_py(100_000), env=environment, cwd=cwd, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 300
+  while not storage.exists(f"{run_dir}/metrics.jsonl"):
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output[-3000:]
+  assert "stopped by signal" in output
+  (stopped_at,) = checkpoint.list_steps(run_dir)
+  last_step = stopped_at + 2
+  finished = subprocess.run(train_py(last_step), env=environment, cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert f"trained steps {stopped_at}→{last_step}" in finished.stdout
+  assert checkpoint.list_steps(run_dir) == [stopped_at, last_step]
+
+  config = default.get_config()
+  for name, value in overrides.items():
+    section, field = name.split(".")
+    config[section][field] = value
+  config.train.update(num_steps=last_step, sample_every=0)
+  uninterrupted = str(tmp_path / "uninterrupted")
+  train.run(config, uninterrupted)
+  rows = [json.loads(line) for line in storage.read_text(f"{run_dir}/metrics.jsonl").splitlines()]
+  steps = [row["step"] for row in rows if "loss" in row]
+  assert steps == list(range(1, last_step + 1))  # each step once, across the two runs
+  np.testing.assert_allclose([row["loss"] for row in rows if "loss" in row],
+                             [helpers.logged(uninterrupted)[step] for step in steps], rtol=1e-5)
+  assert tensorboard_scalars(f"{run_dir}/tensorboard")["loss"].keys() == set(steps)
+  saved_config = json.loads(storage.read_text(f"{run_dir}/config.json"))
+  assert saved_config["train"]["num_steps"] == last_step
+  for name in ("samples", "panels"):
+    with storage.open_file(f"{run_dir}/{name}/step_{last_step:07d}.png", "rb") as f:
+      assert Image.open(f).size[0] > 0
+  assert storage.exists(f"{run_dir}/losses.png")
+
+  for name, flags in (("sample.py", [f"--output_dir={gcs_path}/out", "--num_steps=2",
+                                     "--num_samples=8", "--batch_size=8"]),
+                      ("evaluate.py", ["--metric=bpd", "--num_images=8", "--batch_size=8"])):
+    result = subprocess.run(program(name, *flags), env=environment, cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
   assert storage.exists(f"{gcs_path}/out/samples.png")
-  assert storage.exists(f"{gcs_path}/run/eval/bpd_0000004.json")
-  assert os.listdir(tmp_path / "train_cwd") == []
+  settings = json.loads(storage.read_text(f"{gcs_path}/out/settings.json"))
+  assert settings["checkpoint_step"] == last_step and settings["workdir"] == run_dir
+  with storage.open_file(f"{gcs_path}/out/samples.npz", "rb") as f:
+    assert np.load(io.BytesIO(f.read()))["images"].shape == (8, 8, 8, 1)
+  evaluation = json.loads(storage.read_text(f"{run_dir}/eval/bpd_{last_step:07d}.json"))
+  assert evaluation["checkpoint_step"] == last_step and evaluation["bpd"] > 0
+  assert os.listdir(cwd) == []  # no local `gs:` folder

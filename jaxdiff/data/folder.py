@@ -3,14 +3,16 @@
 Layout: either every image anywhere under the root (one class, no labels), or one sub-folder per
 class (`root/cat/*.png`, `root/dog/**/*.jpg`; labels are the sorted sub-folder names' indices),
 in which case no image may lie directly in the root. The whole folder is the split `train`.
+The root may be local or in a bucket (`gs://bucket/images`; see `jaxdiff.storage`).
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from jaxdiff import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLIT = "train"
@@ -31,7 +33,7 @@ class FolderImages:
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.paths[index]
     try:
-      with Image.open(path) as image:
+      with storage.open_file(path, "rb") as file, Image.open(file) as image:
         pixels = np.asarray(image.convert(_PIL_MODES[self.num_channels]))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
       raise ValueError(f"cannot read image file {path}: {error}") from error
@@ -45,24 +47,22 @@ def scan(root: str, num_channels: int) -> tuple[FolderImages, tuple[str, ...]]:
     raise ValueError(
         f"image folders are read as 1-channel (grayscale) or 3-channel (RGB) images, but "
         f"config.data.num_channels is {num_channels}")
-  root = os.path.abspath(os.path.expanduser(root))
-  if not os.path.isdir(root):
+  root = storage.resolve(root)
+  if not storage.isdir(root):
     raise FileNotFoundError(f"image folder {root} does not exist")
-  relative_paths = sorted(
-      os.path.relpath(os.path.join(folder, name), root)
-      for folder, _, names in os.walk(root, followlinks=True)
-      for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  relative_paths = [path for path in storage.files_under(root)
+                    if path.lower().endswith(IMAGE_EXTENSIONS)]
   if not relative_paths:
     raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}")
-  top_level = [path for path in relative_paths if os.sep not in path]
-  class_names = tuple(sorted({path.split(os.sep)[0] for path in relative_paths} - set(top_level)))
+  top_level = [path for path in relative_paths if "/" not in path]
+  class_names = tuple(sorted({path.split("/")[0] for path in relative_paths} - set(top_level)))
   if class_names and top_level:
     raise ValueError(
         f"image folder {root} has class sub-folders ({', '.join(class_names)}) and also images "
         f"directly inside it, e.g. {top_level[0]}: put every image into a class sub-folder, or "
         f"none")
   class_index = {name: index for index, name in enumerate(class_names)}
-  labels = tuple(class_index[path.split(os.sep)[0]] if class_names else 0
+  labels = tuple(class_index[path.split("/")[0]] if class_names else 0
                  for path in relative_paths)
-  paths = tuple(os.path.join(root, path) for path in relative_paths)
+  paths = tuple(storage.join(root, path) for path in relative_paths)
   return FolderImages(paths, labels, num_channels), class_names
