@@ -187,7 +187,8 @@ def dpm_solver(lower_order_final: bool = True, eta: float = 0.0) -> Sampler:
     half_over_r = 0.5 / jnp.where(first_order, 1.0, r)
     data = jnp.where(first_order, x0, (1 + half_over_r) * x0 - half_over_r * x0_before)
     h = jnp.where(i == 0, 0.0, h)
-    x_next = (jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * jnp.exp(-eta * h) * x
+    decay = jnp.exp(-eta * h) if eta else 1.0  # e^{−ηh}, also at h = ∞ (ᾱ_i = 0)
+    x_next = (jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * decay * x
               - jnp.sqrt(alpha_bar_next) * jnp.expm1(-(1 + eta) * h) * data)
     if eta:
       noise = jax.random.normal(inputs.key, x.shape, x.dtype)

@@ -318,6 +318,60 @@ def test_unipc_converges_one_order_above_its_predictor():
   assert ratios[0] > 1.5 and ratios[2] > 1.3 and ratios[3] > 2.5 and ratios[1] < 1, ratios
 
 
+def zero_terminal_snr_schedule():
+  """SCHEDULE rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1) in float64 NumPy:
+  √ᾱ shifted so that √ᾱ_{T−1} = 0 and scaled so that √ᾱ_0 is unchanged; β_{T−1} = 1."""
+  sqrt_alpha_bars = np.sqrt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+  first, last = sqrt_alpha_bars[0], sqrt_alpha_bars[-1]
+  alpha_bars = ((sqrt_alpha_bars - last) * first / (first - last))**2
+  return schedules.from_betas(1 - alpha_bars / np.append(1.0, alpha_bars[:-1]))
+
+
+def test_logsnr_spacing_of_a_zero_terminal_snr_schedule_starts_at_pure_noise():
+  schedule = zero_terminal_snr_schedule()
+  assert float(schedule.alpha_bars[-1]) == 0 and float(schedule.betas[-1]) == 1
+  alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+  log_snr = 0.5 * np.log(alpha_bars[:-1] / (1 - alpha_bars[:-1]))
+  for num_steps in (2, 10, 50):
+    steps = samplers.spaced_timesteps(schedule, num_steps, "logsnr")
+    assert len(steps) == num_steps and np.all(np.diff(steps) > 0) and steps[-1] == 999
+    # The others even in λ from λ_998 (the lowest finite one) to λ_0, to within one timestep.
+    targets = np.linspace(log_snr[-1], log_snr[0], num_steps)[1:][::-1]
+    np.testing.assert_allclose(log_snr[steps[:-1]], targets,
+                               atol=np.abs(np.diff(log_snr)).max())
+
+
+@pytest.mark.parametrize("name, num_steps", [
+    ("ddpm", 1000), ("ddim", 200), ("dpm_solver", 20), ("dpm_solver_3m", 20),
+    ("dpm_solver_sde", 50), ("unipc", 20)])
+def test_samplers_on_a_zero_terminal_snr_schedule(name, num_steps):
+  """With ᾱ_{T−1} = 0 the first step starts at λ = −∞ (h = +∞): a v-predicting model is still
+  fine there (x̂0 = −v, ε̂ = x), the solvers take their limit (x_{i−1} = α_{i−1} x̂0 + σ_{i−1} ε̂
+  for the ODE ones) and every sampler, at its default spacing, reproduces the data."""
+  schedule = zero_terminal_snr_schedule()
+  samples = run(name, num_steps, schedule=schedule, prediction="v",
+                apply_fn=gaussian_eps(schedule, MEAN, STD, "v")).images
+  assert np.all(np.isfinite(samples))
+  assert abs(float(samples.mean()) - MEAN) < 0.02
+  assert abs(float(samples.std()) / STD - 1) < 0.04, float(samples.std())
+
+
+def test_the_first_step_from_zero_terminal_snr_is_the_ddim_step():
+  """From ᾱ = 0 the ODE solvers' first step is their h → ∞ limit, first order: α x̂0 + σ ε̂
+  with ε̂ = x_T, as DDIM; here with a one-step-of-two run stopped after that step."""
+  schedule = zero_terminal_snr_schedule()
+  x_init = jax.random.normal(jax.random.key(16), (8, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(schedule, 4, "logsnr")
+  alpha_bar = float(schedule.alpha_bars[timesteps[-2]])
+  x0 = MEAN  # E[x0 | x_T] at ᾱ = 0
+  expected = np.sqrt(alpha_bar) * x0 + np.sqrt(1 - alpha_bar) * np.asarray(x_init)
+  for name in ("ddim", "dpm_solver", "dpm_solver_3m", "unipc"):
+    _, frames = run(name, 4, "logsnr", schedule=schedule, prediction="v", shape=x_init.shape,
+                    apply_fn=gaussian_eps(schedule, MEAN, STD, "v"), x_init=x_init,
+                    trajectory_every=1)
+    np.testing.assert_allclose(frames[1], expected, atol=1e-5, err_msg=name)
+
+
 def test_dynamic_threshold_rescales_only_samples_beyond_one():
   x0 = jnp.array([[0.5, -0.2, 0.9, 0.1], [3.0, -2.0, 0.5, 1.0]]).reshape(2, 2, 2, 1)
   np.testing.assert_allclose(samplers.dynamic_threshold(x0, 1.0).reshape(2, 4),
