@@ -22,6 +22,7 @@ thresholding.
 """
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -41,7 +42,8 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
   uniform:   round(linspace(0, T−1, K))       — even steps, first 0 and last T−1 (iDDPM, DDIM);
   trailing:  round(i·T/K) − 1, i = 1 … K      — even steps ending at T−1 (Lin et al. 2024);
   quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
-  logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice).
+  logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice); where
+             ᾱ_{T−1} = 0 (zero terminal SNR, λ = −∞), T−1 and then the steps as from T−2.
   Rounding collisions are pushed apart so that the K timesteps are distinct.
   """
   num_timesteps = schedule.num_timesteps
@@ -55,9 +57,12 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
     steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
   elif spacing == "logsnr":
     alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
-    log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
-    targets = np.linspace(log_snr[-1], log_snr[0], num_steps)
-    steps = np.interp(targets, log_snr[::-1], np.arange(num_timesteps)[::-1])[::-1]
+    with np.errstate(divide="ignore"):
+      log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
+    finite = np.isfinite(log_snr)  # all but λ_{T−1} = −∞ of a zero-terminal-SNR schedule
+    targets = np.linspace(log_snr[finite][-1], log_snr[0], num_steps)
+    steps = np.interp(targets, log_snr[finite][::-1], np.flatnonzero(finite)[::-1])[::-1]
+    steps[-1] = num_timesteps - 1
   else:
     raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
   steps = np.clip(np.round(steps).astype(np.int64), 0, num_timesteps - 1)
@@ -149,6 +154,11 @@ def ddim(eta: float = 0.0) -> Sampler:
   return _stateless(update)
 
 
+def _log_snr(alpha_bar):
+  """λ = log(α/σ) = ½ (log ᾱ − log(1 − ᾱ)): −∞ at ᾱ = 0 (zero terminal SNR), +∞ at ᾱ = 1."""
+  return 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
+
+
 def dpm_solver(lower_order_final: bool = True, eta: float = 0.0) -> Sampler:
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction; deterministic at η = 0,
   DPM-Solver++(2M) SDE at η = 1 (diffusers' sde-dpmsolver++, k-diffusion's dpmpp_2m_sde).
@@ -162,8 +172,6 @@ def dpm_solver(lower_order_final: bool = True, eta: float = 0.0) -> Sampler:
   and, with `lower_order_final` and fewer than 15 steps (as in diffusers), also the step
   before it, which steadies very short runs. The state is (x̂0_{i+1}, λ_{i+1}).
   """
-  log_snr = lambda alpha_bar: 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
-
   def init(x_T):
     return jnp.zeros_like(x_T), jnp.zeros((), jnp.float32)
 
@@ -172,14 +180,15 @@ def dpm_solver(lower_order_final: bool = True, eta: float = 0.0) -> Sampler:
     i, x0, num_steps = inputs.index, inputs.x0, schedule.num_timesteps
     final_first_order_steps = 2 if lower_order_final and num_steps < 15 else 1
     alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
-    lambda_now = log_snr(alpha_bar)
+    lambda_now = _log_snr(alpha_bar)
     first_order = (i == num_steps - 1) | (i < final_first_order_steps)
-    h = log_snr(alpha_bar_next) - lambda_now
+    h = _log_snr(alpha_bar_next) - lambda_now
     r = (lambda_now - lambda_before) / jnp.where(first_order, 1.0, h)
     half_over_r = 0.5 / jnp.where(first_order, 1.0, r)
     data = jnp.where(first_order, x0, (1 + half_over_r) * x0 - half_over_r * x0_before)
     h = jnp.where(i == 0, 0.0, h)
-    x_next = (jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * jnp.exp(-eta * h) * x
+    decay = jnp.exp(-eta * h) if eta else 1.0  # e^{−ηh}, also at h = ∞ (ᾱ_i = 0)
+    x_next = (jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * decay * x
               - jnp.sqrt(alpha_bar_next) * jnp.expm1(-(1 + eta) * h) * data)
     if eta:
       noise = jax.random.normal(inputs.key, x.shape, x.dtype)
@@ -209,8 +218,6 @@ def dpm_solver_3m(lower_order_final: bool = True) -> Sampler:
   order of step i is then at most i), as in diffusers. The state is
   (x̂0_{i+1}, λ_{i+1}, x̂0_{i+2}, λ_{i+2}).
   """
-  log_snr = lambda alpha_bar: 0.5 * (jnp.log(alpha_bar) - jnp.log1p(-alpha_bar))
-
   def init(x_T):
     zero = jnp.zeros((), jnp.float32)
     return jnp.zeros_like(x_T), zero, jnp.zeros_like(x_T), zero
@@ -221,8 +228,8 @@ def dpm_solver_3m(lower_order_final: bool = True) -> Sampler:
     lower_final = lower_order_final and num_steps < 15
     order = jnp.minimum(jnp.minimum(3, num_steps - i), jnp.where(lower_final, i, 3))
     alpha_bar, alpha_bar_next = schedule.alpha_bars[i], schedule.alpha_bars_prev[i]
-    lambda_now = log_snr(alpha_bar)
-    h = jnp.where(i == 0, 1.0, log_snr(alpha_bar_next) - lambda_now)
+    lambda_now = _log_snr(alpha_bar)
+    h = jnp.where(i == 0, 1.0, _log_snr(alpha_bar_next) - lambda_now)
     r0 = jnp.where(order >= 2, (lambda_now - lambda_before) / h, 1.0)
     r1 = jnp.where(order >= 3, (lambda_before - lambda_before2) / h, 1.0)
     d1_0 = (x0 - x0_before) / r0
@@ -240,6 +247,83 @@ def dpm_solver_3m(lower_order_final: bool = True) -> Sampler:
         jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x - alpha_next * phi1 * x0
         + correction)
     return x_next, (x0, lambda_now, x0_before, lambda_before)
+
+  return Sampler(init, step)
+
+
+def _unipc_update(x, x0, alpha_bar, alpha_bar_next, r, x0_points, num_points):
+  """UniPC's step (Zhao et al. 2023, data prediction) from x at ᾱ to ᾱ_next, with the x̂0 at x
+  and, of the points x̂0_m at r_m = (λ_m − λ)/h (h = λ_next − λ; m over the leading axis), the
+  first `num_points`:
+
+      x_next = (σ_next/σ) x − α_next (e^{−h} − 1) x̂0 − α_next Σ_m w_m (x̂0_m − x̂0)/r_m,
+      Σ_m w_m r_m^{k−1} = k! φ_k(−h) − 1,  k = 1 … n,  φ_1(z) = (e^z − 1)/z,
+      φ_{k+1}(z) = (φ_k(z) − 1/k!)/z,
+
+  x̂0 expanded in λ to order n and integrated exactly (the paper's w = B(h) a); as in the paper,
+  one point takes a = ½ with B(h) = e^{−h} − 1 ("bh2"), w = (e^{−h} − 1)/2. A point at λ = −∞
+  (zero terminal SNR) is infinitely far: it drops out, its weight the limit 0.
+  """
+  h = _log_snr(alpha_bar_next) - _log_snr(alpha_bar)
+  alpha_next = jnp.sqrt(alpha_bar_next)
+  x_next = jnp.sqrt((1 - alpha_bar_next) / (1 - alpha_bar)) * x - alpha_next * jnp.expm1(-h) * x0
+  size = r.shape[0]
+  if size == 0:
+    return x_next
+  used = (jnp.arange(size) < num_points) & jnp.isfinite(r)
+  count = used.sum()
+  phi, targets = jnp.expm1(-h) / -h, []
+  for k in range(1, size + 1):
+    targets.append(math.factorial(k) * phi - 1)
+    phi = (phi - 1 / math.factorial(k)) / -h
+  rows = jnp.arange(size)[:, None]
+  inside = (rows < count) & used[None, :]
+  powers = jnp.where(inside, jnp.where(used, r, 1.0)[None, :] ** rows, rows == jnp.arange(size))
+  weights = jnp.linalg.solve(powers, jnp.where(jnp.arange(size) < count, jnp.stack(targets), 0))
+  weights = jnp.where(num_points == 1, (jnp.arange(size) == 0) * jnp.expm1(-h) / 2, weights)
+  slopes = jnp.where(used.reshape((-1,) + (1,) * x.ndim),
+                     (x0_points - x0) / jnp.where(used, r, 1.0).reshape((-1,) + (1,) * x.ndim), 0)
+  return x_next - alpha_next * jnp.tensordot(weights, slopes, 1)
+
+
+def unipc(order: int = 2, lower_order_final: bool = True) -> Sampler:
+  """UniPC (Zhao et al. 2023): the UniP-p predictor with the UniC-p corrector, data prediction,
+  B(h) = e^h − 1 ("bh2"), deterministic; one network call per step.
+
+  Step i first corrects x_i, which step i+1 predicted, with the network's x̂0_i there (UniC):
+  `_unipc_update` from x_{i+1} again, its points those of step i+1's prediction and x̂0_i
+  (r = 1), one order more; x̂0_i is kept as it is (no second call). It then predicts x_{i−1}
+  from the corrected x_i with the points x̂0_{i+1} … x̂0_{i+p−1} (UniP-p; UniP-2 is
+  DPM-Solver++(2M)), p = min(order, K − i) and, with `lower_order_final`, p ≤ i + 1. The last
+  step lands on ᾱ = 1 (x = x̂0_0) with no corrector after it. UniPC-p is of order p + 1. The
+  state is (x_{i+1} corrected, [x̂0_{i+1}, …, x̂0_{i+order}]).
+  """
+  if order not in (1, 2, 3):
+    raise ValueError(f"UniPC's order must be 1, 2 or 3, got {order}")
+
+  def step_order(i, num_steps):
+    return jnp.minimum(jnp.minimum(order, num_steps - i), i + 1 if lower_order_final else order)
+
+  def init(x_T):
+    return x_T, jnp.zeros((order, *x_T.shape), x_T.dtype)
+
+  def step(x, state, inputs, schedule):
+    x_before, x0s_before = state
+    i, x0, num_steps = inputs.index, inputs.x0, schedule.num_timesteps
+    alpha_bars = schedule.alpha_bars[jnp.minimum(i + jnp.arange(order + 1), num_steps - 1)]
+    lambdas = _log_snr(alpha_bars)  # λ_i, λ_{i+1}, …, λ_{i+order}
+    corrector_r = jnp.concatenate(
+        [jnp.ones(1), (lambdas[2:] - lambdas[1]) / (lambdas[0] - lambdas[1])])
+    corrected = _unipc_update(x_before, x0s_before[0], alpha_bars[1], alpha_bars[0], corrector_r,
+                              jnp.concatenate([x0[None], x0s_before[1:]]),
+                              step_order(i + 1, num_steps))
+    x = jnp.where(i == num_steps - 1, x, corrected)
+    alpha_bar_next = schedule.alpha_bars_prev[i]
+    predictor_r = (lambdas[1:order] - lambdas[0]) / (_log_snr(alpha_bar_next) - lambdas[0])
+    x_next = _unipc_update(x, x0, alpha_bars[0], alpha_bar_next, predictor_r,
+                           x0s_before[:order - 1], step_order(i, num_steps) - 1)
+    return (jnp.where(i == 0, x0, x_next),
+            (x, jnp.concatenate([x0[None], x0s_before[:-1]])))
 
   return Sampler(init, step)
 
@@ -325,6 +409,7 @@ SAMPLERS = {
     "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False),
     "dpm_solver_sde": Registered(functools.partial(dpm_solver, eta=1.0), spacing="logsnr",
                                  clip_x0=False),
+    "unipc": Registered(unipc, spacing="logsnr", clip_x0=False),
 }
 
 

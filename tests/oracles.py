@@ -10,19 +10,17 @@ from jaxdiff.schedules import Schedule
 def gaussian_eps(schedule: Schedule, mean, std: float, prediction: str = "eps"):
   """apply_fn for data x0 ~ N(mean, std² I): the MMSE prediction of ε (or of x0 or v).
 
-  x_t = √ᾱ x0 + √(1−ᾱ) ε is Gaussian with mean √ᾱ·mean and variance ᾱ std² + 1 − ᾱ, so
-  E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ·mean) / (ᾱ std² + 1 − ᾱ). `mean` may depend on the class:
-  pass a function of the labels and use the 4-argument form.
+  x_t = √ᾱ x0 + √(1−ᾱ) ε is Gaussian with mean √ᾱ·mean and variance ᾱ std² + 1 − ᾱ, so with
+  u = (x_t − √ᾱ·mean) / (ᾱ std² + 1 − ᾱ), E[ε | x_t] = √(1−ᾱ) u and E[x0 | x_t] = mean + √ᾱ std² u,
+  each finite also at ᾱ = 0 (zero terminal SNR). `mean` may depend on the class: pass a function
+  of the labels and use the 4-argument form.
   """
 
   def predict(x_t, t, data_mean):
     alpha_bar = schedule.alpha_bars[t].reshape(t.shape + (1,) * (x_t.ndim - 1))
-    eps = (jnp.sqrt(1 - alpha_bar) * (x_t - jnp.sqrt(alpha_bar) * data_mean)
-           / (alpha_bar * std**2 + 1 - alpha_bar))
-    if prediction == "eps":
-      return eps
-    x0 = diffusion.predict_x0(schedule, x_t, t, eps)
-    return x0 if prediction == "x0" else diffusion.v_target(schedule, x0, t, eps)
+    u = (x_t - jnp.sqrt(alpha_bar) * data_mean) / (alpha_bar * std**2 + 1 - alpha_bar)
+    eps, x0 = jnp.sqrt(1 - alpha_bar) * u, data_mean + jnp.sqrt(alpha_bar) * std**2 * u
+    return {"eps": eps, "x0": x0, "v": diffusion.v_target(schedule, x0, t, eps)}[prediction]
 
   if callable(mean):
     return lambda variables, x_t, t, labels: predict(

@@ -19,12 +19,12 @@ MEAN, STD = 0.3, 0.5
 
 
 def run(name, num_steps=1000, spacing=None, apply_fn=None, key=0, shape=(4096, 2, 2, 1),
-        **options):
+        schedule=SCHEDULE, **options):
   """`samplers.sample(name, …)` jitted, with the Gaussian oracle and no clipping by default:
   `Samples(images, trajectory)`."""
-  apply_fn = apply_fn or gaussian_eps(SCHEDULE, MEAN, STD)
+  apply_fn = apply_fn or gaussian_eps(schedule, MEAN, STD)
   options.setdefault("clip_x0", False)
-  sample = jax.jit(lambda k: samplers.sample(name, apply_fn, None, SCHEDULE, k, shape,
+  sample = jax.jit(lambda k: samplers.sample(name, apply_fn, None, schedule, k, shape,
                                              num_steps=num_steps, spacing=spacing, **options))
   return sample(jax.random.key(key))
 
@@ -56,13 +56,13 @@ def test_ddpm_needs_the_full_chain_where_dpm_solver_needs_ten_steps():
   assert ddpm_error > 0.1 and dpm_error < 0.04 and dpm_error < ddpm_error / 4
 
 
-def flow_rms_error(name, num_steps, spacing):
+def flow_rms_error(name, num_steps, spacing, **options):
   """RMS distance, sample by sample from the same x_T, between `name` at `num_steps` and the
   exact probability-flow ODE solution (ending with the denoiser at the first kept timestep)."""
   x_init = jax.random.normal(jax.random.key(8), (1024, 2, 2, 1))
   first_timestep = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
   exact = gaussian_flow_map(SCHEDULE, MEAN, STD, x_init, first_timestep)
-  samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init).images
+  samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init, **options).images
   return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - exact)**2)))
 
 
@@ -244,6 +244,132 @@ def test_dpm_solver_3m_matches_a_float64_reference(num_steps, lower_order_final)
   actual = run("dpm_solver_3m", num_steps, "logsnr", shape=x_init.shape, x_init=x_init,
                lower_order_final=lower_order_final).images
   np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+def unipc_reference(x_init, timesteps, order, lower_order_final):
+  """UniPC (Zhao et al. 2023, data prediction, B(h) = e^h − 1) in float64 NumPy, as a linear
+  multistep exponential integrator: from (λ_s, x_s, x̂0_s) and further points (λ_m, x̂0_m),
+  x_t = (σ_t/σ_s) x_s + α_t (1 − e^{−h}) x̂0_s + σ_t Σ_m w_m (x̂0_m − x̂0_s)/r_m, where the
+  w_m make Σ_m w_m r_m^{k−1} equal ∫_{λ_s}^{λ_t} e^λ ((λ − λ_s)/h)^k dλ (Gauss–Legendre), k = 1 … n
+  (a single point: ½ α_t (1 − e^{−h})). Each step corrects the point it is at with the network's
+  x̂0 there, then predicts the next one; the last step returns x̂0."""
+  alpha_bars = np.cumprod(1 - np.float32(np.linspace(1e-4, 0.02, 1000)).astype(np.float64))
+  x0_hat = lambda x, a: MEAN + np.sqrt(a) * STD**2 / (a * STD**2 + 1 - a) * (x - np.sqrt(a) * MEAN)
+  lam = lambda a: 0.5 * np.log(a / (1 - a))
+  nodes, weights = np.polynomial.legendre.leggauss(30)
+
+  def update(x, a_s, a_t, x0_s, points):
+    lambda_s, h = lam(a_s), lam(a_t) - lam(a_s)
+    x_t = np.sqrt((1 - a_t) / (1 - a_s)) * x + np.sqrt(a_t) * (1 - np.exp(-h)) * x0_s
+    if not points:
+      return x_t
+    r = np.array([(lambda_m - lambda_s) / h for lambda_m, _ in points])
+    u = 0.5 * (nodes + 1)  # (λ − λ_s)/h at the quadrature nodes
+    moments = [0.5 * h * np.sum(weights * np.exp(lambda_s + h * u) * u**k)
+               for k in range(1, len(points) + 1)]
+    w = ([0.5 * np.sqrt(a_t) * (1 - np.exp(-h)) / np.sqrt(1 - a_t)] if len(points) == 1
+         else np.linalg.solve(np.vander(r, increasing=True).T, moments))
+    return x_t + np.sqrt(1 - a_t) * sum(
+        w_m * (x0_m - x0_s) / r_m for w_m, r_m, (_, x0_m) in zip(w, r, points))
+
+  path = list(timesteps[::-1])
+  x, x_start, outputs, lambdas, orders = np.asarray(x_init, np.float64), None, [], [], []
+  for k, t in enumerate(path):
+    x0 = x0_hat(x, alpha_bars[t])
+    if k == len(path) - 1:
+      return x0
+    if outputs:  # correct x with its x̂0 as one more point of the last prediction
+      earlier = [(lambdas[-j], outputs[-j]) for j in range(2, orders[-1] + 1)]
+      x = update(x_start, alpha_bars[path[k - 1]], alpha_bars[t], outputs[-1],
+                 [(lam(alpha_bars[t]), x0)] + earlier)
+    outputs.append(x0)
+    lambdas.append(lam(alpha_bars[t]))
+    orders.append(min(order, k + 1, len(path) - k) if lower_order_final else min(order, k + 1))
+    x_start = x
+    x = update(x, alpha_bars[t], alpha_bars[path[k + 1]], x0,
+               [(lambdas[-j], outputs[-j]) for j in range(2, orders[-1] + 1)])
+
+
+@pytest.mark.parametrize("order, num_steps, lower_order_final", [
+    (1, 12, True), (2, 6, True), (2, 12, True), (3, 12, True), (3, 12, False)])
+def test_unipc_matches_a_float64_reference(order, num_steps, lower_order_final):
+  x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  expected = unipc_reference(np.asarray(x_init), timesteps, order, lower_order_final)
+  actual = run("unipc", num_steps, "logsnr", shape=x_init.shape, x_init=x_init, order=order,
+               lower_order_final=lower_order_final).images
+  np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_unipc_converges_one_order_above_its_predictor():
+  """UniPC-p is of order p + 1: the error against the exact ODE solution over 5, 10, 20, 40
+  logsnr steps falls as K^−q with q (least squares in log–log) above 1.7 for order 1, 2.2 for
+  order 2 and 3.2 for order 3; order 2 is closer than DPM-Solver++(2M) at 5, 20 and 40 steps
+  (h ≈ 2.4, 0.5, 0.25) but not at 10 (h ≈ 1, where 2M's two final first-order steps land
+  close on this data, 3.5× closer)."""
+  steps = np.array([5, 10, 20, 40])
+  slopes, errors_by_order = {}, {}
+  for order in (1, 2, 3):
+    errors_by_order[order] = [flow_rms_error("unipc", k, "logsnr", order=order) for k in steps]
+    slopes[order] = -np.polyfit(np.log(steps), np.log(errors_by_order[order]), 1)[0]
+  assert slopes[1] > 1.7 and slopes[2] > 2.2 and slopes[3] > 3.2, slopes
+  errors_2m = [flow_rms_error("dpm_solver", k, "logsnr") for k in steps]
+  ratios = np.array(errors_2m) / np.array(errors_by_order[2])
+  assert ratios[0] > 1.5 and ratios[2] > 1.3 and ratios[3] > 2.5 and ratios[1] < 1, ratios
+
+
+def zero_terminal_snr_schedule():
+  """SCHEDULE rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1) in float64 NumPy:
+  √ᾱ shifted so that √ᾱ_{T−1} = 0 and scaled so that √ᾱ_0 is unchanged; β_{T−1} = 1."""
+  sqrt_alpha_bars = np.sqrt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+  first, last = sqrt_alpha_bars[0], sqrt_alpha_bars[-1]
+  alpha_bars = ((sqrt_alpha_bars - last) * first / (first - last))**2
+  return schedules.from_betas(1 - alpha_bars / np.append(1.0, alpha_bars[:-1]))
+
+
+def test_logsnr_spacing_of_a_zero_terminal_snr_schedule_starts_at_pure_noise():
+  schedule = zero_terminal_snr_schedule()
+  assert float(schedule.alpha_bars[-1]) == 0 and float(schedule.betas[-1]) == 1
+  alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+  log_snr = 0.5 * np.log(alpha_bars[:-1] / (1 - alpha_bars[:-1]))
+  for num_steps in (2, 10, 50):
+    steps = samplers.spaced_timesteps(schedule, num_steps, "logsnr")
+    assert len(steps) == num_steps and np.all(np.diff(steps) > 0) and steps[-1] == 999
+    # The others even in λ from λ_998 (the lowest finite one) to λ_0, to within one timestep.
+    targets = np.linspace(log_snr[-1], log_snr[0], num_steps)[1:][::-1]
+    np.testing.assert_allclose(log_snr[steps[:-1]], targets,
+                               atol=np.abs(np.diff(log_snr)).max())
+
+
+@pytest.mark.parametrize("name, num_steps", [
+    ("ddpm", 1000), ("ddim", 200), ("dpm_solver", 20), ("dpm_solver_3m", 20),
+    ("dpm_solver_sde", 50), ("unipc", 20)])
+def test_samplers_on_a_zero_terminal_snr_schedule(name, num_steps):
+  """With ᾱ_{T−1} = 0 the first step starts at λ = −∞ (h = +∞): a v-predicting model is still
+  fine there (x̂0 = −v, ε̂ = x), the solvers take their limit (x_{i−1} = α_{i−1} x̂0 + σ_{i−1} ε̂
+  for the ODE ones) and every sampler, at its default spacing, reproduces the data."""
+  schedule = zero_terminal_snr_schedule()
+  samples = run(name, num_steps, schedule=schedule, prediction="v",
+                apply_fn=gaussian_eps(schedule, MEAN, STD, "v")).images
+  assert np.all(np.isfinite(samples))
+  assert abs(float(samples.mean()) - MEAN) < 0.02
+  assert abs(float(samples.std()) / STD - 1) < 0.04, float(samples.std())
+
+
+def test_the_first_step_from_zero_terminal_snr_is_the_ddim_step():
+  """From ᾱ = 0 the ODE solvers' first step is their h → ∞ limit, first order: α x̂0 + σ ε̂
+  with ε̂ = x_T, as DDIM; here with a one-step-of-two run stopped after that step."""
+  schedule = zero_terminal_snr_schedule()
+  x_init = jax.random.normal(jax.random.key(16), (8, 2, 2, 1))
+  timesteps = samplers.spaced_timesteps(schedule, 4, "logsnr")
+  alpha_bar = float(schedule.alpha_bars[timesteps[-2]])
+  x0 = MEAN  # E[x0 | x_T] at ᾱ = 0
+  expected = np.sqrt(alpha_bar) * x0 + np.sqrt(1 - alpha_bar) * np.asarray(x_init)
+  for name in ("ddim", "dpm_solver", "dpm_solver_3m", "unipc"):
+    _, frames = run(name, 4, "logsnr", schedule=schedule, prediction="v", shape=x_init.shape,
+                    apply_fn=gaussian_eps(schedule, MEAN, STD, "v"), x_init=x_init,
+                    trajectory_every=1)
+    np.testing.assert_allclose(frames[1], expected, atol=1e-5, err_msg=name)
 
 
 def test_dynamic_threshold_rescales_only_samples_beyond_one():
@@ -544,7 +670,7 @@ def test_sampling_options_from_config_sections():
       sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
   config.sample.sampler = "euler"
   with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
-                     "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde$"):
+                     "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc$"):
     generate.SamplingOptions.from_config(config.sample)
 
 
