@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.num_timesteps = 1000
   diffusion.schedule_kwargs = ml_collections.ConfigDict(dict(beta_start=1e-4, beta_end=0.02))
   diffusion.prediction = "eps"  # what the network predicts: eps, x0 or v
+  diffusion.loss_weighting = "none"  # none | min_snr: min(SNR, γ) on the x0 error (Hang et al.)
+  diffusion.min_snr_gamma = 5.0      # γ of min_snr
+  diffusion.rescale_zero_terminal_snr = False  # ᾱ_T = 0 (Lin et al. 2024); needs prediction=v
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 1500

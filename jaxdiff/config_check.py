@@ -3,8 +3,8 @@
 `check_train_config(config, num_devices, num_processes)` raises `errors.UsageError` with one line
 that names the field as the user sets it (`--config.train.batch_size=0`), its value and what to
 do. Names are checked by the constructors that use them (`schedules.from_config`,
-`train_step.learning_rate_schedule`, `diffusion.check_prediction`, `samplers.get_sampler`,
-`samplers.spaced_timesteps`, `metrics.check_metric`, `data.dataset_info`,
+`train_step.learning_rate_schedule`, `diffusion.check_prediction`, `losses.check_loss_weighting`,
+`samplers.get_sampler`, `samplers.spaced_timesteps`, `metrics.check_metric`, `data.dataset_info`,
 `data.check_model_compatible`): their ValueErrors become UsageErrors that name the field.
 `config.sample` is checked when the run draws sample grids (train.sample_every > 0) and
 `config.eval` when it evaluates (train.eval_every > 0): a run is refused only for what it uses.
@@ -14,7 +14,7 @@ import contextlib
 import difflib
 import math
 
-from jaxdiff import data, diffusion, errors, parallel, samplers, schedules, train_step
+from jaxdiff import data, diffusion, errors, losses, parallel, samplers, schedules, train_step
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -48,6 +48,7 @@ REAL_NUMBERS = {
     "train.p_uncond": (0.0, 1.0, True, True),
 }
 SAMPLE_REAL_NUMBERS = {"sample.guidance_scale": (0.0, math.inf, True, False)}
+MIN_SNR_REAL_NUMBERS = {"diffusion.min_snr_gamma": (0.0, math.inf, False, False)}
 _MISSING = object()
 
 
@@ -162,11 +163,32 @@ def check_sampler(config, section: str, schedule: schedules.Schedule) -> None:
     samplers.spaced_timesteps(schedule, num_steps, samplers.get_sampler(name).spacing)
 
 
+def check_loss_and_terminal_snr(config) -> None:
+  """The loss weighting (its γ when it is min_snr), and the zero-terminal-SNR rescale: a bool,
+  and only with v-prediction (Lin et al. 2024)."""
+  weighting = get(config, "diffusion.loss_weighting")
+  with refusing("diffusion.loss_weighting", weighting):
+    losses.check_loss_weighting(weighting)
+  if weighting == "min_snr":
+    check_real_numbers(config, MIN_SNR_REAL_NUMBERS)
+  field = "diffusion.rescale_zero_terminal_snr"
+  rescale = get(config, field)
+  if not isinstance(rescale, bool):
+    raise usage_error(field, rescale, "expected True or False")
+  prediction = get(config, "diffusion.prediction")
+  if rescale and prediction != "v":
+    raise usage_error(field, rescale, f"not with prediction={prediction}: at zero terminal SNR "
+                      f"x_T is pure noise and x̂0 = (x_T − √(1−ᾱ_T) ε̂)/√ᾱ_T divides by 0; set "
+                      f"{flag('diffusion.prediction', 'v')} (Lin et al. 2024)")
+
+
 def check_names(config) -> None:
-  """Prediction, schedule, learning-rate decay, samplers and metrics, by their constructors."""
+  """Prediction, loss weighting, schedule, learning-rate decay, samplers and metrics, by their
+  constructors."""
   prediction = get(config, "diffusion.prediction")
   with refusing("diffusion.prediction", prediction):
     diffusion.check_prediction(prediction)
+  check_loss_and_terminal_snr(config)
   schedule_name = get(config, "diffusion.schedule")
   if schedule_name in schedules.SCHEDULES:
     field, value = "diffusion.schedule_kwargs", dict(config.diffusion.get("schedule_kwargs", {}))

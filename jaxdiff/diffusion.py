@@ -43,9 +43,9 @@ def predict_x0(schedule: Schedule, x_t, t, eps):
 
 
 def predict_eps(schedule: Schedule, x_t, t, x0):
-  """ε = (x_t/√ᾱ_t − x0) / √(1/ᾱ_t − 1)."""
-  return ((at(schedule.sqrt_recip_alpha_bars, t, x_t) * x_t - x0)
-          / at(schedule.sqrt_recipm1_alpha_bars, t, x_t))
+  """ε = (x_t − √ᾱ_t x0) / √(1 − ᾱ_t): finite also where ᾱ_t = 0 (there ε = x_t)."""
+  return ((x_t - at(schedule.sqrt_alpha_bars, t, x_t) * x0)
+          / at(schedule.sqrt_one_minus_alpha_bars, t, x_t))
 
 
 def v_target(schedule: Schedule, x0, t, eps):

@@ -33,27 +33,59 @@ def draw_noise(key, batch, *, num_timesteps: int, num_classes: int = 0, p_uncond
   return draws, dropout_key
 
 
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def check_loss_weighting(weighting: str) -> None:
+  if weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+
+
+def snr(schedule: Schedule, t):
+  """SNR(t) = ᾱ_t / (1 − ᾱ_t), from the float64-derived square roots (0 where ᾱ_t = 0)."""
+  return jnp.square(schedule.sqrt_alpha_bars[t] / schedule.sqrt_one_minus_alpha_bars[t])
+
+
+def min_snr_weight(schedule: Schedule, t, prediction: str, gamma: float):
+  """Min-SNR-γ (Hang et al. 2023): the per-example weight of the `prediction` target's squared
+  error that makes the loss min(SNR_t, γ) · ‖x̂0 − x0‖². An error e in x̂0 is an error √SNR · e
+  in ε̂ and √(SNR + 1) · e in v̂, so the weight is min(SNR, γ)/SNR for ε (1 where SNR = 0),
+  min(SNR, γ) for x0 and min(SNR, γ)/(SNR + 1) for v."""
+  diffusion.check_prediction(prediction)
+  snr_t = snr(schedule, t)
+  if prediction == "eps":
+    return jnp.minimum(1.0, gamma / snr_t)
+  clipped = jnp.minimum(snr_t, gamma)
+  return clipped if prediction == "x0" else clipped / (snr_t + 1.0)
+
+
 def loss_from_draws(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, draws, dropout_key,
-                    prediction: str = "eps"):
-  """L_simple = mean over the batch of ‖target − f_θ(x_t, t)‖² (DDPM eq. 14) at the given draws:
-  x_t = q_sample(x0, t, ε), the target ε, x0 or v by `prediction`. Returns (mean loss, aux) where
-  aux holds the per-example losses (mean over pixels) and their timesteps."""
+                    prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0):
+  """L_simple = mean over the batch of w_t ‖target − f_θ(x_t, t)‖² (DDPM eq. 14) at the given
+  draws: x_t = q_sample(x0, t, ε), the target ε, x0 or v by `prediction`, and w_t = 1 (weighting
+  "none") or `min_snr_weight` with γ = min_snr_gamma ("min_snr"). Returns (mean loss, aux) where
+  aux holds the per-example weighted losses (mean over pixels, then w_t) and their timesteps."""
+  check_loss_weighting(weighting)
   x0, t, noise = batch["image"], draws["t"], draws["noise"]
   x_t = diffusion.q_sample(schedule, x0, t, noise)
   output = denoise_fn(params, x_t, t, draws.get("label"), dropout_key)
   target = diffusion.training_target(schedule, prediction, x0, t, noise)
   per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
                          axis=tuple(range(1, x0.ndim)))
+  if weighting == "min_snr":
+    per_example = per_example * min_snr_weight(schedule, t, prediction, min_snr_gamma)
   return jnp.mean(per_example), {"per_example_loss": per_example, "t": t}
 
 
 def diffusion_loss(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, key,
-                   prediction: str = "eps", num_classes: int = 0, p_uncond: float = 0.0):
-  """L_simple = E_{t, ε} ‖target − f_θ(x_t, t)‖² with t ~ U{0, …, T−1}, ε ~ N(0, I) (DDPM eq. 14):
-  `loss_from_draws` at `draw_noise(key, batch)`."""
+                   prediction: str = "eps", num_classes: int = 0, p_uncond: float = 0.0,
+                   weighting: str = "none", min_snr_gamma: float = 5.0):
+  """L_simple = E_{t, ε} w_t ‖target − f_θ(x_t, t)‖² with t ~ U{0, …, T−1}, ε ~ N(0, I) (DDPM
+  eq. 14): `loss_from_draws` at `draw_noise(key, batch)`."""
   draws, dropout_key = draw_noise(key, batch, num_timesteps=schedule.num_timesteps,
                                   num_classes=num_classes, p_uncond=p_uncond)
-  return loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key, prediction)
+  return loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key, prediction,
+                         weighting, min_snr_gamma)
 
 
 # The variational bound (DDPM eq. 5), per example, in nats:

@@ -4,6 +4,7 @@ Timesteps are indexed t = 0 … T−1 (the paper's t = 1 … T). Everything is c
 NumPy and stored as float32 arrays, so a `Schedule` passes through `jax.jit` as an argument.
 """
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -13,7 +14,8 @@ import numpy as np
 
 
 class Schedule(NamedTuple):
-  """Precomputed per-timestep coefficients, each an array of shape [T]."""
+  """Precomputed per-timestep coefficients, each an array of shape [T]. Every one is finite,
+  except the two reciprocals of √ᾱ at a zero-terminal-SNR schedule's last step (ᾱ_{T−1} = 0)."""
 
   betas: jax.Array                           # β_t
   alphas: jax.Array                          # α_t = 1 − β_t
@@ -21,8 +23,8 @@ class Schedule(NamedTuple):
   alpha_bars_prev: jax.Array                 # ᾱ_{t−1}, with ᾱ_{−1} = 1
   sqrt_alpha_bars: jax.Array                 # √ᾱ_t
   sqrt_one_minus_alpha_bars: jax.Array       # √(1 − ᾱ_t)
-  sqrt_recip_alpha_bars: jax.Array           # 1/√ᾱ_t
-  sqrt_recipm1_alpha_bars: jax.Array         # √(1/ᾱ_t − 1)
+  sqrt_recip_alpha_bars: jax.Array           # 1/√ᾱ_t        (+inf where ᾱ_t = 0)
+  sqrt_recipm1_alpha_bars: jax.Array         # √(1/ᾱ_t − 1)  (+inf where ᾱ_t = 0)
   posterior_variance: jax.Array              # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)
   posterior_log_variance_clipped: jax.Array  # log β̃_t, with β̃_0 := β̃_1 (β̃_0 = 0)
   posterior_mean_coef1: jax.Array            # β_t √ᾱ_{t−1} / (1 − ᾱ_t)        (multiplies x0)
@@ -42,6 +44,9 @@ def from_betas(betas) -> Schedule:
     raise ValueError("every beta must lie in (0, 1]")
   alphas = 1.0 - betas
   alpha_bars = np.cumprod(alphas)
+  # ᾱ_{T−1} = 0 (a zero-terminal-SNR schedule) makes 1/√ᾱ and √(1/ᾱ − 1) there +inf.
+  with np.errstate(divide="ignore"):
+    recip_alpha_bars = 1.0 / alpha_bars
   alpha_bars_prev = np.append(1.0, alpha_bars[:-1])
   posterior_variance = betas * (1.0 - alpha_bars_prev) / (1.0 - alpha_bars)
   # β̃_0 = 0; DDPM clips its log to log β̃_1 (a one-step chain falls back to β_0).
@@ -54,8 +59,8 @@ def from_betas(betas) -> Schedule:
       alpha_bars_prev=alpha_bars_prev,
       sqrt_alpha_bars=np.sqrt(alpha_bars),
       sqrt_one_minus_alpha_bars=np.sqrt(1.0 - alpha_bars),
-      sqrt_recip_alpha_bars=np.sqrt(1.0 / alpha_bars),
-      sqrt_recipm1_alpha_bars=np.sqrt(1.0 / alpha_bars - 1.0),
+      sqrt_recip_alpha_bars=np.sqrt(recip_alpha_bars),
+      sqrt_recipm1_alpha_bars=np.sqrt(recip_alpha_bars - 1.0),
       posterior_variance=posterior_variance,
       posterior_log_variance_clipped=log_variance_clipped,
       posterior_mean_coef1=betas * np.sqrt(alpha_bars_prev) / (1.0 - alpha_bars),
@@ -64,9 +69,15 @@ def from_betas(betas) -> Schedule:
   return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in coefficients.items()})
 
 
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
+                 beta_end: float = 0.02) -> np.ndarray:
+  """DDPM (Ho et al. 2020): β_t evenly spaced from beta_start to beta_end, in float64."""
+  return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
 def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-  """DDPM (Ho et al. 2020): β_t evenly spaced from beta_start to beta_end."""
-  return from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+  """The schedule of `linear_betas`."""
+  return from_betas(linear_betas(num_timesteps, beta_start, beta_end))
 
 
 def cosine_alpha_bar(u, s: float = 0.008):
@@ -75,20 +86,58 @@ def cosine_alpha_bar(u, s: float = 0.008):
   return f(np.asarray(u, dtype=np.float64)) / f(0.0)
 
 
-def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
-  """Improved DDPM (Nichol & Dhariwal 2021): β_t = min(1 − ᾱ((t+1)/T) / ᾱ(t/T), max_beta)."""
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+  """Improved DDPM (Nichol & Dhariwal 2021): β_t = min(1 − ᾱ((t+1)/T) / ᾱ(t/T), max_beta), in
+  float64."""
   u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   alpha_bar = cosine_alpha_bar(u, s)
-  return from_betas(np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta))
+  return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
 
 
-SCHEDULES = {"linear": linear, "cosine": cosine}
+def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+  """The schedule of `cosine_betas`."""
+  return from_betas(cosine_betas(num_timesteps, s, max_beta))
+
+
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+  """Lin et al. 2024, Algorithm 1: √ᾱ_t shifted and scaled to (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 /
+  (√ᾱ_0 − √ᾱ_{T−1}), so that √ᾱ_{T−1} = 0 (x_T is pure noise, SNR 0) and √ᾱ_0 is kept; the
+  betas follow as 1 − ᾱ_t/ᾱ_{t−1} (the last one 1). In float64."""
+  betas = np.asarray(betas, np.float64)
+  if betas.size < 2:
+    raise ValueError("rescaling to zero terminal SNR needs at least 2 timesteps")
+  sqrt_alpha_bars = np.sqrt(np.cumprod(1.0 - betas))
+  first, last = sqrt_alpha_bars[0], sqrt_alpha_bars[-1]
+  alpha_bars = np.square((sqrt_alpha_bars - last) * first / (first - last))
+  return 1.0 - alpha_bars / np.append(1.0, alpha_bars[:-1])
+
+
+# Each schedule's betas by name: config.diffusion.schedule, its options schedule_kwargs.
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def schedule_options(name: str, options) -> dict:
+  """The `options` (config.diffusion.schedule_kwargs) for schedule `name`. The default config
+  carries linear's options at their defaults: another schedule's option left at its default is
+  dropped, so that --config.diffusion.schedule=cosine works alone; every other option is kept,
+  for the schedule to refuse if it is not its own."""
+  own = inspect.signature(SCHEDULES[name]).parameters
+  others_defaults = {option: parameter.default for betas_fn in SCHEDULES.values()
+                     for option, parameter in inspect.signature(betas_fn).parameters.items()
+                     if option not in own}
+  return {option: value for option, value in dict(options).items()
+          if option not in others_defaults or value != others_defaults[option]}
 
 
 def from_config(diffusion_config) -> Schedule:
-  """The schedule that `config.diffusion` names (`schedule`, `num_timesteps`, and its options)."""
+  """The schedule that `config.diffusion` names (`schedule`, `num_timesteps`, and its options
+  from `schedule_options`), rescaled to zero terminal SNR where `rescale_zero_terminal_snr` is
+  set (absent, as in configs saved before it: not)."""
   name = diffusion_config.schedule
   if name not in SCHEDULES:
     raise ValueError(f"unknown schedule {name!r}; available: {sorted(SCHEDULES)}")
-  options = dict(diffusion_config.get("schedule_kwargs", {}))
-  return SCHEDULES[name](diffusion_config.num_timesteps, **options)
+  options = schedule_options(name, diffusion_config.get("schedule_kwargs", {}))
+  betas = SCHEDULES[name](diffusion_config.num_timesteps, **options)
+  if diffusion_config.get("rescale_zero_terminal_snr", False):
+    betas = rescale_zero_terminal_snr(betas)
+  return from_betas(betas)

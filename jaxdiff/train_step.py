@@ -127,14 +127,16 @@ def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
 
 def make_loss_fn(model: UNet, schedule: Schedule, config) -> Callable:
   """(params, batch, draws, dropout_key) ↦ (L_simple, aux) of `losses.loss_from_draws` for this
-  model and config, with dropout active; the draws come from `losses.draw_noise`."""
+  model and config (its prediction target and loss weighting), with dropout active; the draws
+  come from `losses.draw_noise`."""
 
   def denoise_fn(params, x_t, t, labels, key):
     return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": key})
 
   def loss_fn(params, batch, draws, dropout_key):
     return losses.loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key,
-                                  config.diffusion.prediction)
+                                  config.diffusion.prediction, config.diffusion.loss_weighting,
+                                  config.diffusion.min_snr_gamma)
 
   return loss_fn
 
@@ -223,7 +225,8 @@ def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable
 
 
 def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
-  """Sums and counts of the per-example loss in `num_bins` equal bins of t."""
+  """Sums and counts of the per-example loss (as optimized: weighted where the loss is) in
+  `num_bins` equal bins of t."""
   bins = t * num_bins // num_timesteps
   return {
       "loss_bin_sum": jax.ops.segment_sum(per_example_loss, bins, num_bins),

@@ -82,11 +82,38 @@ def test_the_shipped_configs_pass(data_dir):
      "--config.eval.metrics=fid: expected a tuple of metric names, e.g. \"('bpd',)\""),
     (dict(sample__guidance_scale=3.0), "--config.sample.guidance_scale=3.0: this model is "
                                        "unconditional"),
+    (dict(diffusion__loss_weighting="p2"), "--config.diffusion.loss_weighting=p2: unknown loss "
+                                           "weighting 'p2'; choose one of ('none', 'min_snr')"),
+    (dict(diffusion__loss_weighting="min_snr", diffusion__min_snr_gamma=0.0),
+     "--config.diffusion.min_snr_gamma=0.0: expected a finite number > 0"),
+    (dict(diffusion__rescale_zero_terminal_snr="yes", diffusion__prediction="v"),
+     "--config.diffusion.rescale_zero_terminal_snr=yes: expected True or False"),
+    (dict(diffusion__rescale_zero_terminal_snr=True),
+     "--config.diffusion.rescale_zero_terminal_snr=True: not with prediction=eps: at zero "
+     "terminal SNR x_T is pure noise and x̂0 = (x_T − √(1−ᾱ_T) ε̂)/√ᾱ_T divides by 0; set "
+     "--config.diffusion.prediction=v (Lin et al. 2024)"),
+    (dict(diffusion__rescale_zero_terminal_snr=True, diffusion__prediction="x0"),
+     "--config.diffusion.rescale_zero_terminal_snr=True: not with prediction=x0"),
+    (dict(diffusion__schedule="cosine", diffusion__schedule_kwargs={"beta_end": 0.01}),
+     "--config.diffusion.schedule_kwargs={'beta_end': 0.01}: cosine_betas() got an unexpected "
+     "keyword argument 'beta_end'"),
     (dict(data__num_channels=3), "dataset 'digits' has 1-channel images but "
                                  "config.data.num_channels is 3; set --config.data.num_channels=1"),
 ])
 def test_a_bad_value_is_refused_naming_its_flag(data_dir, overrides, expected):
   assert refusal(config_with(data_dir, **overrides)).startswith(expected)
+
+
+def test_every_valid_diffusion_combination_passes(data_dir):
+  """Each prediction with each schedule and loss weighting; zero terminal SNR with v."""
+  combinations = [dict(prediction=p, schedule=s, loss_weighting=w, rescale_zero_terminal_snr=r)
+                  for p in ("eps", "x0", "v") for s in ("linear", "cosine")
+                  for w in ("none", "min_snr") for r in ((False, True) if p == "v" else (False,))]
+  assert len(combinations) == 16
+  for diffusion in combinations:
+    config = config_with(data_dir)
+    config.diffusion.update(diffusion)
+    config_check.check_train_config(config, 1, 1)
 
 
 def test_unused_sections_are_not_judged(data_dir):

@@ -83,7 +83,7 @@ def test_posterior_mean_from_eps_equals_ddpm_sampling_mean(schedule, ref):
 def test_predictions_round_trip(schedule, prediction):
   """Whatever the network predicts, the implied (ε̂, x̂0) are the true (ε, x0)."""
   x0, eps, t = random_inputs(4)
-  t = np.clip(t, 1, T - 1) if prediction == "x0" else t  # x0 -> ε divides by √(1/ᾱ−1) → 0 at t=0
+  t = np.clip(t, 1, T - 1) if prediction == "x0" else t  # x0 -> ε divides by √(1−ᾱ) = 0.01 at t=0
   x0, eps, t = jnp.float32(x0), jnp.float32(eps), jnp.asarray(t)
   x_t = diffusion.q_sample(schedule, x0, t, eps)
   output = diffusion.training_target(schedule, prediction, x0, t, eps)
@@ -120,3 +120,30 @@ def test_unknown_prediction_and_variance(schedule):
     diffusion.eps_and_x0(schedule, "score", x, t, x)
   with pytest.raises(ValueError, match="unknown variance"):
     diffusion.p_mean_variance(schedule, "eps", x, t, x, variance="learned")
+
+
+def test_predict_eps_matches_reference(schedule, ref):
+  x0, eps, t = random_inputs(6)
+  s = np.sqrt(ref["alpha_bars"][t])[:, None, None, None]
+  c = np.sqrt(1 - ref["alpha_bars"][t])[:, None, None, None]
+  eps_hat = diffusion.predict_eps(schedule, jnp.float32(s * x0 + c * eps), jnp.asarray(t),
+                                  jnp.float32(x0))
+  np.testing.assert_allclose(eps_hat, eps, atol=1e-4)
+
+
+def test_v_prediction_is_finite_at_zero_terminal_snr():
+  """At ᾱ_{T−1} = 0, x_T = ε: v = −x0, so ε̂ = x_T and x̂0 = −v̂ whatever v̂ is, also when x̂0 is
+  clipped (ε̂ recomputed from it), and the reverse step's mean and variance stay finite."""
+  zero_snr = schedules.from_betas(schedules.rescale_zero_terminal_snr(np.linspace(1e-4, 0.02, T)))
+  x_t = 2.0 * jax.random.normal(jax.random.key(1), (3, 4, 4, 1))
+  v_hat = 3.0 * jax.random.normal(jax.random.key(2), x_t.shape)
+  t = jnp.full((3,), T - 1)
+  for clip_x0 in (False, True):
+    eps_hat, x0_hat = diffusion.eps_and_x0(zero_snr, "v", x_t, t, v_hat, clip_x0)
+    np.testing.assert_array_equal(eps_hat, x_t)
+    expected_x0 = jnp.clip(-v_hat, -1, 1) if clip_x0 else -v_hat
+    np.testing.assert_array_equal(x0_hat, expected_x0)
+    for variance in ("beta", "beta_tilde"):
+      mean, log_variance, _ = diffusion.p_mean_variance(zero_snr, "v", x_t, t, v_hat, clip_x0,
+                                                        variance)
+      assert np.all(np.isfinite(mean)) and np.all(np.isfinite(log_variance))

@@ -177,6 +177,34 @@ def test_loss_by_timestep_bins_cover_every_example():
                                                       6 + 7 + 8])
 
 
+@pytest.mark.parametrize("diffusion", [
+    dict(prediction="v", rescale_zero_terminal_snr=True),
+    dict(prediction="v", schedule="cosine", loss_weighting="min_snr"),
+], ids=["v_zero_terminal_snr", "v_cosine_min_snr"])
+def test_v_prediction_trains_at_zero_terminal_snr_and_on_the_cosine_schedule(diffusion):
+  """The loss and its gradient are finite at t = 0 … T−1 (ᾱ_{T−1} = 0 under the rescale), and
+  so is one step of make_train_step on real digits (a one-level U-Net: compiles fast)."""
+  config = tiny_config(dropout=0.0, ch=8, ch_mult=(1,), attn_resolutions=())
+  config.diffusion.update(diffusion)
+  mesh = parallel.make_mesh(jax.devices()[:1], ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
+  model = train_step.create_model(config)
+  schedule = schedules.from_config(config.diffusion)
+  state = train_step.create_state(config, model, mesh, jax.random.key(0))
+  batch = digits_batch()
+  num_timesteps = config.diffusion.num_timesteps
+  draws = {"t": jnp.arange(32) * (num_timesteps - 1) // 31,
+           "noise": jax.random.normal(jax.random.key(1), batch["image"].shape)}
+  value_and_grad = jax.jit(jax.value_and_grad(train_step.make_loss_fn(model, schedule, config),
+                                              has_aux=True))
+  (loss, aux), grads = value_and_grad(state.params, batch, draws, jax.random.key(2))
+  assert int(aux["t"][-1]) == num_timesteps - 1
+  assert np.all(np.isfinite(aux["per_example_loss"])) and np.isfinite(loss)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  step_fn = train_step.make_train_step(model, schedule, config, mesh)
+  state, metrics = step_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
+  assert bool(metrics["finite"]) and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
 @pytest.mark.slow
 def test_loss_falls_on_real_digits():
   """A few hundred Adam steps on one batch of real digits drive L_simple well down."""
