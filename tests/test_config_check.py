@@ -71,7 +71,7 @@ def test_the_shipped_configs_pass(data_dir):
                                   "one of ['constant', 'cosine', 'linear']"),
     (dict(sample__sampler="dpm"), "--config.sample.sampler=dpm: unknown sampler 'dpm'; "
                                   "available: ['ddim', 'ddpm', 'dpm_solver', 'dpm_solver_3m', "
-                                  "'dpm_solver_sde']"),
+                                  "'dpm_solver_sde', 'unipc']"),
     (dict(eval__sampler="euler"), "--config.eval.sampler=euler: unknown sampler 'euler'"),
     (dict(sample__num_steps=1001),
      "--config.sample.num_steps=1001: num_steps must be between 1 and T = 1000, got 1001"),
