@@ -7,6 +7,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from configs import default
@@ -354,6 +355,25 @@ def test_samplers_on_a_zero_terminal_snr_schedule(name, num_steps):
   assert np.all(np.isfinite(samples))
   assert abs(float(samples.mean()) - MEAN) < 0.02
   assert abs(float(samples.std()) / STD - 1) < 0.04, float(samples.std())
+
+
+@pytest.mark.parametrize("name, num_steps", [("ddpm", 1000), ("ddim", 200)])
+def test_clipping_samplers_on_the_configs_zero_terminal_snr_schedule(name, num_steps):
+  """`config.diffusion.rescale_zero_terminal_snr` builds the schedule of the float64 reference
+  above, and DDPM/DDIM with their default x̂0 clipping stay finite from ᾱ = 0 (ε̂ = x_T there)
+  and reproduce the data."""
+  config = ml_collections.ConfigDict(dict(
+      schedule="linear", num_timesteps=1000, rescale_zero_terminal_snr=True,
+      schedule_kwargs=dict(beta_start=1e-4, beta_end=0.02)))
+  schedule = schedules.from_config(config)
+  np.testing.assert_allclose(schedule.alpha_bars, zero_terminal_snr_schedule().alpha_bars,
+                             rtol=1e-6, atol=1e-12)
+  mean, std = 0.1, 0.3  # data well inside [−1, 1], so clipping leaves its distribution alone
+  samples = run(name, num_steps, schedule=schedule, prediction="v", clip_x0=True,
+                apply_fn=gaussian_eps(schedule, mean, std, "v")).images
+  assert np.all(np.isfinite(samples))
+  assert abs(float(samples.mean()) - mean) < 0.01
+  assert abs(float(samples.std()) / std - 1) < 0.04, float(samples.std())
 
 
 def test_the_first_step_from_zero_terminal_snr_is_the_ddim_step():
