@@ -3,6 +3,9 @@
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -92,6 +95,34 @@ def test_overrides_set_config_fields_as_literals_or_strings():
   assert (config.model.ch, config.model.ch_mult, config.data.dataset) == (16, (1, 2, 2),
                                                                          "mnist5k")
   assert config.train.learning_rate == 3e-4 and config.model.dtype == "bfloat16"
+
+
+@pytest.mark.slow
+def test_accelerator_script_writes_one_json_with_every_number(tmp_path):
+  output = tmp_path / "accelerator.json"
+  environment = {
+      **os.environ, "PYTHON": sys.executable, "JAXDIFF_BENCH_CONFIG": "configs/default.py",
+      "JAXDIFF_BENCH_BATCH": "8", "JAXDIFF_BENCH_SAMPLES": "8",
+      "JAXDIFF_BENCH_SAMPLERS": "ddim:2,dpm_solver:2", "JAXDIFF_BENCH_MATMUL": "64",
+      "JAXDIFF_BENCH_REPEATS": "1", "JAXDIFF_BENCH_OVERRIDES": " ".join(TINY_UNET),
+      "JAXDIFF_BENCH_OUTPUT": str(output)}
+  finished = subprocess.run(["bash", "benchmarks/accelerator.sh"], env=environment,
+                            capture_output=True, text=True, check=False)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert finished.stdout.splitlines()[-1] == f"accelerator benchmark JSON: {output}"
+  result = json.loads(output.read_text())
+  assert (result["dtype"], result["batch_size"], result["num_samples"]) == ("bfloat16", 8, 8)
+  assert result["overrides"] == TINY_UNET and "peer" not in result
+  jaxdiff = result["jaxdiff"]
+  for name in ("train_step_images_per_sec", "train_mfu", "train_compile_seconds",
+               "forward_images_per_sec"):
+    assert jaxdiff[name] > 0, name
+  assert jaxdiff["params"] < 100_000
+  for sampler, steps in (("ddim:2", 20), ("dpm_solver:2", 20)):
+    entry = jaxdiff["samplers"][sampler]
+    assert entry["images_per_sec"] > 0 and entry["compile_seconds"] > 0
+    assert entry[f"compile_seconds_at_{steps}_steps"] > 0
+  assert result["peak_host_memory_bytes"] > 0 and "peak_device_memory_bytes" in result
 
 
 def diffusers_unet2d_param_count(config) -> int:
