@@ -23,6 +23,17 @@ benchmark on an otherwise idle machine. Reported:
   * peak host memory (ru_maxrss) and device memory where the backend reports it.
 Prints a table and writes JSON with the device, versions, config and load average.
 
+`--trainer` instead times the real training loop (`jobs.train.run`: data pipeline, step
+dispatch, health checks, metrics) next to the bare compiled step at the same batch, alternating
+the two `--repeats` times in one process: the loop trains `--trainer_steps` steps in a fresh
+workdir, logging every `--log_every` (sample grids and evaluation off; one checkpoint, at the last
+step), and its images/s is the median of its metrics windows after the first (compilation comes
+before every window; the first holds the first call and the pipeline's start); the bare step's is
+`--log_every` calls dispatched back to back. Reported: both medians and their ratio.
+
+`--override=model.ch=16` (repeatable) sets any config field of `--config` (not with `--peer`,
+which builds its model from the config file alone).
+
 `--memory` instead compiles, without running, the train step of `--memory_configs` (a config
 path, or `large`: a U-Net of ch 256, ch_mult (1, 1, 2, 2, 4, 4) at 256×256, 481M parameters,
 the size of ADM's large models) on meshes (4, 1), (2, 2) and (1, 4) of the first 4 devices, and
@@ -31,6 +42,7 @@ arguments, outputs and temporaries per device).
 """
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -39,6 +51,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import flax
@@ -48,6 +61,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import parallel, samplers, schedules, telemetry, train_step
+from jaxdiff.jobs import train
 from jaxdiff.models import count_params
 
 
@@ -71,12 +85,24 @@ def matmul_peak_flops(dtype: str, size: int, repeats: int) -> float:
   return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
-def load_config(path: str, dtype: str):
+def load_config(path: str, dtype: str, overrides=()):
+  """The config at `path` with compute `dtype` and `overrides` ('model.ch=16': a Python literal,
+  or else a string) applied."""
   spec = importlib.util.spec_from_file_location("benchmark_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   config.model.dtype = dtype
+  for override in overrides:
+    field, value = override.split("=", 1)
+    *parents, name = field.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[name] = value
   return config
 
 
@@ -108,6 +134,14 @@ class JaxdiffBench:
   def train_step(self):
     self.state, metrics = self.compiled_step(self.state, self.batch)
     jax.block_until_ready(metrics)
+
+  def train_steps(self, num_calls: int) -> float:
+    """Seconds a call of `num_calls` calls dispatched back to back, blocking after the last."""
+    start = time.perf_counter()
+    for _ in range(num_calls):
+      self.state, metrics = self.compiled_step(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / num_calls
 
   def forward_fn(self, num_samples: int):
     """A blocking call of the network's forward pass on `num_samples` images."""
@@ -158,25 +192,41 @@ def mesh_config(spec: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
 
 
-def run(args) -> dict:
-  args = argparse.Namespace(**{**vars(make_parser().parse_args([])), **vars(args)})
-  config = load_config(args.config, args.dtype)
+def with_defaults(args) -> argparse.Namespace:
+  return argparse.Namespace(**{**vars(make_parser().parse_args([])), **vars(args)})
+
+
+def bench_config(args):
+  """`args.config` with the dtype, overrides, mesh and step layout of `args`."""
+  config = load_config(args.config, args.dtype, args.override)
   config.mesh = mesh_config(args.mesh)
   config.train.update(grad_accum_steps=args.grad_accum_steps,
                       steps_per_call=args.steps_per_call)
-  mesh = parallel.make_mesh(mesh_config=config.mesh)
+  return config
+
+
+def run_header(args, mesh) -> dict:
   devices = jax.devices()
-  result = {
+  return {
       "device": f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform})",
       "versions": {"jax": jax.__version__, "flax": flax.__version__,
                    "python": platform.python_version()},
       "host": {"cpu_count": os.cpu_count(), "machine": platform.machine()},
-      "config": args.config, "dtype": args.dtype, "batch_size": args.batch_size,
-      "mesh": dict(mesh.shape), "grad_accum_steps": args.grad_accum_steps,
-      "steps_per_call": args.steps_per_call,
+      "config": args.config, "overrides": list(args.override), "dtype": args.dtype,
+      "batch_size": args.batch_size, "mesh": dict(mesh.shape),
+      "grad_accum_steps": args.grad_accum_steps, "steps_per_call": args.steps_per_call,
       "num_samples": args.num_samples, "repeats": args.repeats,
       "load_average_before": os.getloadavg(),
   }
+
+
+def run(args) -> dict:
+  args = with_defaults(args)
+  if args.peer and args.override:
+    raise ValueError("--peer builds its model from --config alone: drop --override")
+  config = bench_config(args)
+  mesh = parallel.make_mesh(mesh_config=config.mesh)
+  result = run_header(args, mesh)
   result["matmul_peak_flops"] = matmul_peak_flops(args.dtype, args.matmul_size, args.repeats)
   bench = JaxdiffBench(config, args.batch_size, mesh)
   result["jaxdiff"] = {"params": bench.num_params,
@@ -191,6 +241,11 @@ def run(args) -> dict:
   result["jaxdiff"]["train_mfu"] = (bench.train_flops_per_image
                                     * result["jaxdiff"]["train_step_images_per_sec"]
                                     / (result["matmul_peak_flops"] * mesh.devices.size))
+  spec_peak = telemetry.peak_tflops(jax.devices()[0].device_kind, args.dtype)
+  if spec_peak:  # against the chip's specified peak, as the trainer's metrics report MFU
+    result["jaxdiff"]["train_mfu_of_spec_peak"] = (
+        bench.train_flops_per_image * result["jaxdiff"]["train_step_images_per_sec"]
+        / (spec_peak * 1e12 * mesh.devices.size))
   result["jaxdiff"]["samplers"] = {}
   for name, num_steps in parse_samplers(args.samplers):
     sample, compile_seconds = bench.sampler_fn(name, num_steps, args.num_samples)
@@ -213,6 +268,63 @@ def run(args) -> dict:
           result["jaxdiff"]["samplers"][key]["images_per_sec"] / entry["images_per_sec"])
   result["load_average_after"] = os.getloadavg()
   return result
+
+
+def trainer_images_per_sec(config, workdir: str) -> float:
+  """Steady-state images/s of `jobs.train.run(config, workdir)`: the median of its metrics
+  windows after the first."""
+  train.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    windows = [json.loads(line)["images_per_sec"] for line in f][1:]
+  if not windows:
+    raise ValueError(f"--trainer_steps={config.train.num_steps} with --log_every="
+                     f"{config.train.log_every} leaves no window after the first: give at least "
+                     f"two windows of steps")
+  return statistics.median(windows)
+
+
+def run_trainer(args) -> dict:
+  """The training loop's images/s next to the bare step's, alternately, `args.repeats` times."""
+  args = with_defaults(args)
+  config = bench_config(args)
+  config.train.update(batch_size=args.batch_size, num_steps=args.trainer_steps,
+                      log_every=args.log_every, checkpoint_every=0, sample_every=0,
+                      eval_every=0)
+  mesh = parallel.make_mesh(mesh_config=config.mesh)
+  result = run_header(args, mesh)
+  result.update(trainer_steps=args.trainer_steps, log_every=args.log_every)
+  bench = JaxdiffBench(config.copy_and_resolve_references(), args.batch_size, mesh)
+  bench.train_steps(1)
+  images_per_call = args.batch_size * args.steps_per_call
+  bare, loop = [], []
+  for _ in range(args.repeats):
+    bare.append(images_per_call / bench.train_steps(args.log_every))
+    with tempfile.TemporaryDirectory() as workdir:
+      loop.append(trainer_images_per_sec(config.copy_and_resolve_references(), workdir))
+  result["trainer"] = {
+      "bare_step_images_per_sec": statistics.median(bare),
+      "trainer_images_per_sec": statistics.median(loop),
+      "ratio": statistics.median(loop) / statistics.median(bare),
+      "bare_step_images_per_sec_each": bare, "trainer_images_per_sec_each": loop,
+      "params": bench.num_params}
+  result["load_average_after"] = os.getloadavg()
+  return result
+
+
+def format_trainer_table(result: dict) -> str:
+  trainer = result["trainer"]
+  each = lambda name: ", ".join(f"{value:.1f}" for value in trainer[f"{name}_each"])
+  return "\n".join([
+      f"{result['device']}, {result['config']} {' '.join(result['overrides'])}, "
+      f"{trainer['params']:,} params, {result['dtype']}, batch {result['batch_size']}",
+      f"bare step img/s  {trainer['bare_step_images_per_sec']:.2f}  "
+      f"({each('bare_step_images_per_sec')})",
+      f"trainer img/s    {trainer['trainer_images_per_sec']:.2f}  "
+      f"({each('trainer_images_per_sec')})",
+      f"trainer / bare   {trainer['ratio']:.3f}",
+      "load average before / after  " + " / ".join(
+          f"{load[0]:.2f}" for load in (result["load_average_before"],
+                                        result["load_average_after"]))])
 
 
 def run_peer(args, ddim_steps) -> dict:
@@ -334,6 +446,13 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--mesh", default="-1,1", help="DATA,FSDP sizes (one may be -1).")
   parser.add_argument("--grad_accum_steps", type=int, default=1)
   parser.add_argument("--steps_per_call", type=int, default=1)
+  parser.add_argument("--override", action="append", default=[],
+                      help="FIELD=VALUE, e.g. model.ch=16 (repeatable).")
+  parser.add_argument("--trainer", action="store_true",
+                      help="The training loop's images/s next to the bare step's.")
+  parser.add_argument("--trainer_steps", type=int, default=60)
+  parser.add_argument("--log_every", type=int, default=10,
+                      help="--trainer: steps per metrics window, and bare calls per timing.")
   parser.add_argument("--memory", action="store_true",
                       help="Only the per-device memory table at fsdp 1, 2, 4 (runs nothing).")
   parser.add_argument("--memory_configs", default="configs/cifar10.py,large")
@@ -350,8 +469,12 @@ def main():
               for name in args.memory_configs.split(",")}
     print(format_memory_table(tables))
     return
-  result = run(args)
-  print(format_table(result))
+  if args.trainer:
+    result = run_trainer(args)
+    print(format_trainer_table(result))
+  else:
+    result = run(args)
+    print(format_table(result))
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   with open(args.output, "w") as f:
     json.dump(result, f, indent=2)

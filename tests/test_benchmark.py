@@ -2,6 +2,10 @@
 
 import argparse
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -27,6 +31,98 @@ def test_benchmark_reports_throughput_flops_and_mfu(tmp_path):
   assert sampler["images_per_sec"] > 0 and sampler["compile_seconds_at_20_steps"] > 0
   assert "ratios" not in result and result["device"].endswith("(cpu)")
   assert "jaxdiff" in benchmark.format_table(result)
+
+
+TINY_UNET = ["model.ch=8", "model.ch_mult=(1,)", "model.num_res_blocks=1",
+             "model.attn_resolutions=()"]
+
+
+def test_trainer_mode_reports_the_loop_next_to_the_bare_step(tmp_path, monkeypatch):
+  workdirs = []
+  real_run = benchmark.train.run
+
+  def run(config, workdir):
+    workdirs.append(workdir)
+    assert (config.train.checkpoint_every, config.train.sample_every,
+            config.train.eval_every) == (0, 0, 0)
+    return real_run(config, workdir)
+
+  monkeypatch.setattr(benchmark.train, "run", run)
+  args = argparse.Namespace(
+      config="configs/default.py", batch_size=8, repeats=2, trainer=True, trainer_steps=6,
+      log_every=2, override=TINY_UNET + [f"data.data_dir={tmp_path / 'tfds'}"])
+  result = benchmark.run_trainer(args)
+  trainer = result["trainer"]
+  assert len(workdirs) == 2 and len(set(workdirs)) == 2
+  assert len(trainer["bare_step_images_per_sec_each"]) == len(
+      trainer["trainer_images_per_sec_each"]) == 2
+  assert trainer["bare_step_images_per_sec"] > 0 and trainer["trainer_images_per_sec"] > 0
+  assert trainer["ratio"] == pytest.approx(
+      trainer["trainer_images_per_sec"] / trainer["bare_step_images_per_sec"])
+  assert trainer["params"] < 100_000
+  assert "trainer / bare" in benchmark.format_trainer_table(result)
+
+
+def test_trainer_throughput_is_the_median_of_the_windows_after_the_first(tmp_path,
+                                                                         monkeypatch):
+  def run(config, workdir):
+    del config
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+      for step, images_per_sec in ((2, 1.0), (4, 30.0), (6, 10.0), (8, 20.0)):
+        f.write(json.dumps({"step": step, "images_per_sec": images_per_sec}) + "\n")
+    assert workdir == str(tmp_path)
+
+  monkeypatch.setattr(benchmark.train, "run", run)
+  config = benchmark.load_config("configs/default.py", "float32")
+  assert benchmark.trainer_images_per_sec(config, str(tmp_path)) == 20.0
+
+
+def test_trainer_mode_needs_two_windows(tmp_path, monkeypatch):
+  def run(config, workdir):
+    del config, workdir
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 4, "images_per_sec": 1.0}))
+
+  monkeypatch.setattr(benchmark.train, "run", run)
+  config = benchmark.load_config("configs/default.py", "float32", ["train.num_steps=4"])
+  with pytest.raises(ValueError, match="--trainer_steps=4 with --log_every=50 leaves no window"):
+    benchmark.trainer_images_per_sec(config, str(tmp_path))
+
+
+def test_overrides_set_config_fields_as_literals_or_strings():
+  config = benchmark.load_config("configs/default.py", "bfloat16",
+                                 ["model.ch=16", "model.ch_mult=(1, 2, 2)", "data.dataset=mnist5k",
+                                  "train.learning_rate=3e-4"])
+  assert (config.model.ch, config.model.ch_mult, config.data.dataset) == (16, (1, 2, 2),
+                                                                         "mnist5k")
+  assert config.train.learning_rate == 3e-4 and config.model.dtype == "bfloat16"
+
+
+@pytest.mark.slow
+def test_accelerator_script_writes_one_json_with_every_number(tmp_path):
+  output = tmp_path / "accelerator.json"
+  environment = {
+      **os.environ, "PYTHON": sys.executable, "JAXDIFF_BENCH_CONFIG": "configs/default.py",
+      "JAXDIFF_BENCH_BATCH": "8", "JAXDIFF_BENCH_SAMPLES": "8",
+      "JAXDIFF_BENCH_SAMPLERS": "ddim:2,dpm_solver:2", "JAXDIFF_BENCH_MATMUL": "64",
+      "JAXDIFF_BENCH_REPEATS": "1", "JAXDIFF_BENCH_OVERRIDES": " ".join(TINY_UNET),
+      "JAXDIFF_BENCH_OUTPUT": str(output)}
+  finished = subprocess.run(["bash", "benchmarks/accelerator.sh"], env=environment,
+                            capture_output=True, text=True, check=False)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert finished.stdout.splitlines()[-1] == f"accelerator benchmark JSON: {output}"
+  result = json.loads(output.read_text())
+  assert (result["dtype"], result["batch_size"], result["num_samples"]) == ("bfloat16", 8, 8)
+  assert result["overrides"] == TINY_UNET and "peer" not in result
+  jaxdiff = result["jaxdiff"]
+  for name in ("train_step_images_per_sec", "train_mfu", "train_compile_seconds",
+               "forward_images_per_sec"):
+    assert jaxdiff[name] > 0, name
+  assert jaxdiff["params"] < 100_000
+  for sampler, steps in (("ddim:2", 20), ("dpm_solver:2", 20)):
+    entry = jaxdiff["samplers"][sampler]
+    assert entry["images_per_sec"] > 0 and entry["compile_seconds"] > 0
+    assert entry[f"compile_seconds_at_{steps}_steps"] > 0
+  assert result["peak_host_memory_bytes"] > 0 and "peak_device_memory_bytes" in result
 
 
 def diffusers_unet2d_param_count(config) -> int:

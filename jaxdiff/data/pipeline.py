@@ -26,6 +26,7 @@ from jaxdiff.data import sources
 
 _READ_THREADS = 8
 _READ_BUFFER_BATCHES = 8
+IN_MEMORY_MAX_BYTES = 256 * 2**20  # a training split preprocessed up to this size is kept
 
 
 def centre_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -45,20 +46,53 @@ def centre_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """A record -> {'image': float32 [size, size, C] in [-1, 1], 'label': int32}."""
+  """A record -> {'image': float32 [size, size, C] in [-1, 1], 'label': int32}: the centred
+  square, resized to `image_size`, pixel values v ↦ 2·v/max_pixel_value − 1."""
 
   image_size: int
   max_pixel_value: int
   labelled: bool
-  random_flip: bool = False
 
-  def __call__(self, record: dict[str, Any], rng: np.random.Generator | None = None):
+  def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
     image = np.asarray(record["image"], np.float32) / self.max_pixel_value
     image = np.clip(centre_crop_resize(image, self.image_size), 0.0, 1.0)
-    if self.random_flip and rng.random() < 0.5:
-      image = image[:, ::-1]
     label = record["label"] if self.labelled else 0
     return {"image": image * 2.0 - 1.0, "label": np.int32(label)}
+
+
+def random_flip(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  """The example with its image mirrored left-right when one draw of `rng` is below 1/2."""
+  if rng.random() < 0.5:
+    return {**example, "image": example["image"][:, ::-1]}
+  return example
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemoryExamples:
+  """Preprocessed examples held as arrays: index i is {'image': images[i], 'label': labels[i]}."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+
+def preprocessed_examples(source: sources.Split, preprocess: Preprocess) -> grain.MapDataset:
+  """The split's records, preprocessed: all of them once, into memory, when the split is
+  keepable and their float32 images take at most IN_MEMORY_MAX_BYTES (decoding a record costs
+  more CPU than a small model's step can spare, every step); else each record on every access."""
+  num_examples = len(source.records)
+  num_bytes = num_examples * preprocess.image_size**2 * source.info.num_channels * 4
+  if not source.keepable or num_bytes > IN_MEMORY_MAX_BYTES:
+    return grain.MapDataset.source(source.records).map(preprocess)
+  examples = [preprocess(source.records[index]) for index in range(num_examples)]
+  return grain.MapDataset.source(InMemoryExamples(
+      np.stack([example["image"] for example in examples]),
+      np.stack([example["label"] for example in examples])))
 
 
 def _stream_seeds(seed: int) -> tuple[int, int]:
@@ -100,10 +134,35 @@ def _prefetched(batches: grain.MapDataset, num_workers: int) -> grain.IterDatase
   return dataset
 
 
-def _preprocess(data_config: ml_collections.ConfigDict, source: sources.Split,
-                random_flip: bool) -> Preprocess:
+def _preprocess(data_config: ml_collections.ConfigDict, source: sources.Split) -> Preprocess:
   return Preprocess(data_config.image_size, source.info.max_pixel_value,
-                    source.info.num_classes > 0, random_flip)
+                    source.info.num_classes > 0)
+
+
+def _host_train_batches(
+    data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
+    process_index: int | None, process_count: int | None,
+) -> grain.MapDataset:
+  """This host's batches of the whole training stream, one a global step (host_train_batches
+  reads them from a step on)."""
+  process_index, process_count = _hosts(process_index, process_count)
+  source = sources.open_split(data_config, data_config.train_split)
+  shuffle_seed, flip_seed = _stream_seeds(seed)
+  examples = (preprocessed_examples(source, _preprocess(data_config, source))
+              .shuffle(seed=shuffle_seed)
+              .repeat())
+  if data_config.random_flip:
+    examples = examples.random_map(random_flip, seed=flip_seed)
+  return _host_rows(examples, global_batch_size, process_index, process_count)
+
+
+def _read_from(batches: grain.MapDataset, start_batch: int, steps_per_call: int,
+               num_workers: int) -> grain.IterDataset:
+  """`batches` from `start_batch` on, K = `steps_per_call` > 1 consecutive ones stacked."""
+  batches = batches[start_batch:]
+  if steps_per_call > 1:
+    batches = batches.batch(steps_per_call)
+  return _prefetched(batches, num_workers)
 
 
 def host_train_batches(
@@ -116,18 +175,9 @@ def host_train_batches(
   Infinite; each batch is {'image': float32 [B/P, H, W, C], 'label': int32 [B/P]}, or with
   `steps_per_call` = K > 1 the batches of K consecutive steps stacked: [K, B/P, ...].
   """
-  process_index, process_count = _hosts(process_index, process_count)
-  source = sources.open_split(data_config, data_config.train_split)
-  shuffle_seed, flip_seed = _stream_seeds(seed)
-  examples = (grain.MapDataset.source(source.records)
-              .shuffle(seed=shuffle_seed)
-              .repeat()
-              .random_map(_preprocess(data_config, source, data_config.random_flip),
-                          seed=flip_seed))
-  batches = _host_rows(examples, global_batch_size, process_index, process_count)[start_batch:]
-  if steps_per_call > 1:
-    batches = batches.batch(steps_per_call)
-  return _prefetched(batches, data_config.num_workers)
+  batches = _host_train_batches(data_config, global_batch_size, seed, process_index,
+                                process_count)
+  return _read_from(batches, start_batch, steps_per_call, data_config.num_workers)
 
 
 def host_eval_batches(
@@ -148,7 +198,7 @@ def host_eval_batches(
   padded_length = num_batches * global_batch_size
   examples = (grain.MapDataset.source(source.records)[:num_examples]
               .repeat(-(-padded_length // num_examples))[:padded_length]
-              .map(_preprocess(data_config, source, random_flip=False))
+              .map(_preprocess(data_config, source))
               .map_with_index(_MaskPadding(num_examples)))
   batches = _host_rows(examples, global_batch_size, process_index, process_count)
   return _prefetched(batches[start_batch:], data_config.num_workers)
@@ -287,9 +337,9 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, global_batch_siz
   or with `steps_per_call` = K > 1 those of K consecutive steps stacked [K, B, ...] for a train
   step that runs K steps a call. The state counts steps, so it restores with any K."""
   parallel.check_divisible(global_batch_size, mesh)
+  batches = _host_train_batches(data_config, global_batch_size, seed, None, None)
   return GlobalBatchIterator(
-      lambda start: host_train_batches(data_config, global_batch_size, seed, start_batch=start,
-                                       steps_per_call=steps_per_call),
+      lambda start: _read_from(batches, start, steps_per_call, data_config.num_workers),
       mesh, data_config.prefetch,
       _identity(data_config, data_config.train_split, global_batch_size, seed=int(seed)),
       steps_per_call)
@@ -319,7 +369,7 @@ def load_split_numpy(data_config: ml_collections.ConfigDict, split: str | None =
   value range, e.g. 0–16 for digits).
   """
   source = sources.open_split(data_config, split or data_config.eval_split)
-  preprocess = _preprocess(data_config, source, random_flip=False)
+  preprocess = _preprocess(data_config, source)
   count = len(source.records) if limit is None else min(limit, len(source.records))
   records = [source.records[index] for index in range(count)]
   labels = np.asarray([record["label"] if preprocess.labelled else 0 for record in records],

@@ -42,10 +42,13 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: records (`len()`, `[index]`, picklable) and the dataset's info."""
+  """One split: records (`len()`, `[index]`, picklable) and the dataset's info. `keepable`:
+  whether the records may be read once and kept in memory (not a folder's files: they are read,
+  and a broken one reported by name, when the stream reaches them)."""
 
   records: Sequence[Mapping[str, Any]]
   info: DatasetInfo
+  keepable: bool = True
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -140,7 +143,7 @@ def _folder_split(data_config: ml_collections.ConfigDict, split: str | None) -> 
       image_shape=(None, None, data_config.num_channels),
       num_classes=len(class_names),
       max_pixel_value=255)
-  return Split(images, info)
+  return Split(images, info, keepable=False)
 
 
 def _open(data_config: ml_collections.ConfigDict, split: str | None) -> Split:
