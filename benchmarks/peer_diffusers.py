@@ -3,9 +3,10 @@ blocks, attention resolutions, normalisation and timestep embedding as a jaxdiff
 the same training step (noising, ε-MSE, Adam, gradient clipping at the config's norm, EMA) and
 a DDIM sampling loop with diffusers' own scheduler. Needs `pip install -e ".[bench]"`.
 
-Fairness: the peer runs in float32 (bfloat16 with autocast where the jaxdiff side does), on all
-CPU cores (`torch.set_num_threads(os.cpu_count())`), in PyTorch's default NCHW layout, eager
-(`torch.compile` needs a C++ toolchain per shape and is left to `--peer_compile`).
+Fairness: the peer runs in float32 (bfloat16 with autocast where the jaxdiff side does), on the
+GPU where torch sees one, else on all CPU cores (`torch.set_num_threads(os.cpu_count())`), in
+PyTorch's default NCHW layout, eager (`torch.compile` needs a C++ toolchain per shape and is left
+to `--peer_compile`).
 """
 
 import argparse
@@ -51,7 +52,8 @@ class PeerBench:
     torch.manual_seed(0)
     self.config, self.batch_size = config, batch_size
     self.autocast = dtype == "bfloat16"
-    self.model = unet2d_from_config(config)
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    self.model = unet2d_from_config(config).to(self.device)
     self.num_params = sum(p.numel() for p in self.model.parameters())
     self.ema = [p.detach().clone() for p in self.model.parameters()]
     train = config.train
@@ -60,19 +62,20 @@ class PeerBench:
     betas = np.linspace(config.diffusion.schedule_kwargs.beta_start,
                         config.diffusion.schedule_kwargs.beta_end,
                         config.diffusion.num_timesteps)
-    self.alpha_bars = torch.tensor(np.cumprod(1 - betas), dtype=torch.float32)
+    self.alpha_bars = torch.tensor(np.cumprod(1 - betas), dtype=torch.float32,
+                                   device=self.device)
     size, channels = config.data.image_size, config.data.num_channels
     self.image_shape = (channels, size, size)
-    self.batch = torch.rand(batch_size, *self.image_shape) * 2 - 1
+    self.batch = torch.rand(batch_size, *self.image_shape, device=self.device) * 2 - 1
 
   def _context(self):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
+    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
   def train_step(self):
     """x_t = √ᾱ x0 + √(1−ᾱ) ε, loss = ‖ε − ε_θ(x_t, t)‖², Adam, clip, EMA."""
     self.model.train()
     x0 = self.batch
-    t = torch.randint(0, len(self.alpha_bars), (len(x0),))
+    t = torch.randint(0, len(self.alpha_bars), (len(x0),), device=self.device)
     noise = torch.randn_like(x0)
     alpha_bar = self.alpha_bars[t].view(-1, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
@@ -89,8 +92,8 @@ class PeerBench:
 
   def forward_fn(self, num_samples: int):
     """A blocking call of the forward pass on `num_samples` images at t = 500."""
-    x = torch.randn(num_samples, *self.image_shape)
-    t = torch.full((num_samples,), 500)
+    x = torch.randn(num_samples, *self.image_shape, device=self.device)
+    t = torch.full((num_samples,), 500, device=self.device)
     self.model.eval()
 
     def forward():
@@ -105,7 +108,7 @@ class PeerBench:
                               beta_start=kwargs.beta_start, beta_end=kwargs.beta_end,
                               beta_schedule="linear", clip_sample=True)
     scheduler.set_timesteps(num_steps)
-    noise = torch.randn(num_samples, *self.image_shape)
+    noise = torch.randn(num_samples, *self.image_shape, device=self.device)
     self.model.eval()
 
     def sample():
