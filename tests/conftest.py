@@ -1,21 +1,25 @@
-"""Test setup: eight simulated CPU devices, so parity between 1 and N devices is testable, and a
-persistent compilation cache, so a program compiled by one test is reused by the next."""
+"""Test setup: eight simulated CPU devices, so parity between 1 and N devices is testable; a
+persistent compilation cache, so a program compiled by one test is reused by the next (in both
+xdist workers and in the programs the tests start, which inherit its environment variables); and
+the data and the trained model that many tests read, made once per session for all workers."""
 
 import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jaxdiff-test-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(tempfile.gettempdir(), "jaxdiff-test-compilation-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 import pytest  # noqa: E402
+
+from tests.helpers import made_once, trained_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,10 +35,22 @@ def judged_data_dir(tmp_path_factory) -> str:
   from configs import default
   from jaxdiff.evaluation import classifier
 
-  config = default.get_config()
-  config.data.data_dir = str(tmp_path_factory.mktemp("judged_tensorflow_datasets"))
-  classifier.load_or_train(config.data)
-  return config.data.data_dir
+  def make(data_dir):
+    config = default.get_config()
+    config.data.data_dir = data_dir
+    classifier.load_or_train(config.data)
+
+  return made_once(tmp_path_factory, "judged_tensorflow_datasets", make)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, judged_data_dir) -> str:
+  """`helpers.trained_config` trained on the judged digits, once: the workdir that the sampling,
+  evaluation, export and likelihood tests read (and never write)."""
+  from jaxdiff.jobs import train
+
+  return made_once(tmp_path_factory, "trained_workdir",
+                   lambda workdir: train.run(trained_config(judged_data_dir), workdir))
 
 
 @pytest.fixture(scope="session")

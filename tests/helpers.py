@@ -2,8 +2,13 @@
 and reading their logs. Test files import this module (`from tests.helpers import ...`), never
 each other."""
 
+import fcntl
 import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 
@@ -25,12 +30,78 @@ def tiny_config(**model):
 
 def job_config(data_dir, **train):
   """`tiny_config` for a training job in a test: batch 16, a log row every step, checkpoints
-  every 3 steps, no sample grids; `train` overrides config.train."""
+  every 3 steps, no sample grids, and a constant learning rate after the warm-up, so that jobs
+  of any num_steps compile one train step (the compilation cache then serves the next job);
+  `train` overrides config.train."""
   config = tiny_config()
   config.data.data_dir = data_dir
   config.train.update({"batch_size": 16, "log_every": 1, "checkpoint_every": 3, "sample_every": 0,
-                       **train})
+                       "lr_decay": "constant", **train})
   return config
+
+
+TRAINED_STEPS = 300
+
+
+def trained_config(data_dir):
+  """`job_config` for TRAINED_STEPS steps with cosine decay, one checkpoint at the end: the
+  session's `trained_workdir` (tests/conftest.py), a model that beats the uniform bits/dim
+  baseline."""
+  return job_config(data_dir, num_steps=TRAINED_STEPS, checkpoint_every=TRAINED_STEPS,
+                    log_every=50, lr_decay="cosine")
+
+
+# Runs PROGRAM's `main` through `cli.run` once per command line, all in one interpreter: each with
+# every flag back at its default, stdout and stderr captured and the exit code kept.
+_PROGRAM_RUNNER = textwrap.dedent("""
+    import contextlib, importlib.util, io, json, sys
+    from absl import flags
+    path, command_lines = sys.argv[1], json.loads(sys.argv[2])
+    spec = importlib.util.spec_from_file_location("program", path)
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    results = []
+    for args in command_lines:
+      flags.FLAGS.unparse_flags()
+      sys.argv = [path, *args]
+      stdout, stderr = io.StringIO(), io.StringIO()
+      with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+          program.cli.run(program.main)
+        except SystemExit as exit_:
+          results.append([exit_.code or 0, stdout.getvalue(), stderr.getvalue()])
+    print(json.dumps(results))
+""")
+
+
+def run_program(program, command_lines, env=None):
+  """[(exit code, stdout, stderr)] of `python PROGRAM ARGS…` for each ARGS of `command_lines`,
+  as from the command line but in one process: one start of Python and JAX for all of them."""
+  finished = subprocess.run(
+      [sys.executable, "-c", _PROGRAM_RUNNER, os.path.join(REPO, program),
+       json.dumps(command_lines)], cwd=REPO, env=env or dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600)
+  assert finished.returncode == 0, finished.stdout + finished.stderr
+  results = [tuple(result) for result in json.loads(finished.stdout.splitlines()[-1])]
+  assert len(results) == len(command_lines), finished.stderr
+  return results
+
+
+def made_once(tmp_path_factory, name: str, make) -> str:
+  """The folder NAME of this test session, shared by its xdist workers: the first worker to ask
+  calls make(folder) while holding a lock; the others wait for it and reuse what it made."""
+  root = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    root = root.parent  # the session's folder above every worker's own
+  folder, made = root / name, root / f"{name}.made"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not made.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # left by a worker whose make failed
+      folder.mkdir()
+      make(str(folder))
+      made.touch()
+  return str(folder)
 
 
 def logged(workdir, key="loss"):

@@ -10,9 +10,9 @@ from scipy import special, stats
 
 from jaxdiff import losses, parallel, schedules, train_step
 from jaxdiff.evaluation import likelihood, metrics
-from jaxdiff.jobs import train, workdir
+from jaxdiff.jobs import workdir
 from tests import oracles
-from tests.helpers import job_config
+from tests.helpers import TRAINED_STEPS, job_config
 
 
 def schedule64(num_timesteps=1000):
@@ -206,17 +206,13 @@ def test_padding_is_left_out():
   assert zeros["bpd_per_timestep"] == ones["bpd_per_timestep"]
 
 
-# Bits/dim of real models on the digits (prepared once into this module's data_dir).
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tensorflow_datasets"))
+# Bits/dim of real models on the digits (the session's judged_data_dir and trained_workdir).
 
 
 @pytest.mark.parametrize("num_images, batch_size", [(5, 128), (11, 8)])
-def test_bits_per_dim_counts_exactly_the_images_asked_for(data_dir, num_images, batch_size):
-  config = job_config(data_dir)
+def test_bits_per_dim_counts_exactly_the_images_asked_for(judged_data_dir, num_images,
+                                                          batch_size):
+  config = job_config(judged_data_dir)
   config.diffusion.num_timesteps = 10
   model = train_step.create_model(config)
   params = train_step.init_state(config, model, jax.random.key(0)).ema_params
@@ -228,12 +224,12 @@ def test_bits_per_dim_counts_exactly_the_images_asked_for(data_dir, num_images, 
 
 
 @pytest.mark.slow
-def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(tmp_path, data_dir):
+def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(trained_workdir):
   """Digits take 17 values: a uniform model costs log2 17 ≈ 4.09 bits/dim. 300 steps of the
-  tiny U-Net bring the bound to about 3.9 (the 1,500-step default model reaches 2.99)."""
-  config = job_config(data_dir, num_steps=300, checkpoint_every=300, log_every=50)
-  train.run(config, str(tmp_path))
-  trained = workdir.load_model(str(tmp_path))
+  tiny U-Net (`helpers.trained_config`) bring the bound to about 3.9 (the 1,500-step default
+  model reaches 2.99)."""
+  trained = workdir.load_model(trained_workdir)
+  assert trained.step == TRAINED_STEPS
   result = metrics.bits_per_dim(trained.model, trained.params, trained.config,
                                 parallel.make_mesh(), jax.random.key(0), num_images=64,
                                 batch_size=32)
