@@ -23,10 +23,22 @@ from tests.helpers import made_once, trained_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow end-to-end tests first: with two xdist workers the long ones then run beside each other
-  and the short ones fill in after, instead of one long test finishing alone at the end."""
-  del config
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """Slow end-to-end tests first in every xdist worker's share, so the long ones run beside each
+  other and the short ones fill in after. xdist's worksteal scheduler hands worker k the k-th
+  contiguous share of this order (sizes ⌊rest/(workers − k)⌋), so the slow tests are dealt out
+  round-robin to the start of each share; sorted slow-first alone, they would all fall in the
+  first worker's share and run one after another."""
+  workers = getattr(config, "workerinput", {}).get("workercount", 1)
+  slow = [item for item in items if item.get_closest_marker("slow")]
+  fast = iter([item for item in items if not item.get_closest_marker("slow")])
+  ordered, rest = [], len(items)
+  for worker in range(workers):
+    share_size = rest // (workers - worker)
+    rest -= share_size
+    share = slow[worker::workers]
+    share += [next(fast) for _ in range(share_size - len(share))]
+    ordered += share
+  items[:] = ordered + list(fast)
 
 
 @pytest.fixture(scope="session")
