@@ -18,10 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**model):
-  """The default config with a 16-channel, one-block U-Net and T = 100: compiles in seconds."""
+  """The default config with a 16-channel, one-block U-Net and T = 100 (`model` overrides
+  config.model): compiles in seconds."""
   config = default.get_config()
-  config.model.update(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                      dropout=0.1, **model)
+  config.model.update({**dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                              dropout=0.1), **model})
   config.diffusion.num_timesteps = 100
   config.train.update(batch_size=32, learning_rate=2e-3, warmup_steps=10, num_steps=200,
                       eval_every=0)
@@ -34,8 +35,7 @@ def job_config(data_dir, **train):
   every 3 steps, no sample grids, and a constant learning rate after the warm-up, so that jobs
   of any num_steps compile one train step (the compilation cache then serves the next job);
   `train` overrides config.train."""
-  config = tiny_config()
-  config.model.update(ch_mult=(1,), attn_resolutions=())
+  config = tiny_config(ch_mult=(1,), attn_resolutions=())
   config.data.data_dir = data_dir
   config.train.update({"batch_size": 16, "log_every": 1, "checkpoint_every": 3, "sample_every": 0,
                        "lr_decay": "constant", **train})
