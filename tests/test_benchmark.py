@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from benchmarks import benchmark
+from benchmarks import benchmark, op_profile
 from jaxdiff import train_step
 from jaxdiff.models import count_params
 
@@ -193,3 +193,45 @@ def test_the_peer_has_the_closed_form_parameter_count(config_path):
   config = benchmark.load_config(config_path, "float32")
   peer = peer_diffusers.unet2d_from_config(config)
   assert sum(p.numel() for p in peer.parameters()) == diffusers_unet2d_param_count(config)
+
+HLO_LINES = """
+  %convolution.3 = f32[3,3,8,16]{3,2,1,0} convolution(f32[4,16,16,8]{3,2,1,0} %a, f32[4,16,16,16]{3,2,1,0} %b), window={size=16x16 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf, metadata={op_name="jit(step)/transpose(jvp(UNet))/down_0_block_0/conv1/conv_general_dilated" source_file="unet.py" source_line=40}
+  %ynn_fusion.7 = f32[4,16,16,16]{3,2,1,0} fusion(f32[4,16,16,8]{3,2,1,0} %a, f32[3,3,8,16]{3,2,1,0} %w), kind=kCustom, calls=%ynn_fused, metadata={op_name="jit(step)/jvp(UNet)/down_0_block_0/conv1/conv_general_dilated"}
+  ROOT %loop_subtract_fusion.2 = f32[4,16,16,8]{3,2,1,0} fusion(f32[4,16,16,8]{3,2,1,0} %a), kind=kLoop, calls=%fused_sub, metadata={op_name="jit(step)/jvp(UNet)/down_0_block_0/norm1/sub"}
+  %add_select_fusion.9 = f32[64]{0} fusion(f32[64]{0} %m, f32[64]{0} %g), kind=kLoop, calls=%fused_adam, metadata={op_name="jit(step)/jit(_where)/select_n"}
+  %transpose_copy_fusion.1 = f32[8,4,16,16]{3,2,1,0} fusion(f32[4,16,16,8]{3,2,1,0} %a), kind=kLoop, calls=%fused_copy
+  %ynn_fusion.4 = f32[16,3,3,8]{3,2,1,0} fusion(f32[4,16,16,8]{3,2,1,0} %a, f32[4,16,16,16]{3,2,1,0} %b), kind=kCustom, calls=%ynn_fused_wgrad
+"""
+
+
+def test_op_profile_attributes_each_instruction_to_its_pass_and_kind():
+  table = op_profile.instruction_table(HLO_LINES)
+  assert sorted(table) == ["add_select_fusion.9", "convolution.3", "loop_subtract_fusion.2",
+                           "transpose_copy_fusion.1", "ynn_fusion.4", "ynn_fusion.7"]
+  assert table["convolution.3"][:2] == (
+      "convolution", "jit(step)/transpose(jvp(UNet))/down_0_block_0/conv1/conv_general_dilated")
+  attributed = {name: (op_profile.pass_of(*entry), op_profile.kind_of(*entry))
+                for name, entry in table.items()}
+  assert attributed == {
+      "convolution.3": ("backward", "convolution (weight gradient)"),
+      "ynn_fusion.7": ("forward", "convolution"),
+      "loop_subtract_fusion.2": ("forward", "GroupNorm"),
+      "add_select_fusion.9": ("update (noise, loss, optimizer, EMA)", "outside the network"),
+      "transpose_copy_fusion.1": ("no source (layout copies)", "layout copies"),
+      # XLA drops the source of the weight gradients it hands to YNNPACK: the shape tells.
+      "ynn_fusion.4": ("backward", "convolution (weight gradient)")}
+
+
+def test_op_profile_of_a_train_step_accounts_for_its_instructions():
+  args = op_profile.make_parser().parse_args(
+      ["--config=configs/default.py", "--batch_size=8", "--steps=1", "--top=5",
+       *(f"--override={override}" for override in TINY_UNET)])
+  result = op_profile.profile(args)
+  total = result["instruction_cpu_seconds_per_step"]
+  assert total > 0 and result["step_seconds"] > 0
+  for breakdown in ("by_pass", "by_kind"):
+    assert sum(result[breakdown].values()) == pytest.approx(total)
+  assert {"forward", "backward"} <= set(result["by_pass"])
+  assert {"convolution", "convolution (weight gradient)", "GroupNorm"} <= set(result["by_kind"])
+  assert len(result["top_instructions"]) == 5
+  assert "by kind" in op_profile.format_tables(result)
