@@ -431,23 +431,29 @@ def format_memory_table(tables: dict[str, list[dict]]) -> str:
   return "\n".join(lines)
 
 
-def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags that choose the model and its train step: --config, --batch_size, --dtype, --mesh
+  and --override (also benchmarks/op_profile.py's)."""
   parser.add_argument("--config", default="configs/cifar10.py")
   parser.add_argument("--batch_size", type=int, default=16, help="Global train batch.")
-  parser.add_argument("--num_samples", type=int, default=16, help="Sampling batch.")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--mesh", default="-1,1", help="DATA,FSDP sizes (one may be -1).")
+  parser.add_argument("--override", action="append", default=[],
+                      help="FIELD=VALUE, e.g. model.ch=16 (repeatable).")
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_model_arguments(parser)
+  parser.add_argument("--num_samples", type=int, default=16, help="Sampling batch.")
   parser.add_argument("--samplers", default="ddim:10,dpm_solver:10",
                       help="name:steps,… (each also compiled at 10× the steps).")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--matmul_size", type=int, default=2048)
   parser.add_argument("--peer", action="store_true",
                       help="Also time diffusers' UNet2DModel (pip install -e '.[bench]').")
-  parser.add_argument("--mesh", default="-1,1", help="DATA,FSDP sizes (one may be -1).")
   parser.add_argument("--grad_accum_steps", type=int, default=1)
   parser.add_argument("--steps_per_call", type=int, default=1)
-  parser.add_argument("--override", action="append", default=[],
-                      help="FIELD=VALUE, e.g. model.ch=16 (repeatable).")
   parser.add_argument("--trainer", action="store_true",
                       help="The training loop's images/s next to the bare step's.")
   parser.add_argument("--trainer_steps", type=int, default=60)

@@ -164,12 +164,7 @@ def format_tables(result: dict) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/cifar10.py")
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--mesh", default="-1,1", help="DATA,FSDP sizes (one may be -1).")
-  parser.add_argument("--override", action="append", default=[],
-                      help="FIELD=VALUE, e.g. model.ch=16 (repeatable).")
+  benchmark.add_model_arguments(parser)
   parser.add_argument("--steps", type=int, default=3, help="Traced (and timed) steps.")
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--output", default="")
