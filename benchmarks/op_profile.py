@@ -66,11 +66,15 @@ def pass_of(opcode: str, op_name: str, output_type: str) -> str:
   return "forward" if "UNet" in op_name else "update (noise, loss, optimizer, EMA)"
 
 
+def is_convolution(opcode: str, op_name: str) -> bool:
+  """XLA's own convolution, or a fusion (handed to YNNPACK) around a `conv_general_dilated`."""
+  return opcode == "convolution" or op_name.endswith("conv_general_dilated")
+
+
 def is_weight_gradient(opcode: str, op_name: str, output_type: str) -> bool:
   """A convolution with a kernel-shaped output. XLA drops the op_name of the weight gradients it
   hands to YNNPACK, so the output's shape decides."""
-  return (opcode == "convolution" or op_name.endswith("conv_general_dilated")
-          or not op_name) and is_kernel_shaped(output_type)
+  return (is_convolution(opcode, op_name) or not op_name) and is_kernel_shaped(output_type)
 
 
 def kind_of(opcode: str, op_name: str, output_type: str) -> str:
@@ -79,7 +83,7 @@ def kind_of(opcode: str, op_name: str, output_type: str) -> str:
   one, too) is a weight gradient if its output is kernel-shaped."""
   if is_weight_gradient(opcode, op_name, output_type):
     return "convolution (weight gradient)"
-  if opcode == "convolution" or op_name.endswith("conv_general_dilated"):
+  if is_convolution(opcode, op_name):
     return "convolution"
   if not op_name:
     return "layout copies"
@@ -98,13 +102,14 @@ def kind_of(opcode: str, op_name: str, output_type: str) -> str:
 def trace_instruction_seconds(call, num_calls: int) -> dict[str, float]:
   """{instruction name: CPU seconds summed over threads} of `num_calls` blocking calls of
   `call`, from a profiler trace."""
-  directory = tempfile.mkdtemp(prefix="jaxdiff-op-profile-")
-  with jax.profiler.trace(directory):
-    for _ in range(num_calls):
-      call()
-  (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+  with tempfile.TemporaryDirectory(prefix="jaxdiff-op-profile-") as directory:
+    with jax.profiler.trace(directory):
+      for _ in range(num_calls):
+        call()
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    planes = jax.profiler.ProfileData.from_file(path).planes
   seconds = collections.Counter()
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
+  for plane in planes:
     if plane.name != "/host:CPU":
       continue
     for line in plane.lines:
