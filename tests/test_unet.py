@@ -4,6 +4,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxdiff.models import UNet, count_params, timestep_embedding
+from jaxdiff.models.unet import GroupNorm, group_normalize
 
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
             out_channels=3)
@@ -154,6 +156,52 @@ def test_timestep_embedding_matches_float64_reference(dim):
   got = timestep_embedding(jnp.asarray(t), dim)
   assert got.shape == (16, dim) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, expected, atol=3e-4)
+
+
+def group_norm_float64(x, scale, bias, groups, epsilon=1e-6):
+  """GroupNorm in float64 NumPy: each group's mean and (biased) variance over H, W, C/G."""
+  grouped = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+  mean = grouped.mean(axis=(1, 3), keepdims=True)
+  variance = grouped.var(axis=(1, 3), keepdims=True)
+  return ((grouped - mean) / np.sqrt(variance + epsilon)).reshape(x.shape) * scale + bias
+
+
+def test_group_norm_and_its_hand_written_gradient_match_float64_references():
+  rng = np.random.default_rng(0)
+  x = rng.normal(1.5, 2.0, size=(2, 3, 3, 8))
+  scale, bias = rng.normal(1.0, 0.3, size=8), rng.normal(0.0, 0.3, size=8)
+  upstream = rng.normal(size=x.shape)  # the loss is Σ upstream · y
+
+  def loss_float64(x, scale, bias):
+    return np.sum(upstream * group_norm_float64(x, scale, bias, groups=4))
+
+  def central_differences(index, step=1e-6):
+    args = [x, scale, bias]
+    grad = np.zeros_like(args[index])
+    for position in np.ndindex(grad.shape):
+      plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+      plus[index][position] += step
+      minus[index][position] -= step
+      grad[position] = (loss_float64(*plus) - loss_float64(*minus)) / (2 * step)
+    return grad
+
+  got = group_normalize(*(jnp.asarray(a, jnp.float32) for a in (x, scale, bias)), 4, 1e-6)
+  np.testing.assert_allclose(got, group_norm_float64(x, scale, bias, groups=4), atol=2e-5)
+  grads = jax.grad(lambda *a: jnp.sum(jnp.asarray(upstream, jnp.float32)
+                                      * group_normalize(*a, 4, 1e-6)), argnums=(0, 1, 2))(
+      *(jnp.asarray(a, jnp.float32) for a in (x, scale, bias)))
+  for index, grad in enumerate(grads):
+    np.testing.assert_allclose(grad, central_differences(index), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_holds_flax_group_norms_parameters_and_outputs():
+  """Checkpoints written with flax.linen.GroupNorm restore into the U-Net unchanged."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64)) * 3 + 1
+  ours, flax_norm = GroupNorm(32), nn.GroupNorm(num_groups=32, epsilon=1e-6)
+  params = flax_norm.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), atol=1e-5)
 
 
 def train_loss(model: UNet, params, x, t, dropout_key):

@@ -7,6 +7,7 @@ time MLP (`temb_dense0`, `temb_dense1`) runs in float32, since bfloat16 cannot h
 follow the official TensorFlow code (`down_0_block_0`, `mid_attn_1`, `conv_out`, …).
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -41,9 +42,96 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
   return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=num_groups(channels), epsilon=1e-6, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+def _per_channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(Σ a, Σ a·b) over H and W: [B, C] each, one pass over the image."""
+  space = tuple(range(1, a.ndim - 1))
+  return jnp.sum(a, axis=space), jnp.sum(a * b, axis=space)
+
+
+def _over_groups(per_channel: jax.Array, groups: int) -> jax.Array:
+  """[B, C] → the sum over each group's channels, repeated back to [B, C]."""
+  batch, channels = per_channel.shape
+  summed = per_channel.reshape(batch, groups, channels // groups).sum(axis=-1, keepdims=True)
+  return jnp.broadcast_to(summed, (batch, groups, channels // groups)).reshape(batch, channels)
+
+
+def _group_statistics(x: jax.Array, groups: int, epsilon: float):
+  """x as float32, μ_g and rsqrt(σ²_g + ε) [B, C] per channel, σ²_g = E[x²] − μ_g² over H, W
+  and the group's channels, from per-channel sums."""
+  x = x.astype(jnp.float32)
+  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+  sum_x, sum_x2 = _per_channel_sums(x, x)
+  mean = _over_groups(sum_x, groups) / count
+  variance = jnp.maximum(_over_groups(sum_x2, groups) / count - jnp.square(mean), 0.0)
+  return x, mean, jax.lax.rsqrt(variance + epsilon)
+
+
+def _image(per_channel: jax.Array, ndim: int) -> jax.Array:
+  """[B, C] → [B, 1, …, 1, C], broadcastable against the image."""
+  return per_channel.reshape(per_channel.shape[0], *([1] * (ndim - 2)), per_channel.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                    epsilon: float) -> jax.Array:
+  """y = γ·x̂ + β, x̂ = (x − μ_g)·rsqrt(σ²_g + ε), statistics over H, W and each group's channels.
+
+  Computed as y = a·x + b with per-(image, channel) a = γ·rsqrt(σ² + ε), b = β − a·μ: one pass
+  for the statistics, one for y. Float32 whatever x's dtype; the gradient is written out
+  (`_group_normalize_backward`).
+  """
+  return _group_normalize_forward(x, scale, bias, groups, epsilon)[0]
+
+
+def _group_normalize_forward(x, scale, bias, groups, epsilon):
+  x32, mean, inv_std = _group_statistics(x, groups, epsilon)
+  a = scale * inv_std
+  y = x32 * _image(a, x.ndim) + _image(bias - a * mean, x.ndim)
+  return y, (x, mean, inv_std, scale)
+
+
+def _group_normalize_backward(groups, epsilon, residuals, dy):
+  """With g = γ·dy, x̂ = (x − μ)·r, r = rsqrt(σ² + ε) and means over each group's n elements:
+      dx = r·(g − mean(g) − x̂·mean(g·x̂)) = γr·dy + c1·x + c0,
+      dγ = Σ dy·x̂,  dβ = Σ dy,
+  where c1 and c0 are per-(image, channel) numbers made from the per-channel sums Σ dy and
+  Σ dy·x: one pass for the sums, one for dx.
+  """
+  x, mean, inv_std, scale = residuals
+  x32, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+  sum_dy, sum_dy_x = _per_channel_sums(dy, x32)
+  sum_dy_x_hat = (sum_dy_x - mean * sum_dy) * inv_std  # Σ dy·x̂ per image and channel
+  mean_g = _over_groups(scale * sum_dy, groups) / count
+  mean_g_x_hat = _over_groups(scale * sum_dy_x_hat, groups) / count
+  c1 = -jnp.square(inv_std) * mean_g_x_hat
+  c0 = -inv_std * mean_g - c1 * mean
+  dx = _image(scale * inv_std, x.ndim) * dy + _image(c1, x.ndim) * x32 + _image(c0, x.ndim)
+  return dx.astype(x.dtype), jnp.sum(sum_dy_x_hat, axis=0), jnp.sum(sum_dy, axis=0)
+
+
+group_normalize.defvjp(_group_normalize_forward, _group_normalize_backward)
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation (Wu & He 2018) with learned per-channel `scale` γ and `bias` β.
+
+  Holds the same parameters as `flax.linen.GroupNorm`; computes in float32 and returns `dtype`.
+  """
+  groups: int
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return group_normalize(x, scale, bias, self.groups, self.epsilon).astype(self.dtype)
+
+
+def group_norm(channels: int, dtype: jnp.dtype, name: str) -> GroupNorm:
+  return GroupNorm(num_groups(channels), dtype=dtype, name=name)
 
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1,
