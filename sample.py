@@ -26,8 +26,6 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 64, "How many images.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64,
                                    "Images per compiled call (a multiple of the device count).")
 _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same images, on 1 or N devices.")
-_GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 0.0,
-                                     "Classifier-free guidance w (0: the plain conditional model).")
 _CLASS_LABEL = flags.DEFINE_integer("class_label", None,
                                     "Class to sample (conditional models; default: all classes "
                                     "in turn).")
@@ -46,8 +44,7 @@ def main(argv):
   trajectory_every = _TRAJECTORY_EVERY.value
   if trajectory_every is None and _TRAJECTORY.value:
     trajectory_every = max(1, _SAMPLING.num_steps.value // 10)
-  options = _SAMPLING.options(eta=_ETA.value, guidance_scale=_GUIDANCE_SCALE.value,
-                             batch_size=_BATCH_SIZE.value)
+  options = _SAMPLING.options(eta=_ETA.value, batch_size=_BATCH_SIZE.value)
   written = sample.run(
       _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
       num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,

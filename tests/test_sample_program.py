@@ -147,7 +147,8 @@ EVALUATE_PY_BAD_FLAGS = [
     ("--output={a_file}/x.json", "{a_file} is a file, not a folder"),
     ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile"),
     ("--dtype=half", "--dtype=half: not a compute dtype"),
-    ("--spacing=cubic", "spacing = 'cubic': unknown spacing")]
+    ("--spacing=cubic", "spacing = 'cubic': unknown spacing"),
+    ("--guidance_scale=2", "unconditional")]
 
 
 @pytest.fixture

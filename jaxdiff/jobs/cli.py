@@ -193,8 +193,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
 
 class SamplingFlags:
   """The flags sample.py and evaluate.py share: how to sample (--sampler, --num_steps,
-  --spacing, --clip_x0, --threshold_percentile) and the network's compute --dtype. Defined once
-  once per program: `_SAMPLING = cli.SamplingFlags()` at module level."""
+  --spacing, --clip_x0, --threshold_percentile, --guidance_scale) and the network's compute
+  --dtype. Defined once per program: `_SAMPLING = cli.SamplingFlags()` at module level."""
 
   def __init__(self):
     self.sampler = flags.DEFINE_string("sampler", "dpm_solver",
@@ -209,6 +209,8 @@ class SamplingFlags:
     self.threshold_percentile = flags.DEFINE_float(
         "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
         "e.g. 0.995 (Imagen). Default: none.")
+    self.guidance_scale = flags.DEFINE_float(
+        "guidance_scale", 0.0, "Classifier-free guidance w (0: the plain conditional model).")
     self.dtype = flags.DEFINE_string(
         "dtype", None, f"The network's compute dtype, {' or '.join(sample.DTYPES)} (default: "
         "the model's config.model.dtype). Params, time and the sampler stay float32.")
@@ -217,4 +219,5 @@ class SamplingFlags:
     """`generate.SamplingOptions` from these flags and `more` (batch_size, eta, …)."""
     return generate.SamplingOptions(
         sampler=self.sampler.value, num_steps=self.num_steps.value, spacing=self.spacing.value,
-        clip_x0=self.clip_x0.value, threshold_percentile=self.threshold_percentile.value, **more)
+        clip_x0=self.clip_x0.value, threshold_percentile=self.threshold_percentile.value,
+        guidance_scale=self.guidance_scale.value, **more)
