@@ -81,7 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.compilation_cache_dir = "~/.cache/jaxdiff/xla"  # compiled programs kept across runs; "" off
   train.profile_steps = ()        # (FIRST, LAST): a jax.profiler trace into WORKDIR/profile
   train.grad_accum_steps = 1      # the batch in this many micro-batches, one optimizer update
-  train.steps_per_call = 1        # optimizer steps per compiled call (a scan over K batches)
+  train.steps_per_call = 1        # optimizer steps per compiled call (a scan over K batches;
+                                  # for accelerators: XLA:CPU runs it 14-19x slower, NOTES.md)
   train.peak_tflops = 0.0         # one device's peak, for MFU; 0: from telemetry's chip table
 
   # The trainer's sample grids, read by generate.SamplingOptions.from_config.

@@ -153,6 +153,13 @@ def merge_micro_batches(x):
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
+def gradient_loop_unroll(length: int) -> int:
+  """How far to unroll a `lax.scan` whose body takes gradients of the U-Net: the whole loop on
+  CPU, where XLA:CPU runs such a body 14–19× slower inside a while loop than outside it (the
+  samplers' forward-only loops are not affected; benchmarks/NOTES.md); not at all elsewhere."""
+  return length if jax.default_backend() == "cpu" else 1
+
+
 def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Callable:
   """`jax.value_and_grad(loss_fn, has_aux=True)` over a whole batch, computed on
   `num_micro_batches` = k slices one after another (`lax.scan`), so that only one slice's
@@ -174,7 +181,8 @@ def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Cal
                                  (batch, draws))
     grad_sum, (micro_losses, aux) = jax.lax.scan(
         accumulate, jax.tree.map(jnp.zeros_like, params),
-        (jnp.arange(num_micro_batches), *micro_batches))
+        (jnp.arange(num_micro_batches), *micro_batches),
+        unroll=gradient_loop_unroll(num_micro_batches))
     grads = jax.tree.map(lambda g: g / num_micro_batches, grad_sum)
     return (jnp.mean(micro_losses), jax.tree.map(merge_micro_batches, aux)), grads
 
