@@ -147,8 +147,7 @@ EVALUATE_PY_BAD_FLAGS = [
     ("--output={a_file}/x.json", "{a_file} is a file, not a folder"),
     ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile"),
     ("--dtype=half", "--dtype=half: not a compute dtype"),
-    ("--spacing=cubic", "spacing = 'cubic': unknown spacing"),
-    ("--guidance_scale=2", "unconditional")]
+    ("--spacing=cubic", "spacing = 'cubic': unknown spacing")]
 
 
 @pytest.fixture
@@ -169,6 +168,8 @@ def evaluate_py(tmp_path_factory, trained_workdir):
                     "--num_samples=16", "--batch_size=8", "--num_steps=3", "--sampler=ddim",
                     "--spacing=trailing", "--dtype=bfloat16"],
         "missing_checkpoint": [workdir, "--metric=bpd", "--checkpoint_step=999"],
+        "guided_unconditional": [workdir, "--metric=quality", "--num_samples=8",
+                                 "--batch_size=8", "--num_steps=2", "--guidance_scale=2"],
         **{bad: [f"--workdir={folder}/nothing", "--metric=quality", bad.format(a_file=a_file)]
            for bad, _ in EVALUATE_PY_BAD_FLAGS}}
     results = run_program("evaluate.py", list(command_lines.values()))
@@ -248,6 +249,12 @@ def test_evaluate_refuses_bad_requests(tmp_path, a_file, output, counts, message
     evaluate.check_request(output, **counts)
   evaluate.check_request(str(tmp_path / "new" / "result.json"), num_samples=None,
                          num_images=3, batch_size=128)
+
+
+@pytest.mark.slow
+def test_evaluate_py_passes_guidance_on_and_refuses_it_for_an_unconditional_model(evaluate_py):
+  exit_code, _, stderr = evaluate_py["guided_unconditional"]
+  assert exit_code != 0 and "unconditional" in stderr and "Traceback" not in stderr, stderr
 
 
 @pytest.mark.slow
