@@ -6,10 +6,7 @@ the data and the trained model that many tests read, made once per session for a
 import os
 import tempfile
 
-# LLVM at -O0: the tests' programs compile in about half the time and run at the same speed
-# (their convolutions and matmuls are library calls either way; benchmarks/NOTES.md).
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "jaxdiff-test-compilation-cache"))
