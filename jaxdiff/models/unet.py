@@ -55,11 +55,16 @@ def _over_groups(per_channel: jax.Array, groups: int) -> jax.Array:
   return jnp.broadcast_to(summed, (batch, groups, channels // groups)).reshape(batch, channels)
 
 
+def _group_size(x: jax.Array, groups: int) -> int:
+  """n, the elements each group's statistics run over: H·W times the group's channels."""
+  return math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+
+
 def _group_statistics(x: jax.Array, groups: int, epsilon: float):
   """x as float32, μ_g and rsqrt(σ²_g + ε) [B, C] per channel, σ²_g = E[x²] − μ_g² over H, W
   and the group's channels, from per-channel sums."""
   x = x.astype(jnp.float32)
-  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+  count = _group_size(x, groups)
   sum_x, sum_x2 = _per_channel_sums(x, x)
   mean = _over_groups(sum_x, groups) / count
   variance = jnp.maximum(_over_groups(sum_x2, groups) / count - jnp.square(mean), 0.0)
@@ -99,7 +104,7 @@ def _group_normalize_backward(groups, epsilon, residuals, dy):
   """
   x, mean, inv_std, scale = residuals
   x32, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
-  count = math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+  count = _group_size(x, groups)
   sum_dy, sum_dy_x = _per_channel_sums(dy, x32)
   sum_dy_x_hat = (sum_dy_x - mean * sum_dy) * inv_std  # Σ dy·x̂ per image and channel
   mean_g = _over_groups(scale * sum_dy, groups) / count
