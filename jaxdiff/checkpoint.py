@@ -188,6 +188,17 @@ class _KeepAfterGoodSteps:
             < self.max_to_keep for info in checkpoints]
 
 
+def _write_replicas_from_every_host_only_when_there_are_several() -> None:
+  """Orbax's replica-parallel saving (its default off GPU) splits every replicated array into
+  one slice per device, each cut by its own compiled program, so that several hosts share the
+  writing. With one host it only costs: that host writes every byte either way, and cutting the
+  slices compiled for 10 s at the first save of a small model on 8 CPU devices. Orbax keeps its
+  type handlers in one process-wide registry, so this sets it there."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+      override=True)
+
+
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"jaxdiff_checkpoint_{name}")
@@ -215,6 +226,7 @@ class Checkpointer:
     except Exception as error:  # OSError locally; each GCS client has its own errors
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
                             f"{getattr(error, 'strerror', None) or error}") from error
+    _write_replicas_from_every_host_only_when_there_are_several()
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_KeepAfterGoodSteps(max_to_keep, self._good_steps, self._bad_steps),
         enable_async_checkpointing=True, create=True)
@@ -449,6 +461,7 @@ def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaPa
   except Exception as error:  # OSError locally; each GCS client has its own errors
     raise CheckpointError(f"cannot write to {parent}: "
                           f"{getattr(error, 'strerror', None) or error}") from error
+  _write_replicas_from_every_host_only_when_there_are_several()
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(storage.join(staging, "ema_params"), ema.params)
