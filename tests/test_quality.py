@@ -73,6 +73,7 @@ def test_real_digits_score_like_real_and_noise_scores_far_worse(judged_data_dir,
   assert result["class_entropy_bits_max"] == pytest.approx(np.log2(10))
   conditional = quality.quality_score(images, digits_config(judged_data_dir), labels=labels)
   assert conditional["class_accuracy"] > 0.98
+  assert conditional["class_entropy_bits"] == result["class_entropy_bits"]  # same images
   wrong = quality.quality_score(images, digits_config(judged_data_dir), labels=(labels + 1) % 10)
   assert wrong["class_accuracy"] < 0.05
 

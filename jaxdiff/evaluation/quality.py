@@ -3,8 +3,9 @@
 (a) `frechet`: the Fréchet distance between samples and held-out images in the classifier's
     128-d feature space (FID's formula, with ε·I added to both covariances);
 (b) `class_accuracy`, for class-conditional samples: the share labelled as the class asked for;
-(c) `class_entropy`, for unconditional samples: the entropy of the predicted class histogram in
-    bits (log2 10 ≈ 3.32 when every class is equally common, 0 when all look alike).
+(c) `class_entropy`: the entropy of the predicted class histogram in bits (log2 10 ≈ 3.32 when
+    every class is equally common, 0 when all look alike); for conditional samples too, where
+    it says how evenly the classes asked for in turn came out.
 Each comes with its scale: the same number for real train images of the same count, and the
 Fréchet distance of Gaussian noise images.
 """
@@ -70,8 +71,7 @@ def quality_score(samples_uint8, data_config, *, labels=None, seed: int = 0) -> 
   if labels is not None:
     result["class_accuracy"] = float(np.mean(sample_classes == np.asarray(labels)))
     result["class_accuracy_real"] = float(np.mean(real_classes == real_labels))
-  else:
-    result["class_entropy_bits"] = class_entropy_bits(sample_classes, num_classes)
-    result["class_entropy_bits_real"] = class_entropy_bits(real_classes, num_classes)
-    result["class_entropy_bits_max"] = float(np.log2(num_classes))
+  result["class_entropy_bits"] = class_entropy_bits(sample_classes, num_classes)
+  result["class_entropy_bits_real"] = class_entropy_bits(real_classes, num_classes)
+  result["class_entropy_bits_max"] = float(np.log2(num_classes))
   return result
