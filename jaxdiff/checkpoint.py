@@ -188,15 +188,22 @@ class _KeepAfterGoodSteps:
             < self.max_to_keep for info in checkpoints]
 
 
+@functools.cache
 def _write_replicas_from_every_host_only_when_there_are_several() -> None:
   """Orbax's replica-parallel saving (its default off GPU) splits every replicated array into
   one slice per device, each cut by its own compiled program, so that several hosts share the
   writing. With one host it only costs: that host writes every byte either way, and cutting the
   slices compiled for 10 s at the first save of a small model on 8 CPU devices. Orbax keeps its
-  type handlers in one process-wide registry, so this sets it there."""
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
-      override=True)
+  type handlers in one process-wide registry, so this sets it there, once (after
+  jax.distributed has started: the process count decides)."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns of every override; this one is the point
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+        override=True)
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def _sync_processes(name: str) -> None:
