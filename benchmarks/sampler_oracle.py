@@ -20,7 +20,7 @@ from tests.oracles import gaussian_eps, gaussian_flow_map
 
 MEAN, STD = 0.3, 0.5
 SAMPLERS = ("ddim", "dpm_solver", "dpm_solver_3m", "unipc")
-SPACINGS = ("uniform", "trailing", "logsnr")
+SPACINGS = ("uniform", "trailing", "logsnr", "karras")
 
 
 def errors(name: str, num_steps: int, spacing: str, schedule) -> tuple[float, float]:

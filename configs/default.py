@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = "ddpm"
   sample.num_steps = 1000
+  sample.spacing = placeholder(str)       # unset: the sampler's (samplers.SAMPLERS)
   sample.num_samples = 64
   sample.batch_size = 64
   sample.guidance_scale = 0.0
@@ -100,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   eval_config.metrics = ("quality",)  # of bpd, fid, quality (quality: labelled digits only)
   eval_config.sampler = "dpm_solver"
   eval_config.num_steps = 20
+  eval_config.spacing = placeholder(str)                 # unset: the sampler's
   eval_config.clip_x0 = placeholder(bool)               # unset: the sampler's default
   eval_config.threshold_percentile = placeholder(float)  # e.g. 0.995: dynamic thresholding
   eval_config.num_samples = 256

@@ -41,8 +41,10 @@ def get_config():
   config.train.checkpoint_every = 600
   config.train.sample_every = 1800
   config.train.eval_every = 1800
-  config.sample.sampler = "dpm_solver"
-  config.sample.num_steps = 20
+  for section in (config.sample, config.eval):  # the sample grids and the quality score
+    section.sampler = "dpm_solver_sde"
+    section.spacing = "karras"
+    section.num_steps = 20
   config.eval.num_samples = 1000
   config.eval.batch_size = 250
   return config

@@ -153,14 +153,19 @@ def eval_metrics(config) -> tuple[str, ...]:
 
 
 def check_sampler(config, section: str, schedule: schedules.Schedule) -> None:
-  """config.<section>'s sampler and its step count (1 … T), by the functions that use them."""
+  """config.<section>'s sampler, its spacing (unset: the sampler's) and its step count
+  (1 … T), by the functions that use them."""
   name, num_steps = get(config, f"{section}.sampler"), get(config, f"{section}.num_steps")
   with refusing(f"{section}.sampler", name):
     samplers.get_sampler(name)
+  spacing = get(config, f"{section}.spacing", None)
+  with refusing(f"{section}.spacing", spacing):
+    spacing = samplers.get_sampler(name).spacing if spacing is None else spacing
+    samplers.spaced_timesteps(schedule, 1, spacing)
   if not is_whole(num_steps):
     raise usage_error(f"{section}.num_steps", num_steps, "expected a whole number of steps ≥ 1")
   with refusing(f"{section}.num_steps", num_steps):
-    samplers.spaced_timesteps(schedule, num_steps, samplers.get_sampler(name).spacing)
+    samplers.spaced_timesteps(schedule, num_steps, spacing)
 
 
 def check_loss_and_terminal_snr(config) -> None:

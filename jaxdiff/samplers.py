@@ -33,7 +33,9 @@ from jaxdiff import diffusion, errors, schedules
 from jaxdiff.schedules import Schedule
 
 ApplyFn = Callable[..., jax.Array]
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+KARRAS_RHO = 7.0
+KARRAS_LOG_SNR_FLOOR = -5.0
 
 
 def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
@@ -44,6 +46,11 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
   quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
   logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice); where
              ᾱ_{T−1} = 0 (zero terminal SNR, λ = −∞), T−1 and then the steps as from T−2.
+  karras:    even steps in σ^{1/ρ}, σ = e^{−λ}, ρ = 7 (Karras et al. 2022, eq. 5), from σ_max to
+             σ_min = σ_0; a step is Δλ ∝ σ^{−1/ρ}, so against logsnr, short steps at high noise
+             and long ones at low noise. σ_max is σ_{T−1}, but at most e^5 (λ ≥ −5, where
+             DPM-Solver ends its cosine schedule), so that a schedule that lingers at pure noise
+             (cosine: λ_{T−1} ≈ −10) spends no steps there; T−1 stays the first step.
   Rounding collisions are pushed apart so that the K timesteps are distinct.
   """
   num_timesteps = schedule.num_timesteps
@@ -55,12 +62,18 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
     steps = np.arange(1, num_steps + 1) * num_timesteps / num_steps - 1
   elif spacing == "quadratic":
     steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
-  elif spacing == "logsnr":
+  elif spacing in ("logsnr", "karras"):
     alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
     with np.errstate(divide="ignore"):
       log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
     finite = np.isfinite(log_snr)  # all but λ_{T−1} = −∞ of a zero-terminal-SNR schedule
-    targets = np.linspace(log_snr[finite][-1], log_snr[0], num_steps)
+    lowest, highest = log_snr[finite][-1], log_snr[0]
+    if spacing == "logsnr":
+      targets = np.linspace(lowest, highest, num_steps)
+    else:  # σ^{1/ρ} = e^{−λ/ρ}, even from σ_max^{1/ρ} to σ_min^{1/ρ}
+      lowest = max(lowest, KARRAS_LOG_SNR_FLOOR)
+      targets = -KARRAS_RHO * np.log(np.linspace(
+          np.exp(-lowest / KARRAS_RHO), np.exp(-highest / KARRAS_RHO), num_steps))
     steps = np.interp(targets, log_snr[finite][::-1], np.flatnonzero(finite)[::-1])[::-1]
     steps[-1] = num_timesteps - 1
   else:

@@ -73,6 +73,9 @@ def test_the_shipped_configs_pass(data_dir):
                                   "available: ['ddim', 'ddpm', 'dpm_solver', 'dpm_solver_3m', "
                                   "'dpm_solver_sde', 'unipc']"),
     (dict(eval__sampler="euler"), "--config.eval.sampler=euler: unknown sampler 'euler'"),
+    (dict(sample__spacing="karas"), "--config.sample.spacing=karas: unknown spacing 'karas'; "
+                                    "choose one of ('uniform', 'trailing', 'quadratic', "
+                                    "'logsnr', 'karras')"),
     (dict(sample__num_steps=1001),
      "--config.sample.num_steps=1001: num_steps must be between 1 and T = 1000, got 1001"),
     (dict(eval__metrics=("fud",)),
@@ -190,6 +193,7 @@ WRONG_VALUES = {
     "positive_real": [0.0, -1e-3, math.inf, math.nan, "1e-3", None],
     "unit_real": [-0.5, 1.0, 7.0, math.nan, "0.1", None],
     "name": ["", "foo", "EPS", 3, None, ("eps",)],
+    "optional_name": ["", "foo", "LOGSNR", 3, ("logsnr",)],  # None: the default
 }
 FIELDS = {
     "train.num_steps": "whole", "train.batch_size": "whole", "train.max_to_keep": "whole",
@@ -201,7 +205,7 @@ FIELDS = {
     "train.ema_decay": "unit_real", "model.dropout": "unit_real", "train.adam_b2": "unit_real",
     "diffusion.prediction": "name", "diffusion.schedule": "name", "train.lr_decay": "name",
     "sample.sampler": "name", "eval.sampler": "name", "data.dataset": "name",
-    "eval.metrics": "name",
+    "eval.metrics": "name", "sample.spacing": "optional_name", "eval.spacing": "optional_name",
 }
 
 

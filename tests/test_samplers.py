@@ -10,7 +10,7 @@ import numpy as np
 import ml_collections
 import pytest
 
-from configs import default
+from configs import default, mnist5k_cpu
 from jaxdiff import errors, generate, parallel, samplers, schedules
 from jaxdiff.models import UNet
 from tests.oracles import gaussian_eps, gaussian_flow_map
@@ -340,6 +340,24 @@ def test_logsnr_spacing_of_a_zero_terminal_snr_schedule_starts_at_pure_noise():
     targets = np.linspace(log_snr[-1], log_snr[0], num_steps)[1:][::-1]
     np.testing.assert_allclose(log_snr[steps[:-1]], targets,
                                atol=np.abs(np.diff(log_snr)).max())
+
+
+@pytest.mark.parametrize("schedule", [SCHEDULE, schedules.cosine(1000)], ids=["linear", "cosine"])
+def test_karras_spacing_is_even_in_sigma_to_the_one_over_rho(schedule):
+  """Karras et al. 2022, eq. 5, in float64: σ_i = (σ_max^{1/ρ} + i/(K−1) (σ_min^{1/ρ} −
+  σ_max^{1/ρ}))^ρ, ρ = 7, σ = √((1−ᾱ)/ᾱ), σ_min = σ_0 and σ_max = min(σ_{T−1}, e^5). T−1 takes
+  the place of σ_max; every other σ_i lies between σ at its timestep's neighbours."""
+  alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+  sigma = np.sqrt((1 - alpha_bars) / alpha_bars)
+  sigma_max = min(sigma[-1], np.exp(5.0))
+  for num_steps in (5, 10, 20):
+    steps = samplers.spaced_timesteps(schedule, num_steps, "karras")
+    assert len(steps) == num_steps and np.all(np.diff(steps) > 0) and steps[-1] == 999
+    ramp = np.arange(num_steps) / (num_steps - 1)
+    targets = (sigma_max**(1 / 7) + ramp * (sigma[0]**(1 / 7) - sigma_max**(1 / 7)))**7
+    chosen = steps[:-1][::-1]  # the timesteps of σ_1 … σ_{K−1}, decreasing
+    below, above = sigma[np.maximum(chosen - 1, 0)], sigma[np.minimum(chosen + 1, 999)]
+    assert np.all((below <= targets[1:]) & (targets[1:] <= above)), (steps, targets)
 
 
 @pytest.mark.parametrize("name, num_steps", [
@@ -688,6 +706,9 @@ def test_sampling_options_from_config_sections():
   config.eval.threshold_percentile = 0.995
   assert generate.SamplingOptions.from_config(config.eval) == generate.SamplingOptions(
       sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
+  assert generate.SamplingOptions.from_config(mnist5k_cpu.get_config().eval) == (
+      generate.SamplingOptions(sampler="dpm_solver_sde", num_steps=20, spacing="karras",
+                               batch_size=250))
   config.sample.sampler = "euler"
   with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
                      "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc$"):
