@@ -260,6 +260,10 @@ def run(args) -> dict:
   if args.peer:
     ddim_steps = [steps for name, steps in parse_samplers(args.samplers) if name == "ddim"]
     result["peer"] = run_peer(args, ddim_steps)
+    if result["peer"]["params"] != result["jaxdiff"]["params"]:
+      raise RuntimeError(f"the peer has {result['peer']['params']:,} parameters where jaxdiff has "
+                         f"{result['jaxdiff']['params']:,}: not the same network, so its timings "
+                         "are no comparison")
     result["ratios"] = {
         metric: result["jaxdiff"][metric] / result["peer"][metric]
         for metric in ("train_step_images_per_sec", "forward_images_per_sec")}
