@@ -188,8 +188,6 @@ def test_jaxdiff_has_the_parameter_count_of_the_peer(config_path, num_classes, e
   assert count_params(shapes.params) == diffusers_unet2d_param_count(config) == expected
 
 
-
-
 HLO_LINES = """
   %convolution.3 = f32[3,3,8,16]{3,2,1,0} convolution(f32[4,16,16,8]{3,2,1,0} %a, f32[4,16,16,16]{3,2,1,0} %b), window={size=16x16 pad=1_1x1_1}, dim_labels=f01b_i01o->01bf, metadata={op_name="jit(step)/transpose(jvp(UNet))/down_0_block_0/conv1/conv_general_dilated" source_file="unet.py" source_line=40}
   %ynn_fusion.7 = f32[4,16,16,16]{3,2,1,0} fusion(f32[4,16,16,8]{3,2,1,0} %a, f32[3,3,8,16]{3,2,1,0} %w), kind=kCustom, calls=%ynn_fused, metadata={op_name="jit(step)/jvp(UNet)/down_0_block_0/conv1/conv_general_dilated"}
