@@ -15,6 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import validation
+from jaxdiff.errors import ArgumentError
+
 # DDPM's `default_init`: variance scaling with scale 1, fan_avg, uniform (Glorot uniform).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
@@ -238,6 +241,42 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   num_heads: int = 1
   remat: bool = False
+
+  # Fields that change no parameter shape and not what the network learned: a run may resume
+  # with other values.
+  FREE_FIELDS = ("dropout", "remat", "dtype")
+
+  @staticmethod
+  def size_multiple(fields) -> int:
+    """The image height and width must be multiples of this: 2 per downsampling level."""
+    return 2**(len(fields["ch_mult"]) - 1)
+
+  @staticmethod
+  def check_fields(fields, image_shape) -> None:
+    """ArgumentError naming the first field (of `fields`: this network's config fields) that
+    cannot build a U-Net for images of `image_shape` (H, W, C)."""
+    validation.whole("ch", fields["ch"], 1)
+    validation.whole_tuple("ch_mult", fields["ch_mult"], 1)
+    validation.whole("num_res_blocks", fields["num_res_blocks"], 0)
+    validation.whole_tuple("attn_resolutions", fields["attn_resolutions"], 1, non_empty=False)
+    validation.real("dropout", fields["dropout"], 0.0, 1.0)
+    validation.whole("out_channels", fields["out_channels"], 1)
+    validation.whole("num_classes", fields["num_classes"], 0)
+    validation.one_of("dtype", fields["dtype"], ("float32", "bfloat16"), "compute dtype")
+    validation.boolean("resamp_with_conv", fields["resamp_with_conv"])
+    validation.boolean("remat", fields["remat"])
+    heads = validation.whole("num_heads", fields["num_heads"], 1)
+    width = fields["ch"] * fields["ch_mult"][-1]  # the middle attention's
+    if width % heads:
+      raise ArgumentError("num_heads", heads, f"the middle attention's {width} channels (ch × "
+                          f"ch_mult[-1]) do not split into {heads} heads; choose a divisor")
+    factor = UNet.size_multiple(fields)
+    if image_shape[0] % factor or image_shape[1] % factor:
+      raise ArgumentError("ch_mult", tuple(fields["ch_mult"]),
+                          f"{len(fields['ch_mult'])} levels halve the image "
+                          f"{len(fields['ch_mult']) - 1} times, which a {image_shape[0]}×"
+                          f"{image_shape[1]} image cannot take; use a size that is a multiple "
+                          f"of {factor} or fewer levels")
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
