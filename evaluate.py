@@ -1,6 +1,7 @@
 """Evaluate a trained model: likelihood, sample quality, or a look at its denoising.
 
   python evaluate.py --workdir=workdirs/default --metric=bpd
+  python evaluate.py --workdir=workdirs/default --metric=quality   # sampled as config.eval says
   python evaluate.py --workdir=workdirs/default --metric=quality --sampler=ddim --num_steps=50
   python evaluate.py --workdir=workdirs/cifar10 --metric=fid --num_samples=50000
   python evaluate.py --workdir=workdirs/default --metric=panel --output=panel.png
@@ -30,21 +31,14 @@ _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "Default: the n
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Where the result goes. Default: panel.png, or WORKDIR/eval/METRIC_STEP.json.")
 _NUM_SAMPLES = flags.DEFINE_integer(
-    "num_samples", None, "Samples for fid/quality. Default: 10000 (fid), 1000 (quality).")
+    "num_samples", None, "Samples for the sample metrics. Default: the metric's, " + ", ".join(
+        f"{number:,} ({name})" for name, metric in metrics.METRICS.items()
+        if (number := metric.default_num_samples)) + ".")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Held-out images for bpd. Default: all.")
 _VARIANCE = flags.DEFINE_enum("variance", "beta", ["beta", "beta_tilde"],
                               "Reverse-process variance σ_t² for bpd.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per device batch, over all devices.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bound's noise.")
-
-
-def metric_options(metric: str) -> dict:
-  if metric == "bpd":
-    return dict(num_images=_NUM_IMAGES.value, batch_size=_BATCH_SIZE.value,
-                variance=_VARIANCE.value)
-  options = _SAMPLING.options(batch_size=_BATCH_SIZE.value)
-  num_samples = _NUM_SAMPLES.value or (10_000 if metric == "fid" else 1000)
-  return dict(options=options, num_samples=num_samples)
 
 
 def main(argv):
@@ -59,8 +53,10 @@ def main(argv):
     print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
                                         _CHECKPOINT_STEP.value, dtype=_SAMPLING.dtype.value))
     return
-  result = evaluate.run(_WORKDIR.value, metric, checkpoint_step=_CHECKPOINT_STEP.value,
-                        seed=_SEED.value, dtype=_SAMPLING.dtype.value, **metric_options(metric))
+  result = evaluate.run(
+      _WORKDIR.value, metric, {**_SAMPLING.given(), "batch_size": _BATCH_SIZE.value},
+      checkpoint_step=_CHECKPOINT_STEP.value, seed=_SEED.value, dtype=_SAMPLING.dtype.value,
+      num_samples=_NUM_SAMPLES.value, num_images=_NUM_IMAGES.value, variance=_VARIANCE.value)
   output = storage.resolve(_OUTPUT.value or storage.join(
       _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json"))
   storage.makedirs(os.path.dirname(output))

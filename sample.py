@@ -1,7 +1,10 @@
 """Sample images from a trained workdir (or an exported EMA checkpoint).
 
-  python sample.py --workdir=workdirs/default --sampler=dpm_solver --num_steps=20 \
-      --num_samples=64 --output_dir=out/
+  python sample.py --workdir=workdirs/default --num_samples=64 --output_dir=out/
+  python sample.py --workdir=workdirs/default --sampler=dpm_solver --num_steps=20
+
+Samples as the model's own config.sample says (sampler, steps, spacing, x̂0 policy, guidance);
+each sampling flag given overrides it, and settings.json records what was used.
 
 Prints the time of the first (compiling) batch and the images/s after it. Writes
 OUTPUT_DIR/samples.png (a grid), samples.npz (uint8 NHWC images and labels), settings.json
@@ -29,7 +32,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Same seed, same images, on 1 or N devic
 _CLASS_LABEL = flags.DEFINE_integer("class_label", None,
                                     "Class to sample (conditional models; default: all classes "
                                     "in turn).")
-_ETA = flags.DEFINE_float("eta", 0.0, "DDIM η (0 deterministic, 1 DDPM-like).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM η (0 deterministic, 1 DDPM-like; default 0).")
 _TRAJECTORY = flags.DEFINE_bool("trajectory", False,
                                  "Also save the reverse process (10 frames) as trajectory.png.")
 _TRAJECTORY_EVERY = flags.DEFINE_integer("trajectory_every", None,
@@ -43,10 +46,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax reports every file it writes at INFO
   trajectory_every = _TRAJECTORY_EVERY.value
   if trajectory_every is None and _TRAJECTORY.value:
-    trajectory_every = max(1, _SAMPLING.num_steps.value // 10)
-  options = _SAMPLING.options(eta=_ETA.value, batch_size=_BATCH_SIZE.value)
+    trajectory_every = max(1, (_SAMPLING.num_steps.value or cli.FALLBACK_NUM_STEPS) // 10)
+  sampling = {**_SAMPLING.given(), "batch_size": _BATCH_SIZE.value,
+              **({"eta": _ETA.value} if _ETA.value is not None else {})}
   written = sample.run(
-      _WORKDIR.value, _OUTPUT_DIR.value, options, checkpoint_step=_CHECKPOINT_STEP.value,
+      _WORKDIR.value, _OUTPUT_DIR.value, sampling, checkpoint_step=_CHECKPOINT_STEP.value,
       num_samples=_NUM_SAMPLES.value, seed=_SEED.value, class_label=_CLASS_LABEL.value,
       trajectory_every=trajectory_every, dtype=_SAMPLING.dtype.value)
   print(generate.timing_line(**written.timing))

@@ -32,7 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_workers = 0         # grain worker processes; 0 reads in the main process
   data.prefetch = 2            # batches staged on the devices ahead of the step
 
+  # The network, by name (jaxdiff.models.NETWORKS), and its fields; the fields of the networks
+  # not chosen are left alone.
   config.model = model = ml_collections.ConfigDict()
+  model.name = "unet"
   model.ch = 32
   model.ch_mult = (1, 2)
   model.num_res_blocks = 2
@@ -85,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
                                   # for accelerators: XLA:CPU runs it 14-19x slower, NOTES.md)
   train.peak_tflops = 0.0         # one device's peak, for MFU; 0: from telemetry's chip table
 
-  # The trainer's sample grids, read by generate.SamplingOptions.from_config.
+  # The trainer's sample grids, read by samplers.SamplingOptions.from_config; sample.py's defaults.
   config.sample = sample = ml_collections.ConfigDict()
   sample.sampler = "ddpm"
   sample.num_steps = 1000

@@ -1,4 +1,5 @@
-"""Configs as JSON, and whether a config can continue what another one trained.
+"""Configs as JSON, the one dotted-field lookup, and whether a config can continue what another
+one trained.
 
 `config_to_json` / `config_from_json` round-trip a resolved ConfigDict through the JSON kept
 with every checkpoint and export (JSON lists become the tuples configs use again).
@@ -10,14 +11,12 @@ import json
 
 import ml_collections
 
-from jaxdiff import errors
+from jaxdiff import errors, models
 
-# Model fields that may change between runs; every other model field fixes parameter shapes.
-_MODEL_FIELDS_FREE_TO_CHANGE = ("dropout", "remat", "dtype")
-# Other fields that fix the shapes or the meaning of what the network learned.
+# Fields besides the network's own that fix the shapes or the meaning of what it learned.
 _OTHER_FIXED_FIELDS = ("data.image_size", "data.num_channels", "diffusion.num_timesteps",
                        "diffusion.schedule", "diffusion.prediction")
-_ABSENT = "(absent)"
+ABSENT = "(absent)"
 
 
 class ConfigMismatchError(errors.UsageError):
@@ -28,7 +27,7 @@ def _as_tuples(value):
   """JSON lists back to the tuples configs use (`ch_mult`, `attn_resolutions`)."""
   if isinstance(value, dict):
     return {key: _as_tuples(item) for key, item in value.items()}
-  if isinstance(value, list):
+  if isinstance(value, (list, tuple)):
     return tuple(_as_tuples(item) for item in value)
   return value
 
@@ -43,24 +42,34 @@ def config_from_json(config_json: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_as_tuples(config_json))
 
 
-def _lookup(config_json: dict, dotted_name: str):
+def lookup(config, dotted_name: str, default=ABSENT):
+  """The value at `dotted_name` ('train.batch_size') of a config (or dict); `default` where
+  any part is absent."""
   for part in dotted_name.split("."):
-    if not isinstance(config_json, dict) or part not in config_json:
-      return _ABSENT
-    config_json = config_json[part]
-  return _as_tuples(config_json)
+    if not hasattr(config, "items") or part not in config:
+      return default
+    config = config[part]
+  return config
+
+
+def _fixed_values(config) -> dict:
+  """{field: value} of every field a checkpoint of `config` fixes (the network's, by
+  `models.fixed_fields`, with its class defaults where the config is older than a field)."""
+  fields = models.network_fields(config.model)
+  values = {f"model.{name}": _as_tuples(fields.get(name, models.network_name(config.model)))
+            for name in models.fixed_fields(config.model)}
+  return {**values, **{field: _as_tuples(lookup(config, field)) for field in _OTHER_FIXED_FIELDS}}
 
 
 def config_differences(saved_config, config) -> list[str]:
   """'FIELD NEW (config) vs OLD (checkpoint)' for every field in which `config` cannot continue
-  `saved_config`: `model.*` (but dropout, remat, dtype), the image size and channels, and the
-  diffusion's schedule, step count and prediction target. Empty when compatible."""
-  saved, current = config_to_json(saved_config), config_to_json(config)
-  model_fields = sorted((set(saved.get("model", {})) | set(current.get("model", {})))
-                        - set(_MODEL_FIELDS_FREE_TO_CHANGE))
-  fields = [f"model.{name}" for name in model_fields] + list(_OTHER_FIXED_FIELDS)
-  return [f"{field} {_lookup(current, field)!r} (config) vs {_lookup(saved, field)!r} (checkpoint)"
-          for field in fields if _lookup(current, field) != _lookup(saved, field)]
+  `saved_config`: the network's name and fields (but those it declares free to change), the
+  image size and channels, and the diffusion's schedule, step count and prediction target.
+  Empty when compatible."""
+  saved, current = _fixed_values(saved_config), _fixed_values(config)
+  return [f"{field} {current.get(field, ABSENT)!r} (config) vs {saved.get(field, ABSENT)!r} "
+          f"(checkpoint)" for field in dict.fromkeys([*current, *saved])
+          if current.get(field, ABSENT) != saved.get(field, ABSENT)]
 
 
 def check_config_compatible(saved_config, config, where: str = "the checkpoint") -> None:

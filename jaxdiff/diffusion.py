@@ -8,6 +8,7 @@ Every function is pure; `t` is an int array of shape [batch] indexing the schedu
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import validation
 from jaxdiff.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -62,8 +63,7 @@ def eps_and_x0_from_v(schedule: Schedule, x_t, t, v):
 
 
 def check_prediction(prediction: str) -> None:
-  if prediction not in PREDICTIONS:
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+  validation.one_of("prediction", prediction, PREDICTIONS, "prediction target")
 
 
 def training_target(schedule: Schedule, prediction: str, x0, t, eps):

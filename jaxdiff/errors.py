@@ -26,3 +26,9 @@ class UsageError(ValueError):
 
 class JobError(RuntimeError):
   """The job could not go on; the message says what is on disk and what to do."""
+
+
+def usage_error(flag: str, error: ArgumentError) -> UsageError:
+  """`error` said as the user gave the argument: '--FLAG=VALUE: PROBLEM', FLAG being the flag or
+  config field that set it (e.g. 'num_steps' or 'config.sample.num_steps')."""
+  return UsageError(f"--{flag}={error.value}: {' '.join(str(error.problem).split())}")

@@ -5,7 +5,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import diffusion
+from jaxdiff import diffusion, validation
 from jaxdiff.schedules import Schedule
 
 # denoise_fn(params, x_t, t, labels_or_None, dropout_key) -> network output shaped like x_t.
@@ -37,8 +37,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def check_loss_weighting(weighting: str) -> None:
-  if weighting not in LOSS_WEIGHTINGS:
-    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+  validation.one_of("loss_weighting", weighting, LOSS_WEIGHTINGS, "loss weighting")
 
 
 def snr(schedule: Schedule, t):

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdiff.errors import UsageError
+from jaxdiff.errors import ArgumentError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -26,20 +26,21 @@ FSDP_MIN_SIZE = 2**12
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) from `config.mesh` (one of them may be −1: the remaining devices); a
-  `UsageError` unless they multiply to `num_devices`."""
+  """(data, fsdp) from `config.mesh` (one of them may be −1: the remaining devices);
+  ArgumentError (name "mesh", value {'data': …, 'fsdp': …}) unless they multiply to
+  `num_devices`."""
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
-  sizes = f"config.mesh.data = {data}, config.mesh.fsdp = {fsdp}"
-  fix = (f"set --config.mesh.data and --config.mesh.fsdp to sizes whose product is {num_devices}"
-         " (one of them may be -1: the remaining devices)")
+  sizes = {"data": data, "fsdp": fsdp}
+  fix = (f"choose sizes whose product is {num_devices} (one of them may be -1: the remaining "
+         f"devices)")
   if data == -1 and fsdp == -1 or min(data, fsdp) < -1 or 0 in (data, fsdp):
-    raise UsageError(f"{sizes}: expected positive sizes, at most one of them -1; {fix}")
+    raise ArgumentError("mesh", sizes, f"expected positive sizes, at most one of them -1; {fix}")
   if data == -1 and num_devices % fsdp == 0:
     data = num_devices // fsdp
   elif fsdp == -1 and num_devices % data == 0:
     fsdp = num_devices // data
   if data * fsdp != num_devices:
-    raise UsageError(f"{sizes} do not fit the {num_devices} devices; {fix}")
+    raise ArgumentError("mesh", sizes, f"does not fit the {num_devices} devices; {fix}")
   return data, fsdp
 
 
@@ -61,9 +62,9 @@ def make_mesh(devices: Sequence[jax.Device] | None = None,
   num_slices = len({getattr(device, "slice_index", 0) for device in devices})
   if num_slices > 1:
     if data % num_slices:
-      raise UsageError(
-          f"config.mesh.data = {data} is not a multiple of the {num_slices} slices; the data "
-          f"axis spans the slices: set --config.mesh.data to a multiple of {num_slices}")
+      raise ArgumentError("mesh", {"data": data, "fsdp": fsdp},
+                          f"data is not a multiple of the {num_slices} slices, which the data "
+                          f"axis spans; choose a multiple of {num_slices}")
     device_grid = mesh_utils.create_hybrid_device_mesh(
         (data // num_slices, fsdp), (num_slices, 1), devices)
   else:
@@ -143,24 +144,22 @@ def global_batch(local_batch, mesh: Mesh, stacked: bool = False):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
-def check_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
-  """A one-line `UsageError` unless the global batch splits evenly over the devices (each of the
-  `grad_accum_steps` micro-batches too) and the hosts."""
-  num_devices = mesh.devices.size
-  if grad_accum_steps < 1:
-    raise UsageError(f"config.train.grad_accum_steps = {grad_accum_steps}: expected ≥ 1")
+def check_batch_split(batch_size: int, num_devices: int, num_processes: int,
+                      grad_accum_steps: int = 1) -> None:
+  """ArgumentError (name "batch_size") unless the global batch splits evenly over the devices,
+  each of the `grad_accum_steps` micro-batches too, and over the processes (hosts)."""
   multiple = num_devices * grad_accum_steps
-  layout = " × ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
-  if global_batch_size % multiple:
-    if grad_accum_steps == 1:
-      split, change = "", "--config.train.batch_size"
-    else:
-      split = f" × {grad_accum_steps} micro-batches (config.train.grad_accum_steps)"
-      change = "--config.train.batch_size or --config.train.grad_accum_steps"
-    raise UsageError(
-        f"global batch size {global_batch_size} is not divisible by the {num_devices} devices "
-        f"of the mesh ({layout}){split}; choose a multiple of {multiple} ({change})")
-  if global_batch_size % jax.process_count():
-    raise UsageError(
-        f"global batch size {global_batch_size} is not divisible by the "
-        f"{jax.process_count()} hosts")
+  if batch_size % multiple:
+    split = (f"into {grad_accum_steps} micro-batches (grad_accum_steps), each evenly over"
+             if grad_accum_steps > 1 else "evenly over")
+    raise ArgumentError("batch_size", batch_size, f"the global batch must split {split} the "
+                        f"{num_devices} devices: choose a multiple of {multiple}")
+  if batch_size % num_processes:
+    raise ArgumentError("batch_size", batch_size, f"the global batch must split evenly over "
+                        f"the {num_processes} processes (hosts): choose a multiple of "
+                        f"{num_processes}")
+
+
+def check_divisible(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """`check_batch_split` for the devices of `mesh` and this job's processes."""
+  check_batch_split(batch_size, mesh.devices.size, jax.process_count(), grad_accum_steps)

@@ -6,33 +6,36 @@ A sampler is `Sampler(init, step)`, like optax's GradientTransformation:
     x_{i−1}, state = step(x_i, state, StepInputs(index=i, key, eps=ε̂, x0=x̂0), schedule)
 
 for i = K−1 … 0. `run` owns everything the samplers share: it draws x_T, splits the key, calls
-the network at the model's timestep t_i (with classifier-free guidance when given labels),
-turns its output into (ε̂, x̂0) (`diffusion.eps_and_x0`, whichever of ε, x0 or v it predicts),
-clips or dynamically thresholds x̂0, and records the trajectory. `schedule` is indexed by step
-i = 0 … K−1: the full chain is (schedule, arange(T)); a K-step sampler runs on
-`respace(schedule, S)` with the K timesteps S from `spaced_timesteps`, which
-`sample(name, …, num_steps=K)` does for you. Every run returns `Samples(images, trajectory)`:
-with `trajectory_every=k`, trajectory[0] is x_T and trajectory[j] is x after min(j·k, K) steps,
-so the last frame is the images; else trajectory is None.
+the `Denoiser` at the model's timestep t_i (with classifier-free guidance when given labels),
+turns its output into (ε̂, x̂0) (whichever of ε, x0 or v it predicts), clips or dynamically
+thresholds x̂0, and records the trajectory. It runs on a `Grid`: a schedule indexed by step
+i = 0 … K−1 and the network's timestep at each; `sampling_grid` makes the K-step one
+(`respace(schedule, S)` with the K timesteps S from `spaced_timesteps`), which `sample`
+does for you. How to sample travels as one value, `SamplingOptions`. Every run returns
+`Samples(images, trajectory)`: with `trajectory_every=k`, trajectory[0] is x_T and
+trajectory[j] is x after min(j·k, K) steps, so the last frame is the images; else trajectory
+is None.
 
 Adding a sampler: a factory returning its `Sampler` and one line in `SAMPLERS` (its default
-spacing and whether it clips x̂0 by default). Clipping x̂0 to [−1, 1] is the default for DDPM
-and DDIM, made for images in [−1, 1]; DPM-Solver++ defaults to neither clipping nor dynamic
-thresholding.
+spacing, whether it clips x̂0 by default, and which `SamplingOptions` fields it takes; a new
+option is a field there). Clipping x̂0 to [−1, 1] is the default for DDPM and DDIM, made for
+images in [−1, 1]; DPM-Solver++ defaults to neither clipping nor dynamic thresholding.
 """
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion, errors, schedules
+from jaxdiff import diffusion, schedules, validation
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.errors import ArgumentError
 from jaxdiff.schedules import Schedule
 
-ApplyFn = Callable[..., jax.Array]
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
 KARRAS_RHO = 7.0
 KARRAS_LOG_SNR_FLOOR = -5.0
@@ -55,7 +58,7 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
   """
   num_timesteps = schedule.num_timesteps
   if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be between 1 and T = {num_timesteps}, got {num_steps}")
+    raise ArgumentError("num_steps", num_steps, f"expected 1 … T = {num_timesteps}")
   if spacing == "uniform":
     steps = np.linspace(0, num_timesteps - 1, num_steps)
   elif spacing == "trailing":
@@ -77,7 +80,7 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
     steps = np.interp(targets, log_snr[finite][::-1], np.flatnonzero(finite)[::-1])[::-1]
     steps[-1] = num_timesteps - 1
   else:
-    raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    validation.one_of("spacing", spacing, SPACINGS, "spacing")
   steps = np.clip(np.round(steps).astype(np.int64), 0, num_timesteps - 1)
   for i in range(1, num_steps):
     steps[i] = max(steps[i], steps[i - 1] + 1)
@@ -350,30 +353,41 @@ def dynamic_threshold(x0, percentile: float):
   return jnp.clip(x0, -scale, scale) / scale
 
 
-def run(sampler: Sampler, apply_fn: ApplyFn, variables, schedule: Schedule, key,
-        shape: Sequence[int], *, timesteps=None, prediction: str = "eps", clip_x0: bool = False,
-        threshold_percentile: float | None = None, labels=None, num_classes: int = 0,
-        guidance_scale: float = 0.0, trajectory_every: int | None = None,
-        x_init=None) -> Samples:
-  """`sampler` from x_T to x0 in one `lax.scan` over i = K−1 … 0 (K = schedule.num_timesteps).
+class Grid(NamedTuple):
+  """The K steps a sampler visits: `schedule` indexed by step i = 0 … K−1 (the respaced chain,
+  ᾱ'_i = ᾱ_{t_i}) and `timesteps` [K], the network's timestep t_i at each step."""
 
-  x_T is `x_init`, or N(0, I) drawn with the first key of split(key); step i gets key i of
-  split(second key, K). The network `apply_fn(variables, x_i, t)` sees t = timesteps[i]
-  (default i); with `labels` it is the conditional `apply_fn(variables, x, t, labels)` under
-  classifier-free guidance `guidance_scale` (see `guided`). Its output, a `prediction` of ε,
-  x0 or v, becomes (ε̂, x̂0); x̂0 is clipped to [−1, 1] by `clip_x0`, then dynamically
-  thresholded at `threshold_percentile` (e.g. 0.995) if given, with ε̂ recomputed from it.
+  schedule: Schedule
+  timesteps: jax.Array
+
+
+def sampling_grid(schedule: Schedule, num_steps: int, spacing: str) -> Grid:
+  """The grid of `num_steps` timesteps spaced by `spacing` (`spaced_timesteps`) on `schedule`.
+  NumPy on the host: `schedule` must be concrete (under `jax.jit`, close over it)."""
+  timesteps = spaced_timesteps(schedule, num_steps, spacing)
+  return Grid(respace(schedule, timesteps), jnp.asarray(timesteps))
+
+
+def run(sampler: Sampler, denoiser: Denoiser, params, grid: Grid, key, options: "SamplingOptions",
+        *, labels=None, trajectory_every: int | None = None, x_init=None) -> Samples:
+  """`sampler` from x_T to x0 in one `lax.scan` over the grid's steps i = K−1 … 0.
+
+  x_T is `x_init`, or N(0, I) [options.batch_size, *image shape] drawn with the first key of
+  split(key); step i gets key i of split(second key, K). The network sees t = grid.timesteps[i]
+  (with `labels`, under classifier-free guidance `options.guidance_scale`: `Denoiser.output`);
+  its output becomes (ε̂, x̂0) on the grid's schedule; x̂0 is clipped to [−1, 1] by
+  `options.clip_x0` (a bool here: see `SamplingOptions.resolved`), then dynamically
+  thresholded at `options.threshold_percentile` if given, with ε̂ recomputed from it.
   """
+  schedule, timesteps = grid
   num_steps = schedule.num_timesteps
   if trajectory_every is not None and trajectory_every < 1:
-    raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
+    raise ArgumentError("trajectory_every", trajectory_every, "expected a whole number ≥ 1")
   if labels is not None:
-    apply_fn = guided(apply_fn, labels, num_classes, guidance_scale)
-  elif guidance_scale:
-    raise ValueError("classifier-free guidance needs the class labels to guide towards")
+    denoiser.check_labels(labels)
   init_key, noise_key = jax.random.split(key)
-  x = jax.random.normal(init_key, tuple(shape), jnp.float32) if x_init is None else x_init
-  timesteps = jnp.arange(num_steps) if timesteps is None else jnp.asarray(timesteps)
+  shape = (options.batch_size, *denoiser.image_shape)
+  x = jax.random.normal(init_key, shape, jnp.float32) if x_init is None else x_init
   indices = jnp.arange(num_steps - 1, -1, -1)
   xs = (indices, timesteps[indices], jax.random.split(noise_key, num_steps))
 
@@ -381,10 +395,12 @@ def run(sampler: Sampler, apply_fn: ApplyFn, variables, schedule: Schedule, key,
     x, state = carry
     i, t, step_key = xs
     index = jnp.full(x.shape[:1], i, jnp.int32)
-    output = apply_fn(variables, x, jnp.full(x.shape[:1], t, jnp.int32))
-    eps, x0 = diffusion.eps_and_x0(schedule, prediction, x, index, output, clip_x0)
-    if threshold_percentile is not None:
-      x0 = dynamic_threshold(x0, threshold_percentile)
+    output = denoiser.output(params, x, jnp.full(x.shape[:1], t, jnp.int32), labels,
+                             options.guidance_scale)
+    eps, x0 = diffusion.eps_and_x0(schedule, denoiser.prediction, x, index, output,
+                                   options.clip_x0)
+    if options.threshold_percentile is not None:
+      x0 = dynamic_threshold(x0, options.threshold_percentile)
       eps = diffusion.predict_eps(schedule, x, index, x0)
     return sampler.step(x, state, StepInputs(i, step_key, eps, x0), schedule)
 
@@ -407,89 +423,109 @@ def run(sampler: Sampler, apply_fn: ApplyFn, variables, schedule: Schedule, key,
 
 
 class Registered(NamedTuple):
-  """A sampler's factory (its options as keywords), the spacing of its timesteps by default and
-  whether it clips x̂0 to [−1, 1] by default."""
+  """A sampler's factory, the spacing of its timesteps by default, whether it clips x̂0 to
+  [−1, 1] by default, and which `SamplingOptions` fields are its factory's keywords."""
 
   make: Callable[..., Sampler]
   spacing: str
   clip_x0: bool
+  options: tuple[str, ...] = ()
 
 
 SAMPLERS = {
-    "ddpm": Registered(ddpm, spacing="uniform", clip_x0=True),
-    "ddim": Registered(ddim, spacing="uniform", clip_x0=True),
+    "ddpm": Registered(ddpm, spacing="uniform", clip_x0=True, options=("variance",)),
+    "ddim": Registered(ddim, spacing="uniform", clip_x0=True, options=("eta",)),
     "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False),
     "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False),
     "dpm_solver_sde": Registered(functools.partial(dpm_solver, eta=1.0), spacing="logsnr",
                                  clip_x0=False),
     "unipc": Registered(unipc, spacing="logsnr", clip_x0=False),
 }
+VARIANCES = ("beta", "beta_tilde")
 
 
-def get_sampler(name: str) -> Registered:
-  if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}")
-  return SAMPLERS[name]
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to sample, as one value: `sampler` on `num_steps` timesteps (None: all T) spaced by
+  `spacing`, x̂0 clipped to [−1, 1] by `clip_x0` and/or dynamically thresholded at
+  `threshold_percentile`, the sampler's own options (`eta` of ddim, `variance` of ddpm),
+  classifier-free guidance `guidance_scale`, and `batch_size` images per compiled call.
+  `spacing` and `clip_x0` None: the sampler's registered defaults (`resolved`). Checked on
+  creation: errors.ArgumentError naming the field and its value."""
+
+  sampler: str = "ddpm"
+  num_steps: int | None = None
+  spacing: str | None = None
+  clip_x0: bool | None = None
+  threshold_percentile: float | None = None
+  eta: float = 0.0
+  variance: str = "beta"
+  guidance_scale: float = 0.0
+  batch_size: int = 64
+
+  def __post_init__(self):
+    validation.one_of("sampler", self.sampler, SAMPLERS, "sampler")
+    if self.num_steps is not None:
+      validation.whole("num_steps", self.num_steps, 1)
+    if self.spacing is not None:
+      validation.one_of("spacing", self.spacing, SPACINGS, "spacing")
+    validation.boolean("clip_x0", self.clip_x0, optional=True)
+    if self.threshold_percentile is not None:
+      validation.real("threshold_percentile", self.threshold_percentile, 0.0, 1.0,
+                      low_included=False, high_included=True)
+    validation.real("eta", self.eta, 0.0)
+    validation.one_of("variance", self.variance, VARIANCES, "variance")
+    validation.real("guidance_scale", self.guidance_scale, 0.0)
+    validation.whole("batch_size", self.batch_size, 1)
+    defaults = {field.name: field.default for field in dataclasses.fields(self)}
+    own = SAMPLERS[self.sampler].options
+    for name in {option for registered in SAMPLERS.values() for option in registered.options}:
+      if name not in own and getattr(self, name) != defaults[name]:
+        takers = [sampler for sampler, registered in SAMPLERS.items() if name in registered.options]
+        raise ArgumentError(name, getattr(self, name), f"an option of sampler "
+                            f"{' or '.join(takers)}, not of {self.sampler}")
+
+  @classmethod
+  def from_config(cls, section) -> "SamplingOptions":
+    """The options a config section (`config.sample`, `config.eval`) names; the defaults for
+    those it does not."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    return cls(**{name: section[name] for name in names if name in section})
+
+  def check_model(self, denoiser: Denoiser) -> None:
+    """ArgumentError where these options cannot sample `denoiser`: more steps than its T, or
+    guidance for an unconditional model."""
+    num_timesteps = denoiser.schedule.num_timesteps
+    if self.num_steps is not None and self.num_steps > num_timesteps:
+      raise ArgumentError("num_steps", self.num_steps, f"more than the model's T = "
+                          f"{num_timesteps} diffusion steps; choose 1 … {num_timesteps}")
+    if self.guidance_scale and denoiser.num_classes < 1:
+      raise ArgumentError("guidance_scale", self.guidance_scale, "this model is unconditional "
+                          "(num_classes = 0): guidance needs a class-conditional model")
+
+  def resolved(self, num_timesteps: int) -> "SamplingOptions":
+    """These options with every default made explicit: all T steps, and the sampler's spacing
+    and x̂0 clipping where they are None."""
+    registered = SAMPLERS[self.sampler]
+    return dataclasses.replace(
+        self, num_steps=num_timesteps if self.num_steps is None else self.num_steps,
+        spacing=self.spacing or registered.spacing,
+        clip_x0=registered.clip_x0 if self.clip_x0 is None else self.clip_x0)
+
+  def make_sampler(self) -> Sampler:
+    """The sampler, made with its own options."""
+    registered = SAMPLERS[self.sampler]
+    return registered.make(**{name: getattr(self, name) for name in registered.options})
 
 
-def sample(name: str, apply_fn: ApplyFn, variables, schedule: Schedule, key,
-           shape: Sequence[int], *, num_steps: int | None = None, spacing: str | None = None,
-           prediction: str = "eps", clip_x0: bool | None = None,
-           threshold_percentile: float | None = None, labels=None, num_classes: int = 0,
-           guidance_scale: float = 0.0, trajectory_every: int | None = None, x_init=None,
-           **sampler_options) -> Samples:
-  """`run` of sampler `name`, made with `sampler_options` (eta, variance, …), on `num_steps`
-  timesteps (default all T) spaced by `spacing`: it runs on `respace(schedule, S)` and shows
-  the network the original timesteps S. `spacing` and `clip_x0` default to the sampler's
-  registered ones; the other keywords are `run`'s.
-
-  Respacing is NumPy on the host, so `schedule` must be concrete: under `jax.jit`, close over it.
-  """
-  registered = get_sampler(name)
-  num_steps = schedule.num_timesteps if num_steps is None else num_steps
-  timesteps = spaced_timesteps(schedule, num_steps, spacing or registered.spacing)
-  return run(registered.make(**sampler_options), apply_fn, variables,
-             respace(schedule, timesteps), key, shape, timesteps=jnp.asarray(timesteps),
-             prediction=prediction, clip_x0=registered.clip_x0 if clip_x0 is None else clip_x0,
-             threshold_percentile=threshold_percentile, labels=labels, num_classes=num_classes,
-             guidance_scale=guidance_scale, trajectory_every=trajectory_every, x_init=x_init)
-
-
-def check_labels(labels, num_classes: int) -> None:
-  """Raise a ValueError unless the model is class-conditional (num_classes ≥ 1) and every label
-  is one of its classes, 0 ≤ y < num_classes. Traced labels (inside `jax.jit`) are not checked:
-  check them before."""
-  if num_classes < 1:
-    raise errors.UsageError(f"this model is unconditional (num_classes = {num_classes}): class "
-                            "labels and guidance need a class-conditional model")
-  if isinstance(labels, jax.core.Tracer):
-    return
-  values = np.asarray(labels)
-  if values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise errors.UsageError(f"class labels must be in [0, {num_classes}), got "
-                            f"{sorted(set(values.ravel().tolist()))}")
-
-
-def guided(cond_apply_fn: ApplyFn, labels, num_classes: int, guidance_scale: float) -> ApplyFn:
-  """Classifier-free guidance (Ho & Salimans 2022) as an unconditional `apply_fn(variables, x, t)`:
-
-      f̃(x, t) = (1 + w) f(x, t, y) − w f(x, t, ∅),
-
-  with `cond_apply_fn(variables, x, t, y)`, y = `labels` and ∅ the null label `num_classes`.
-  w = 0 is exactly the plain conditional model (one network call, no unconditional branch);
-  otherwise both branches go through the network as one batch of twice the size. ε, x0 and v
-  are affine in each other at fixed (x_t, t), so mixing outputs equals mixing ε̂ (or x̂0).
-  Labels are checked by `check_labels`.
-  """
-  check_labels(labels, num_classes)
-  if guidance_scale == 0:
-    return lambda variables, x, t: cond_apply_fn(variables, x, t, labels)
-
-  def apply_fn(variables, x, t):
-    null = jnp.full_like(labels, num_classes)
-    both = cond_apply_fn(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                         jnp.concatenate([labels, null]))
-    conditional, unconditional = jnp.split(both, 2)
-    return (1 + guidance_scale) * conditional - guidance_scale * unconditional
-
-  return apply_fn
+def sample(denoiser: Denoiser, params, key, options: SamplingOptions, *, labels=None,
+           trajectory_every: int | None = None, x_init=None) -> Samples:
+  """`run` of `options.sampler` on `options.num_steps` timesteps (default all T) spaced by
+  `options.spacing` (`sampling_grid`), showing the network the original timesteps; defaults as
+  `SamplingOptions.resolved` says. The grid is NumPy on the host, so the denoiser's schedule
+  must be concrete: under `jax.jit`, close over the denoiser."""
+  options.check_model(denoiser)
+  options = options.resolved(denoiser.schedule.num_timesteps)
+  grid = sampling_grid(denoiser.schedule, options.num_steps, options.spacing)
+  return run(options.make_sampler(), denoiser, params, grid, key, options, labels=labels,
+             trajectory_every=trajectory_every, x_init=x_init)

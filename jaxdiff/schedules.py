@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import validation
+
 
 class Schedule(NamedTuple):
   """Precomputed per-timestep coefficients, each an array of shape [T]. Every one is finite,
@@ -133,9 +135,7 @@ def from_config(diffusion_config) -> Schedule:
   """The schedule that `config.diffusion` names (`schedule`, `num_timesteps`, and its options
   from `schedule_options`), rescaled to zero terminal SNR where `rescale_zero_terminal_snr` is
   set (absent, as in configs saved before it: not)."""
-  name = diffusion_config.schedule
-  if name not in SCHEDULES:
-    raise ValueError(f"unknown schedule {name!r}; available: {sorted(SCHEDULES)}")
+  name = validation.one_of("schedule", diffusion_config.schedule, SCHEDULES, "schedule")
   options = schedule_options(name, diffusion_config.get("schedule_kwargs", {}))
   betas = SCHEDULES[name](diffusion_config.num_timesteps, **options)
   if diffusion_config.get("rescale_zero_terminal_snr", False):

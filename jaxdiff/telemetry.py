@@ -73,15 +73,15 @@ def throughput(num_steps: int, seconds: float, *, batch_size: int, flops_per_ste
   return result
 
 
-def lower_train_step(model, schedule, config, mesh):
+def lower_train_step(denoiser, config, mesh):
   """`train_step.make_train_step` lowered (traced, not compiled) for the abstract state and
   batch of `config`."""
-  step_fn = train_step.make_train_step(model, schedule, config, mesh)
-  return step_fn.lower(train_step.abstract_state(config, model, mesh),
-                       train_step.abstract_batch(config, mesh))
+  step_fn = train_step.make_train_step(denoiser, config, mesh)
+  return step_fn.lower(train_step.abstract_state(denoiser, config.train, mesh),
+                       train_step.abstract_batch(denoiser, config.train, mesh))
 
 
-def step_flops(model, schedule, config, mesh, lowered=None) -> float:
+def step_flops(denoiser, config, mesh, lowered=None) -> float:
   """FLOPs of one optimizer step on the global batch, over all devices: XLA's cost analysis of
   the plain step (one micro-batch, one step a call) lowered, not compiled, for the abstract
   state and batch (`lowered`, the config's own lowered step, is used when it is that plain
@@ -92,4 +92,4 @@ def step_flops(model, schedule, config, mesh, lowered=None) -> float:
     return float(lowered.cost_analysis()["flops"])
   plain = config.copy_and_resolve_references()
   plain.train.update(grad_accum_steps=1, steps_per_call=1)
-  return float(lower_train_step(model, schedule, plain, mesh).cost_analysis()["flops"])
+  return float(lower_train_step(denoiser, plain, mesh).cost_analysis()["flops"])

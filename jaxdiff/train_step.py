@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff import losses, parallel
-from jaxdiff.models import UNet
-from jaxdiff.schedules import Schedule
+from jaxdiff import losses, parallel, validation
+from jaxdiff.denoiser import Denoiser
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -42,8 +41,7 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
       "cosine": optax.cosine_decay_schedule(peak, decay_steps),
       "linear": optax.linear_schedule(peak, 0.0, decay_steps),
   }
-  if decay not in decay_fns:
-    raise ValueError(f"unknown lr_decay {decay!r}; choose one of {sorted(decay_fns)}")
+  validation.one_of("lr_decay", decay, decay_fns, "learning-rate decay")
   if warmup == 0:
     return decay_fns[decay]
   return optax.join_schedules([warmup_fn, decay_fns[decay]], [warmup])
@@ -78,65 +76,58 @@ def ema_update(ema_params, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
-def create_model(config) -> UNet:
-  return UNet(**config.model)
-
-
-def init_state(config, model: UNet, key) -> TrainState:
+def init_state(denoiser: Denoiser, train_config, key) -> TrainState:
   """A fresh TrainState: params initialised from `key`, EMA equal to them, step 0."""
   init_key, rng = jax.random.split(key)
-  size, channels = config.data.image_size, config.data.num_channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  params = model.init({"params": init_key}, x, t, labels)["params"]
+  params = denoiser.init(init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=make_optimizer(config.train).init(params), rng=rng)
+                    opt_state=make_optimizer(train_config).init(params), rng=rng)
 
 
-def abstract_state(config, model: UNet, mesh: Mesh | None = None) -> TrainState:
+def abstract_state(denoiser: Denoiser, train_config, mesh: Mesh | None = None) -> TrainState:
   """The TrainState's shapes and dtypes, computed without making any array; with `mesh`, each
   leaf also carries its sharding from `parallel.state_shardings` (the target of a restore)."""
-  shapes = jax.eval_shape(functools.partial(init_state, config, model), jax.random.key(0))
+  shapes = jax.eval_shape(functools.partial(init_state, denoiser, train_config),
+                          jax.random.key(0))
   if mesh is None:
     return shapes
   return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       shapes, parallel.state_shardings(shapes, mesh))
 
 
-def abstract_batch(config, mesh: Mesh):
+def abstract_batch(denoiser: Denoiser, train_config, mesh: Mesh):
   """The shapes, dtypes and shardings of what the jitted step takes as its batch: {'image':
   float32 [B, H, W, C], 'label': int32 [B]}, or K of them stacked [K, B, ...] with
-  `config.train.steps_per_call` = K > 1."""
-  size, channels = config.data.image_size, config.data.num_channels
-  steps_per_call, batch_size = config.train.steps_per_call, config.train.batch_size
+  `train_config.steps_per_call` = K > 1."""
+  steps_per_call, batch_size = train_config.steps_per_call, train_config.batch_size
   stacked = (steps_per_call,) if steps_per_call > 1 else ()
   sharding = (parallel.stacked_batch_sharding(mesh) if stacked
               else parallel.batch_sharding(mesh))
-  return {"image": jax.ShapeDtypeStruct((*stacked, batch_size, size, size, channels),
+  return {"image": jax.ShapeDtypeStruct((*stacked, batch_size, *denoiser.image_shape),
                                         jnp.float32, sharding=sharding),
           "label": jax.ShapeDtypeStruct((*stacked, batch_size), jnp.int32, sharding=sharding)}
 
 
-def create_state(config, model: UNet, mesh: Mesh, key) -> TrainState:
+def create_state(denoiser: Denoiser, train_config, mesh: Mesh, key) -> TrainState:
   """A fresh TrainState made directly with its shardings over `mesh` (never whole on one
   device first)."""
-  shardings = parallel.state_shardings(abstract_state(config, model), mesh)
-  return jax.jit(functools.partial(init_state, config, model), out_shardings=shardings)(key)
+  shardings = parallel.state_shardings(abstract_state(denoiser, train_config), mesh)
+  return jax.jit(functools.partial(init_state, denoiser, train_config),
+                 out_shardings=shardings)(key)
 
 
-def make_loss_fn(model: UNet, schedule: Schedule, config) -> Callable:
+def make_loss_fn(denoiser: Denoiser, diffusion_config) -> Callable:
   """(params, batch, draws, dropout_key) ↦ (L_simple, aux) of `losses.loss_from_draws` for this
-  model and config (its prediction target and loss weighting), with dropout active; the draws
-  come from `losses.draw_noise`."""
+  denoiser (its schedule and prediction target) and `config.diffusion`'s loss weighting, with
+  dropout active; the draws come from `losses.draw_noise`."""
 
   def denoise_fn(params, x_t, t, labels, key):
-    return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": key})
+    return denoiser.output(params, x_t, t, labels, train=True, rngs={"dropout": key})
 
   def loss_fn(params, batch, draws, dropout_key):
-    return losses.loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key,
-                                  config.diffusion.prediction, config.diffusion.loss_weighting,
-                                  config.diffusion.min_snr_gamma)
+    return losses.loss_from_draws(denoise_fn, params, denoiser.schedule, batch, draws,
+                                  dropout_key, denoiser.prediction,
+                                  diffusion_config.loss_weighting, diffusion_config.min_snr_gamma)
 
   return loss_fn
 
@@ -242,7 +233,7 @@ def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
   }
 
 
-def make_train_step(model: UNet, schedule: Schedule, config, mesh: Mesh):
+def make_train_step(denoiser: Denoiser, config, mesh: Mesh):
   """`train_step` with its dependencies built from `config`, jitted once over the mesh: the
   state with its shardings from `parallel.state_shardings`, the batch split over every device,
   the old state's buffers donated. The program is written for the global batch; XLA partitions
@@ -253,22 +244,21 @@ def make_train_step(model: UNet, schedule: Schedule, config, mesh: Mesh):
   `lax.scan` of the step): it takes K stacked batches [K, B, ...] and returns the state after
   the K-th step and the metrics of each step stacked [K, ...], as K calls would.
   """
-  train_config = config.train
+  train_config, num_timesteps = config.train, denoiser.schedule.num_timesteps
   parallel.check_divisible(train_config.batch_size, mesh, train_config.grad_accum_steps)
   step = functools.partial(
       train_step,
-      draw_fn=functools.partial(losses.draw_noise, num_timesteps=schedule.num_timesteps,
-                                num_classes=config.model.num_classes,
-                                p_uncond=train_config.p_uncond),
-      loss_fn=parallel.split_loss_fn(make_loss_fn(model, schedule, config), mesh),
+      draw_fn=functools.partial(losses.draw_noise, num_timesteps=num_timesteps,
+                                num_classes=denoiser.num_classes, p_uncond=train_config.p_uncond),
+      loss_fn=parallel.split_loss_fn(make_loss_fn(denoiser, config.diffusion), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
-      ema_decay_fn=ema_decay_fn(train_config), num_timesteps=schedule.num_timesteps,
+      ema_decay_fn=ema_decay_fn(train_config), num_timesteps=num_timesteps,
       loss_bins=train_config.loss_bins, grad_accum_steps=train_config.grad_accum_steps)
   batch_sharding = parallel.batch_sharding(mesh)
   if train_config.steps_per_call > 1:
     step = functools.partial(jax.lax.scan, step)
     batch_sharding = parallel.stacked_batch_sharding(mesh)
-  state_shardings = parallel.state_shardings(abstract_state(config, model), mesh)
+  state_shardings = parallel.state_shardings(abstract_state(denoiser, train_config), mesh)
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

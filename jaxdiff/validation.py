@@ -7,6 +7,8 @@ from typing import Iterable
 
 from jaxdiff.errors import ArgumentError
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # what a network may compute in; params stay float32
+
 
 def is_whole(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)

@@ -17,6 +17,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxdiff.errors import ArgumentError
 from jaxdiff.data import builders
 from jaxdiff.data import folder
 
@@ -165,36 +166,20 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> Split:
   return _open(data_config, split)
 
 
-def check_model_compatible(
-    data_config: ml_collections.ConfigDict, model_config: ml_collections.ConfigDict) -> None:
-  """Raise ValueError, naming both values, where data and model cannot work together."""
+def check_model_compatible(data_config: ml_collections.ConfigDict, num_classes: int,
+                           out_channels: int) -> None:
+  """ArgumentError (named by config field: 'data.num_channels', 'model.out_channels',
+  'model.num_classes') where the dataset and a model of `num_classes` classes that predicts
+  `out_channels` channels cannot work together."""
   info = dataset_info(data_config)
   channels = data_config.num_channels
   if info.num_channels != channels:
-    raise ValueError(
-        f"dataset {info.name!r} has {info.num_channels}-channel images but "
-        f"config.data.num_channels is {channels}; set --config.data.num_channels="
-        f"{info.num_channels}")
-  out_channels = model_config.get("out_channels", channels)
+    raise ArgumentError("data.num_channels", channels, f"dataset {info.name!r} has "
+                        f"{info.num_channels}-channel images; set {info.num_channels}")
   if out_channels != channels:
-    raise ValueError(
-        f"config.model.out_channels is {out_channels} but config.data.num_channels is "
-        f"{channels}; the model predicts images of the data's channels")
-  size = data_config.image_size
-  if not isinstance(size, int) or size < 1:
-    raise ValueError(f"config.data.image_size must be a positive integer, not {size!r}")
-  model_size = model_config.get("image_size", size)
-  if model_size != size:
-    raise ValueError(
-        f"config.model.image_size is {model_size} but config.data.image_size is {size}")
-  num_downsamples = len(model_config.get("ch_mult", (1,))) - 1
-  if size % 2**num_downsamples:
-    raise ValueError(
-        f"config.data.image_size {size} cannot be halved {num_downsamples} times, as "
-        f"config.model.ch_mult of length {num_downsamples + 1} needs: use a multiple of "
-        f"{2**num_downsamples}")
-  model_classes = model_config.get("num_classes", 0)
-  if model_classes and not 0 < info.num_classes <= model_classes:
-    raise ValueError(
-        f"config.model.num_classes is {model_classes} but dataset {info.name!r} has "
-        f"{info.num_classes} classes" + (" (no labels)" if not info.num_classes else ""))
+    raise ArgumentError("model.out_channels", out_channels, f"the model predicts images of the "
+                        f"data's channels, config.data.num_channels = {channels}")
+  if num_classes and not 0 < info.num_classes <= num_classes:
+    raise ArgumentError("model.num_classes", num_classes, f"dataset {info.name!r} has "
+                        f"{info.num_classes} classes"
+                        + (" (no labels): set 0" if not info.num_classes else ""))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import losses, parallel
-from jaxdiff.schedules import Schedule
+from jaxdiff.denoiser import Denoiser
 
 
 def pixel_levels(info, image_size: int) -> int:
@@ -30,31 +30,30 @@ def quantize(x0, num_levels: int):
   return jnp.round((x0 + 1.0) * (steps / 2.0)) * (2.0 / steps) - 1.0
 
 
-def make_bound_fn(apply_fn, schedule: Schedule, mesh, *, num_levels: int, num_classes: int = 0,
-                  prediction: str = "eps", variance: str = "beta", clip_x0: bool = True,
-                  timestep_chunk: int = 50):
-  """A jitted fn(variables, batch, key) -> per-image terms in nats, masked sums over the batch:
+def make_bound_fn(denoiser: Denoiser, params, mesh, *, num_levels: int,
+                  variance: str = "beta", clip_x0: bool = True, timestep_chunk: int = 50):
+  """A jitted fn(params, batch, key) -> per-image terms in nats, masked sums over the batch:
   {'prior': [], 'terms': [T] (index 0 = L_0), 'total': [B] per image, 'mask': [B], 'count': []}.
 
-  `apply_fn(variables, x_t, t[, labels])` is the network (labels when `num_classes` > 0: the
-  bound of the class-conditional model given each image's label). `batch` holds 'image' in
-  [−1, 1] (snapped to the `num_levels` grid here), 'label' and 'mask' (False on padding).
+  A class-conditional denoiser gives the bound of the model given each image's label. `batch`
+  holds 'image' in [−1, 1] (snapped to the `num_levels` grid here), 'label' and 'mask' (False on
+  padding). The params keep the train state's layout (`parallel.state_shardings` of `params`).
   """
+  schedule = denoiser.schedule
   num_timesteps = schedule.num_timesteps
 
-  def bound(variables, batch, key):
+  def bound(params, batch, key):
     x0 = quantize(batch["image"].astype(jnp.float32), num_levels)
     mask = batch["mask"].astype(jnp.float32)
-    network = apply_fn
-    if num_classes:
-      network = lambda v, x, t: apply_fn(v, x, t, batch["label"])
+    labels = batch["label"] if denoiser.num_classes else None
+    network = lambda params, x, t: denoiser.output(params, x, t, labels)
 
     def term_at(t):
       noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape, x0.dtype)
       t_batch = jnp.full(x0.shape[:1], t, jnp.int32)
-      return losses.vb_term(network, variables, schedule, x0, t_batch, noise,
-                            num_levels=num_levels, prediction=prediction, variance=variance,
-                            clip_x0=clip_x0)
+      return losses.vb_term(network, params, schedule, x0, t_batch, noise,
+                            num_levels=num_levels, prediction=denoiser.prediction,
+                            variance=variance, clip_x0=clip_x0)
 
     terms = jax.lax.map(term_at, jnp.arange(num_timesteps), batch_size=timestep_chunk)
     prior = losses.prior_kl(schedule, x0)
@@ -62,12 +61,12 @@ def make_bound_fn(apply_fn, schedule: Schedule, mesh, *, num_levels: int, num_cl
             "total": prior + jnp.sum(terms, axis=0), "mask": batch["mask"],
             "count": jnp.sum(mask)}
 
-  return jax.jit(bound, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh),
-                                      parallel.replicated(mesh)),
+  return jax.jit(bound, in_shardings=(parallel.state_shardings(params, mesh),
+                                      parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
-def bits_per_dim(bound_fn, variables, batches, key, image_shape) -> dict:
+def bits_per_dim(bound_fn, params, batches, key, image_shape) -> dict:
   """Runs `make_bound_fn`'s program over `batches` (global batches with 'mask') and reports
   bits/dim: 'bpd' (total), 'prior_bpd' (L_T), 'diffusion_bpd' (Σ L_{t−1}, t ≥ 2, paper
   indices), 'decoder_bpd' (L_0), 'bpd_per_timestep' [T] (index 0 = L_0), 'bpd_stderr' (over
@@ -75,7 +74,7 @@ def bits_per_dim(bound_fn, variables, batches, key, image_shape) -> dict:
   nats_to_bpd = 1.0 / (math.prod(image_shape) * math.log(2.0))
   prior, terms, totals, count = 0.0, 0.0, [], 0.0
   for index, batch in enumerate(batches):
-    result = jax.device_get(bound_fn(variables, batch, jax.random.fold_in(key, index)))
+    result = jax.device_get(bound_fn(params, batch, jax.random.fold_in(key, index)))
     mask = np.asarray(result["mask"], bool)
     prior += float(result["prior"])
     terms = terms + np.asarray(result["terms"], np.float64)

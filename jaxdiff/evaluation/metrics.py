@@ -1,106 +1,148 @@
-"""Evaluating a model's EMA params: bits/dim on held-out data, and FID or the offline quality
-score of its samples. Used by `evaluate.py` and by the trainer every `train.eval_every` steps."""
+"""Every metric of a model's EMA params in one registry, METRICS: bits/dim on held-out data, and
+FID or the offline quality score of its samples. evaluate.py, the trainer (`training_scalars`)
+and `config_check` all read it.
+
+A metric is one `Metric` entry: how it is computed, whether it judges samples (then it draws
+them as `Request.sampling` says), how many by default, and what it needs of the data and the
+machine. Adding one is a module computing it and an entry here.
+"""
 
 import dataclasses
 import math
 import time
+from typing import Callable, NamedTuple
 
 import jax
 
-from jaxdiff import data, generate, images, schedules
+from jaxdiff import data, generate, images
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.errors import ArgumentError
 from jaxdiff.evaluation import fid, likelihood, quality
-
-METRICS = ("bpd", "fid", "quality")
-
-
-def check_metric(metric: str, data_config) -> None:
-  """A clear error, before any work, for a metric that cannot run on this dataset or machine."""
-  if metric not in METRICS:
-    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
-  if metric == "quality" and data.dataset_info(data_config).num_classes < 2:
-    raise ValueError(f"the quality score judges digits with a classifier trained on labels; "
-                     f"{data_config.dataset!r} has none: use metric fid or bpd")
-  if metric == "fid":
-    fid.check_available()
+from jaxdiff.samplers import SamplingOptions
 
 
-def generate_uint8(model, params, config, mesh, key, options: generate.SamplingOptions, *,
-                   num_samples: int):
-  """(samples as uint8 [N, H, W, C], the classes asked for (None when unconditional), the timing
-  of `generate`); conditional models get the classes in turn, with `options.guidance_scale`."""
-  size, channels = config.data.image_size, config.data.num_channels
-  result = generate.generate(
-      model.apply, {"params": params}, schedules.from_config(config.diffusion), key, options,
-      num_samples=num_samples, image_shape=(size, size, channels),
-      prediction=config.diffusion.prediction, num_classes=config.model.num_classes, mesh=mesh,
-      progress=False)
-  return images.to_uint8(result["images"]), result["labels"], result["timing"]
+class Request(NamedTuple):
+  """How much to evaluate and how: `sampling` (how sample metrics draw their samples; its
+  batch size also batches bpd's images), `num_samples` (sample metrics; None: the metric's
+  default), `num_images` (bpd's held-out images; None: all), and bpd's reverse-process
+  `variance` (σ_t² = β_t or β̃_t) and `timestep_chunk` (network calls of the bound run at once)."""
+
+  sampling: SamplingOptions = SamplingOptions()
+  num_samples: int | None = None
+  num_images: int | None = None
+  variance: str = "beta"
+  timestep_chunk: int = 50
+
+  @classmethod
+  def from_config(cls, eval_config) -> "Request":
+    """The trainer's request: `config.eval`."""
+    return cls(sampling=SamplingOptions.from_config(eval_config),
+               num_samples=eval_config.num_samples, num_images=eval_config.bpd_images,
+               timestep_chunk=eval_config.timestep_chunk)
 
 
-def bits_per_dim(model, params, config, mesh, key, *, num_images: int | None = None,
-                 batch_size: int = 128, variance: str = "beta", timestep_chunk: int = 50) -> dict:
-  """The bound in bits/dim on config.data.eval_split (its first `num_images`, default all),
-  with the uniform baseline log2(levels) beside it."""
-  schedule = schedules.from_config(config.diffusion)
-  levels = likelihood.pixel_levels(data.dataset_info(config.data), config.data.image_size)
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """`compute(denoiser, params, data_config, mesh, key, request)` → a dict of results;
+  `judges_samples`: it scores `request.num_samples` (default `default_num_samples`) samples;
+  `check(data_config)`: ValueError where it cannot run on this dataset or machine."""
+
+  compute: Callable[..., dict]
+  judges_samples: bool
+  default_num_samples: int | None
+  check: Callable = lambda data_config: None
+
+
+def bits_per_dim(denoiser: Denoiser, params, data_config, mesh, key, request: Request) -> dict:
+  """The bound in bits/dim on `data_config.eval_split` (its first `request.num_images`, default
+  all), with the uniform baseline log2(levels) beside it."""
+  levels = likelihood.pixel_levels(data.dataset_info(data_config), data_config.image_size)
   bound_fn = likelihood.make_bound_fn(
-      model.apply, schedule, mesh, num_levels=levels, num_classes=config.model.num_classes,
-      prediction=config.diffusion.prediction, variance=variance,
-      timestep_chunk=min(timestep_chunk, schedule.num_timesteps))
+      denoiser, params, mesh, num_levels=levels, variance=request.variance,
+      timestep_chunk=min(request.timestep_chunk, denoiser.schedule.num_timesteps))
+  batch_size, num_images = request.sampling.batch_size, request.num_images
   if num_images is not None:
     batch_size = min(batch_size, math.ceil(num_images / mesh.size) * mesh.size)
-  batches = data.make_eval_iterator(config.data, batch_size, mesh, limit=num_images)
+  batches = data.make_eval_iterator(data_config, batch_size, mesh, limit=num_images)
   try:
-    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    result = likelihood.bits_per_dim(bound_fn, {"params": params}, batches, key, image_shape)
+    result = likelihood.bits_per_dim(bound_fn, params, batches, key, denoiser.image_shape)
   finally:
     batches.close()
   return {"metric": f"NLL bound, bits/dim (DDPM L_vlb, {levels}-level discretised decoder, "
-                    f"σ² = {variance})",
+                    f"σ² = {request.variance})",
           **result, "uniform_bpd": math.log2(levels), "pixel_levels": levels}
 
 
-def sample_metric(metric: str, model, params, config, mesh, key, *,
-                  options: generate.SamplingOptions, num_samples: int) -> dict:
-  """FID or the quality score of `num_samples` samples taken as `options` say; the result
-  names the sampler and its step count, and keeps all the options under 'sampling'."""
-  start = time.perf_counter()
-  samples, labels, timing = generate_uint8(model, params, config, mesh, key, options,
-                                           num_samples=num_samples)
-  sampling_seconds = time.perf_counter() - start
-  if metric == "quality":
-    result = quality.quality_score(samples, config.data, labels=labels)
-  else:
-    result = fid.fid_of_samples(samples, config.data, mesh=mesh)
-  return {**result, "sampler": options.sampler, "num_steps": options.num_steps,
-          "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds,
-          **timing}
+def _sample_metric(judge: Callable) -> Callable[..., dict]:
+  """compute() of a metric that judges samples: `request.num_samples` samples drawn as
+  `request.sampling` says (conditional models: the classes in turn), as uint8, then
+  `judge(samples, labels, data_config, mesh)`; the result names the sampler and its step count,
+  keeps all the sampling options under 'sampling', and the sampling's time."""
+
+  def compute(denoiser, params, data_config, mesh, key, request: Request) -> dict:
+    start = time.perf_counter()
+    result = generate.generate(denoiser, params, key, request.sampling,
+                               num_samples=request.num_samples, mesh=mesh, progress=False)
+    sampling_seconds = time.perf_counter() - start
+    scores = judge(images.to_uint8(result["images"]), result["labels"], data_config, mesh)
+    options = request.sampling.resolved(denoiser.schedule.num_timesteps)
+    return {**scores, "sampler": options.sampler, "num_steps": options.num_steps,
+            "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds,
+            **result["timing"]}
+
+  return compute
 
 
-def evaluate(metric: str, model, params, config, mesh, key, **options) -> dict:
-  """`bits_per_dim` for 'bpd', else `sample_metric`; options go to the one chosen."""
-  check_metric(metric, config.data)
-  if metric == "bpd":
-    return bits_per_dim(model, params, config, mesh, key, **options)
-  return sample_metric(metric, model, params, config, mesh, key, **options)
+def _check_labelled(data_config) -> None:
+  if data.dataset_info(data_config).num_classes < 2:
+    raise ValueError(f"the quality score judges digits with a classifier trained on labels; "
+                     f"{data_config.dataset!r} has none: use metric fid or bpd")
 
 
-def training_scalars(model, params, config, mesh, key) -> dict:
-  """What the trainer logs every `train.eval_every` steps: the numbers of each metric in
-  `config.eval.metrics`, named 'eval/<metric>/<number>'."""
-  eval_config = config.eval
+METRICS = {
+    "bpd": Metric(bits_per_dim, judges_samples=False, default_num_samples=None),
+    "fid": Metric(
+        _sample_metric(lambda samples, labels, data_config, mesh:
+                       fid.fid_of_samples(samples, data_config, mesh=mesh)),
+        judges_samples=True, default_num_samples=10_000,
+        check=lambda data_config: fid.check_available()),
+    "quality": Metric(
+        _sample_metric(lambda samples, labels, data_config, mesh:
+                       quality.quality_score(samples, data_config, labels=labels)),
+        judges_samples=True, default_num_samples=1000, check=_check_labelled),
+}
+
+
+def check_metric(name: str, data_config) -> Metric:
+  """The metric `name`, once it is known to run on this dataset and machine (ArgumentError
+  naming 'metric' otherwise)."""
+  if name not in METRICS:
+    raise ArgumentError("metric", name, f"unknown metric; choose one of {', '.join(METRICS)}")
+  try:
+    METRICS[name].check(data_config)
+  except (ValueError, FileNotFoundError) as error:
+    raise ArgumentError("metric", name, " ".join(str(error).split())) from error
+  return METRICS[name]
+
+
+def evaluate(name: str, denoiser: Denoiser, params, data_config, mesh, key,
+             request: Request = Request()) -> dict:
+  """Metric `name` of `params`, as `request` says (its defaults: the metric's)."""
+  metric = check_metric(name, data_config)
+  if metric.judges_samples and request.num_samples is None:
+    request = request._replace(num_samples=metric.default_num_samples)
+  return metric.compute(denoiser, params, data_config, mesh, key, request)
+
+
+def training_scalars(denoiser: Denoiser, params, data_config, metric_names, request: Request,
+                     mesh, key) -> dict:
+  """What the trainer logs every `train.eval_every` steps: the numbers of each of
+  `metric_names` (`config.eval.metrics`), named 'eval/<metric>/<number>'."""
   scalars = {}
-  for index, metric in enumerate(eval_config.metrics):
-    metric_key = jax.random.fold_in(key, index)
-    if metric == "bpd":
-      result = bits_per_dim(model, params, config, mesh, metric_key,
-                            num_images=eval_config.bpd_images,
-                            batch_size=eval_config.batch_size,
-                            timestep_chunk=eval_config.timestep_chunk)
-    else:
-      result = sample_metric(metric, model, params, config, mesh, metric_key,
-                             options=generate.SamplingOptions.from_config(eval_config),
-                             num_samples=eval_config.num_samples)
-    scalars.update({f"eval/{metric}/{name}": value for name, value in result.items()
+  for index, name in enumerate(metric_names):
+    result = evaluate(name, denoiser, params, data_config, mesh, jax.random.fold_in(key, index),
+                      request)
+    scalars.update({f"eval/{name}/{number}": value for number, value in result.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)})
   return scalars
+

@@ -6,15 +6,16 @@ import jax
 import numpy as np
 
 from jaxdiff import data, visualize
+from jaxdiff.denoiser import Denoiser
 
 
-def panel_inputs(config, key, num_images: int = 4):
+def panel_inputs(data_config, key, num_images: int = 4):
   """A few held-out images in [−1, 1] (the eval split, or train for datasets without one) and
   fixed noise for them, so panels from different steps are comparable."""
-  split = config.data.eval_split
-  if split not in data.dataset_info(config.data).num_examples:
-    split = config.data.train_split
-  pixels, _ = data.load_split_numpy(config.data, split, limit=num_images)
+  split = data_config.eval_split
+  if split not in data.dataset_info(data_config).num_examples:
+    split = data_config.train_split
+  pixels, _ = data.load_split_numpy(data_config, split, limit=num_images)
   x0 = pixels.astype(np.float32) / 127.5 - 1.0
   return x0, np.asarray(jax.random.normal(key, x0.shape))
 
@@ -25,14 +26,17 @@ def panel_timesteps(schedule) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_apply(model):
-  """`model.apply` jitted once per network, so a panel runs it as one program, not op by op."""
-  return jax.jit(model.apply)
+def compiled_output(denoiser: Denoiser):
+  """`denoiser.output` jitted once per denoiser, so a panel runs it as one program, not op by
+  op (the params keep their layout)."""
+  return jax.jit(denoiser.output)
 
 
-def panel(model, params, schedule, config, x0, noise) -> np.ndarray:
-  """The uint8 panel of `visualize.denoising_rows` for the network `model` with `params`."""
-  apply_fn = compiled_apply(model)
-  predict_fn = lambda x_t, t: apply_fn({"params": params}, x_t, t)
+def panel(denoiser: Denoiser, params, x0, noise) -> np.ndarray:
+  """The uint8 panel of `visualize.denoising_rows` for `denoiser` with `params` (a conditional
+  model shows its unconditional prediction)."""
+  output = compiled_output(denoiser)
+  predict_fn = lambda x_t, t: output(params, x_t, t)
   return visualize.denoising_panel(visualize.denoising_rows(
-      predict_fn, schedule, x0, noise, panel_timesteps(schedule), config.diffusion.prediction))
+      predict_fn, denoiser.schedule, x0, noise, panel_timesteps(denoiser.schedule),
+      denoiser.prediction))

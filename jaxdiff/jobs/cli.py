@@ -13,6 +13,8 @@ one line and exits 1. With --verbose, or TRACEBACK_ENV=1 in the environment, the
 printed before that line.
 """
 
+import contextlib
+import dataclasses
 import difflib
 import os
 import re
@@ -23,8 +25,7 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff import errors, generate, samplers
-from jaxdiff.jobs import sample
+from jaxdiff import config_io, errors, samplers, validation
 
 TRACEBACK_ENV = "JAXDIFF_TRACEBACK"
 CONFIG_FLAG = "config"
@@ -89,22 +90,13 @@ def config_path(argv: Sequence[str], default: str, flag_name: str = CONFIG_FLAG)
   return path
 
 
-def has_field(config, field: str) -> bool:
-  node = config
-  for part in field.split("."):
-    if not hasattr(node, "items") or part not in node:
-      return False
-    node = node[part]
-  return True
-
-
 def unknown_field_error(config, fields: Sequence[str],
                         flag_name: str = CONFIG_FLAG) -> errors.UsageError | None:
   """A one-line error for the first of `fields` that `config` does not have, naming the nearest
   real fields; None when it has them all."""
   names = config_field_names(config)
   for field in fields:
-    if not has_field(config, field):
+    if config_io.lookup(config, field) is config_io.ABSENT:
       nearest = difflib.get_close_matches(field, names, n=3, cutoff=0.5)
       hint = (f"the nearest are {', '.join(f'--{flag_name}.{name}' for name in nearest)}"
               if nearest else f"see the fields of the --{flag_name} file")
@@ -191,33 +183,63 @@ def run(main: Callable[[list[str]], Any]) -> None:
   app.run(guarded_main, flags_parser=parse_flags)
 
 
+@contextlib.contextmanager
+def naming_flags(prefix: str = "", **flag_of):
+  """An `errors.ArgumentError` raised inside becomes the UsageError of the flag that set the
+  argument: --PREFIX<name>=VALUE, or --<flag_of[name]> where the flag's name differs."""
+  try:
+    yield
+  except errors.ArgumentError as error:
+    raise errors.usage_error(flag_of.get(error.name, prefix + error.name), error) from error
+
+
+FALLBACK_NUM_STEPS = 20  # with a sampler other than the model's own and no --num_steps
+
+
 class SamplingFlags:
   """The flags sample.py and evaluate.py share: how to sample (--sampler, --num_steps,
-  --spacing, --clip_x0, --threshold_percentile, --guidance_scale) and the network's compute
-  --dtype. Defined once per program: `_SAMPLING = cli.SamplingFlags()` at module level."""
+  --spacing, --clip_x0, --threshold_percentile, --guidance_scale), each defaulting to the
+  model's own sampling section, and the network's compute --dtype. Defined once per program:
+  `_SAMPLING = cli.SamplingFlags()` at module level."""
 
   def __init__(self):
-    self.sampler = flags.DEFINE_string("sampler", "dpm_solver",
-                                       f"One of {', '.join(samplers.SAMPLERS)}.")
-    self.num_steps = flags.DEFINE_integer("num_steps", 20, "Sampling steps (1 … T).")
+    self.sampler = flags.DEFINE_string(
+        "sampler", None, f"One of {', '.join(samplers.SAMPLERS)} (default: the model's own, "
+        "config.sample or config.eval).")
+    self.num_steps = flags.DEFINE_integer(
+        "num_steps", None, f"Sampling steps, 1 … T (default: the model's own; with another "
+        f"--sampler, {FALLBACK_NUM_STEPS}).")
     self.spacing = flags.DEFINE_string(
-        "spacing", None, f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: "
-        "the sampler's: logsnr for the DPM-Solvers, else uniform).")
+        "spacing", None, f"Timesteps kept, one of {', '.join(samplers.SPACINGS)} (default: the "
+        "model's own, else the sampler's: logsnr for the DPM-Solvers, else uniform).")
     self.clip_x0 = flags.DEFINE_bool(
-        "clip_x0", None, "Clip x̂0 to [-1, 1] (default: yes for ddpm and ddim, no for the "
-        "DPM-Solvers).")
+        "clip_x0", None, "Clip x̂0 to [-1, 1] (default: the model's own, else yes for ddpm and "
+        "ddim, no for the DPM-Solvers).")
     self.threshold_percentile = flags.DEFINE_float(
         "threshold_percentile", None, "Dynamic thresholding of x̂0 at this quantile of |x̂0|, "
-        "e.g. 0.995 (Imagen). Default: none.")
+        "e.g. 0.995 (Imagen). Default: the model's own, else none.")
     self.guidance_scale = flags.DEFINE_float(
-        "guidance_scale", 0.0, "Classifier-free guidance w (0: the plain conditional model).")
+        "guidance_scale", None, "Classifier-free guidance w (default: the model's own, else 0: "
+        "the plain conditional model).")
     self.dtype = flags.DEFINE_string(
-        "dtype", None, f"The network's compute dtype, {' or '.join(sample.DTYPES)} (default: "
-        "the model's config.model.dtype). Params, time and the sampler stay float32.")
+        "dtype", None, f"The network's compute dtype, {' or '.join(validation.COMPUTE_DTYPES)} "
+        "(default: the model's config.model.dtype). Params, time and the sampler stay float32.")
 
-  def options(self, **more) -> generate.SamplingOptions:
-    """`generate.SamplingOptions` from these flags and `more` (batch_size, eta, …)."""
-    return generate.SamplingOptions(
-        sampler=self.sampler.value, num_steps=self.num_steps.value, spacing=self.spacing.value,
-        clip_x0=self.clip_x0.value, threshold_percentile=self.threshold_percentile.value,
-        guidance_scale=self.guidance_scale.value, **more)
+  def given(self) -> dict:
+    """The sampling flags given on the command line (not --dtype), as SamplingOptions fields."""
+    return {name: holder.value for name, holder in vars(self).items()
+            if name != "dtype" and holder.value is not None}
+
+
+def sampling_options(section, given: dict) -> samplers.SamplingOptions:
+  """How to sample a model: its own sampling `section` (`config.sample` or `config.eval`),
+  overridden by `given` (the flags given, `SamplingFlags.given`, and batch_size, eta, …). A
+  sampler other than the section's drops the section (its steps, spacing and x̂0 policy were
+  chosen for its own sampler; steps then default to FALLBACK_NUM_STEPS). UsageError naming the
+  flag of a bad value."""
+  own = samplers.SamplingOptions.from_config(section)
+  if given.get("sampler", own.sampler) != own.sampler:
+    own = samplers.SamplingOptions(sampler=given["sampler"], num_steps=FALLBACK_NUM_STEPS,
+                                   batch_size=own.batch_size)
+  with naming_flags():
+    return dataclasses.replace(own, **given)

@@ -7,6 +7,7 @@ import jax
 
 from jaxdiff import errors, images, parallel, storage
 from jaxdiff.evaluation import metrics, panels
+from jaxdiff.jobs import cli
 from jaxdiff.jobs import sample as sample_job
 from jaxdiff.jobs import workdir as workdir_lib
 
@@ -22,22 +23,29 @@ def check_request(output: str | None, **counts) -> None:
   sample_job.check_folder("output", output, os.path.dirname(storage.resolve(output)))
 
 
-def run(workdir: str, metric: str, *, checkpoint_step: int | None = None, seed: int = 0,
-        dtype: str | None = None, **options) -> dict:
-  """`evaluate` on the EMA params of a training workdir (or an export), on this host's devices,
-  with the network computing in `dtype` (None: as trained); the result also names the
-  checkpoint, dataset, dtype and device count."""
+def run(workdir: str, metric: str, sampling: dict | None = None, *,
+        checkpoint_step: int | None = None, seed: int = 0, dtype: str | None = None,
+        num_samples: int | None = None, num_images: int | None = None,
+        variance: str = "beta") -> dict:
+  """`metrics.evaluate` on the EMA params of a training workdir (or an export), on this host's
+  devices, with the network computing in `dtype` (None: as trained). Sample metrics sample as
+  the model's own `config.eval` says, overridden by `sampling` (the flags given); the result
+  also names the checkpoint, dataset, dtype and device count."""
   sample_job.check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config = trained.config
-  metrics.check_metric(metric, config.data)
-  model = sample_job.computing_in(trained.model, dtype)
+  with cli.naming_flags():
+    metrics.check_metric(metric, config.data)
+    denoiser = trained.denoiser.computing_in(dtype)
+    request = metrics.Request(sampling=cli.sampling_options(config.eval, sampling or {}),
+                              num_samples=num_samples, num_images=num_images, variance=variance)
   mesh = parallel.make_mesh(jax.local_devices())
   start = time.perf_counter()
-  result = metrics.evaluate(metric, model, trained.params, config, mesh, jax.random.key(seed),
-                            **options)
+  with cli.naming_flags():
+    result = metrics.evaluate(metric, denoiser, trained.params, config.data, mesh,
+                              jax.random.key(seed), request)
   return {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset, "seed": seed,
-          "dtype": model.dtype, "devices": mesh.devices.size,
+          "dtype": denoiser.dtype, "devices": mesh.devices.size,
           "seconds": time.perf_counter() - start}
 
 
@@ -55,8 +63,7 @@ def write_panel(workdir: str, output_path: str, checkpoint_step: int | None = No
   trained), as a PNG (needs the dataset for x0)."""
   sample_job.check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
-  x0, noise = panels.panel_inputs(trained.config, jax.random.key(seed))
-  image = panels.panel(sample_job.computing_in(trained.model, dtype), trained.params,
-                       trained.schedule, trained.config, x0, noise)
+  x0, noise = panels.panel_inputs(trained.config.data, jax.random.key(seed))
+  image = panels.panel(trained.denoiser.computing_in(dtype), trained.params, x0, noise)
   images.save_png(output_path, image)
   return storage.resolve(output_path)

@@ -8,10 +8,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxdiff import errors, generate, images, parallel, storage
+from jaxdiff import errors, generate, images, parallel, storage, validation
+from jaxdiff.jobs import cli
 from jaxdiff.jobs import workdir as workdir_lib
-
-DTYPES = ("float32", "bfloat16")
 
 
 class Written(NamedTuple):
@@ -41,57 +40,50 @@ def check_folder(flag: str, value: str, folder: str | None = None) -> None:
 
 
 def check_dtype(dtype: str | None) -> None:
-  """errors.UsageError unless `dtype` (the --dtype flag) is None or one of DTYPES."""
-  if dtype is not None and dtype not in DTYPES:
-    raise errors.UsageError(f"--dtype={dtype}: not a compute dtype; choose one of "
-                            f"{', '.join(DTYPES)} (or leave it out for the model's own)")
+  """UsageError unless `dtype` (the --dtype flag) is None or a compute dtype."""
+  if dtype is not None:
+    with cli.naming_flags():
+      validation.one_of("dtype", dtype, validation.COMPUTE_DTYPES, "compute dtype")
 
 
-def computing_in(model, dtype: str | None):
-  """`model` (a UNet) computing in `dtype`, None: in its config.model.dtype. Its float32 params
-  fit either; time and its embedding stay float32 inside (models/unet.py), and the samplers'
-  x and schedule coefficients are float32 outside."""
-  return model if dtype is None else model.clone(dtype=dtype)
-
-
-def run(workdir: str, output_dir: str, options: generate.SamplingOptions, *,
+def run(workdir: str, output_dir: str, sampling: dict | None = None, *,
         checkpoint_step: int | None = None, num_samples: int = 64, seed: int = 0,
         class_label: int | None = None, trajectory_every: int | None = None,
         dtype: str | None = None, progress: bool = True) -> Written:
-  """What `sample.py` does: EMA params from `workdir` → images sampled as `options` say, by
-  the network computing in `dtype` (None: as trained), written to `output_dir` as
-  samples.png, samples.npz, settings.json (and trajectory.png). Refuses bad requests
-  (errors.UsageError) before loading the model, and a step count beyond the model's T
-  (`generate`) before sampling. Returns the paths written and the sampling's timing."""
+  """What `sample.py` does: EMA params from `workdir` → images sampled as the model's own
+  `config.sample` says, overridden by `sampling` (the flags given: SamplingOptions fields), by
+  the network computing in `dtype` (None: as trained), written to `output_dir` as samples.png,
+  samples.npz, settings.json (everything used) and trajectory.png. Refuses bad requests
+  (UsageError naming the flag) before loading the model where it can, else before sampling.
+  Returns the paths written and the sampling's timing."""
   check_positive(num_samples=num_samples, trajectory_every=trajectory_every)
-  check_dtype(dtype)
   check_folder("output_dir", output_dir)
+  check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
-  config, step = trained.config, trained.step
-  model = computing_in(trained.model, dtype)
-  mesh = parallel.make_mesh(jax.local_devices())
-  size, channels = config.data.image_size, config.data.num_channels
-  result = generate.generate(
-      model.apply, {"params": trained.params}, trained.schedule, jax.random.key(seed),
-      options, num_samples=num_samples, image_shape=(size, size, channels),
-      prediction=config.diffusion.prediction, labels=class_label,
-      num_classes=config.model.num_classes, trajectory_every=trajectory_every, mesh=mesh,
-      progress=progress)
+  step = trained.step
+  with cli.naming_flags(labels="class_label"):
+    denoiser = trained.denoiser.computing_in(dtype)
+    options = cli.sampling_options(trained.config.sample, sampling or {})
+    mesh = parallel.make_mesh(jax.local_devices())
+    result = generate.generate(denoiser, trained.params, jax.random.key(seed), options,
+                               num_samples=num_samples, labels=class_label,
+                               trajectory_every=trajectory_every, mesh=mesh, progress=progress)
   storage.makedirs(output_dir)
   pixels = images.to_uint8(result["images"])
   paths = {name: storage.join(output_dir, name)
            for name in ("samples.png", "samples.npz", "settings.json", "trajectory.png")}
-  scale = images.display_scale(size)
+  scale = images.display_scale(denoiser.image_shape[0])
   images.save_png(paths["samples.png"], images.make_grid(pixels, scale=scale))
   with storage.open_file(paths["samples.npz"], "wb") as f:
     np.savez_compressed(f, images=pixels,
                         labels=result["labels"] if result["labels"] is not None
                         else np.full(num_samples, -1, np.int32))
   settings = dict(workdir=storage.resolve(workdir), checkpoint_step=step,
-                  **dataclasses.asdict(options), num_samples=num_samples, seed=seed,
+                  **dataclasses.asdict(options.resolved(denoiser.schedule.num_timesteps)),
+                  num_samples=num_samples, seed=seed,
                   class_label=class_label, trajectory_every=trajectory_every,
-                  dtype=model.dtype, **result["timing"], devices=len(mesh.devices.flat),
-                  config=json.loads(config.to_json_best_effort()))
+                  dtype=denoiser.dtype, **result["timing"], devices=len(mesh.devices.flat),
+                  config=json.loads(trained.config.to_json_best_effort()))
   storage.write_text(paths["settings.json"], json.dumps(settings, indent=2))
   if trajectory_every is None:
     del paths["trajectory.png"]

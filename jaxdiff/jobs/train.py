@@ -19,8 +19,10 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, schedules,
+from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, samplers,
                      storage, telemetry, train_step, visualize)
+from jaxdiff import denoiser as denoiser_lib
+from jaxdiff.denoiser import Denoiser
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.metric_writer import MetricWriter
 
@@ -229,31 +231,34 @@ class MetricsWindow:
     self._first_row = {}
 
 
-def restore_or_init(config, model, mesh, checkpointer: checkpoint.Checkpointer, key):
+def restore_or_init(config, denoiser: Denoiser, mesh, checkpointer: checkpoint.Checkpointer,
+                    key):
   """(state, data iterator position or None): from `config.train.resume_step` if set, else the
   newest readable checkpoint, else a fresh state made from `key` with its shardings."""
   resume_step = config.train.get("resume_step")
   if resume_step is None and not checkpoint.list_steps(checkpointer.workdir):
-    return train_step.create_state(config, model, mesh, key), None
-  restored = checkpointer.restore(train_step.abstract_state(config, model, mesh),
+    return train_step.create_state(denoiser, config.train, mesh, key), None
+  restored = checkpointer.restore(train_step.abstract_state(denoiser, config.train, mesh),
                                   step=resume_step, config=config)
   return restored.state, restored.data_state
 
 
 class _Outputs:
-  """What the run writes besides metrics: EMA sample grids and denoising panels, evaluations."""
+  """What the run writes besides metrics: EMA sample grids and denoising panels (as
+  `config.sample` says), evaluations (`config.eval`'s metrics)."""
 
-  def __init__(self, config, workdir, model, schedule, mesh, writer, key):
-    self.config, self.workdir, self.model, self.schedule = config, workdir, model, schedule
-    self.mesh, self.writer = mesh, writer
+  def __init__(self, config, workdir, denoiser: Denoiser, mesh, writer, key):
+    self.workdir, self.denoiser, self.mesh, self.writer = workdir, denoiser, mesh, writer
+    self.data_config, self.sample_config, self.eval_config = config.data, config.sample, config.eval
     panel_key, self.eval_key, self.sample_key = jax.random.split(key, 3)
-    self.panel_x0, self.panel_noise = panels.panel_inputs(config, panel_key)
+    self.panel_x0, self.panel_noise = panels.panel_inputs(config.data, panel_key)
 
   def samples(self, step: int, ema_params) -> None:
-    grid = generate.sample_grid(self.model, ema_params, self.schedule, self.config, self.mesh,
+    grid = generate.sample_grid(self.denoiser, ema_params,
+                                samplers.SamplingOptions.from_config(self.sample_config),
+                                self.sample_config.num_samples, self.mesh,
                                 jax.random.fold_in(self.sample_key, step))
-    panel = panels.panel(self.model, ema_params, self.schedule, self.config, self.panel_x0,
-                         self.panel_noise)
+    panel = panels.panel(self.denoiser, ema_params, self.panel_x0, self.panel_noise)
     if jax.process_index() == 0:
       for folder, image in (("samples", grid), ("panels", panel)):
         images.save_png(storage.join(self.workdir, folder, f"step_{step:07d}.png"), image)
@@ -261,7 +266,9 @@ class _Outputs:
 
   def evaluation(self, step: int, ema_params) -> None:
     start = time.perf_counter()
-    scalars = metrics.training_scalars(self.model, ema_params, self.config, self.mesh,
+    scalars = metrics.training_scalars(self.denoiser, ema_params, self.data_config,
+                                       self.eval_config.metrics,
+                                       metrics.Request.from_config(self.eval_config), self.mesh,
                                        jax.random.fold_in(self.eval_key, step))
     self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
@@ -319,30 +326,29 @@ def run(config, workdir: str) -> TrainSummary:
                       os.path.expanduser(train_config.compilation_cache_dir))
   storage.makedirs(workdir)
 
-  model = train_step.create_model(config)
-  schedule = schedules.from_config(config.diffusion)
+  denoiser = denoiser_lib.from_config(config)
   init_key, outputs_key = jax.random.split(jax.random.key(config.seed))
   steps_per_call = train_config.steps_per_call
   train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh,
                                         steps_per_call=steps_per_call)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
-  state, data_state = restore_or_init(config, model, mesh, checkpointer, init_key)
+  state, data_state = restore_or_init(config, denoiser, mesh, checkpointer, init_key)
   if data_state is not None:
     train_iter.set_state(data_state)
-  if is_chief:  # only once the config is known to continue what is on disk
-    save_resolved_config(config, workdir)
   first_step, last_step = int(state.step), train_config.num_steps
   if (last_step - first_step) % steps_per_call:
     raise errors.UsageError(
         f"--config.train.steps_per_call={steps_per_call}: the run goes from step {first_step} to "
         f"{last_step}, which is not a whole number of calls; choose num_steps or resume_step so "
         f"that their difference is a multiple of {steps_per_call}")
-  lowered_step = telemetry.lower_train_step(model, schedule, config, mesh)
+  if is_chief:  # only once the config is known to continue what is on disk
+    save_resolved_config(config, workdir)
+  lowered_step = telemetry.lower_train_step(denoiser, config, mesh)
   compile_start = time.perf_counter()
   step_fn = lowered_step.compile()
   compile_seconds = time.perf_counter() - compile_start
   writer = MetricWriter(workdir, enabled=is_chief)
-  outputs = _Outputs(config, workdir, model, schedule, mesh, writer, outputs_key)
+  outputs = _Outputs(config, workdir, denoiser, mesh, writer, outputs_key)
   health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
                       train_config.max_relative_update)
   progress = tqdm(total=last_step, initial=first_step, disable=not is_chief, unit="step",
@@ -350,9 +356,9 @@ def run(config, workdir: str) -> TrainSummary:
   window = MetricsWindow(
       writer, health, log_every=train_config.log_every, batch_size=train_config.batch_size,
       last_step=last_step, progress=progress, steps_per_call=steps_per_call,
-      flops_per_step=telemetry.step_flops(model, schedule, config, mesh, lowered_step),
+      flops_per_step=telemetry.step_flops(denoiser, config, mesh, lowered_step),
       num_devices=mesh.size,
-      peak=telemetry.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
+      peak=telemetry.peak_tflops(jax.devices()[0].device_kind, denoiser.dtype,
                                  train_config.peak_tflops),
       first_row={"compile_seconds": compile_seconds})
   start_time, step, stop = time.perf_counter(), first_step, StopSignal()

@@ -262,7 +262,7 @@ class UNet(nn.Module):
     validation.real("dropout", fields["dropout"], 0.0, 1.0)
     validation.whole("out_channels", fields["out_channels"], 1)
     validation.whole("num_classes", fields["num_classes"], 0)
-    validation.one_of("dtype", fields["dtype"], ("float32", "bfloat16"), "compute dtype")
+    validation.one_of("dtype", fields["dtype"], validation.COMPUTE_DTYPES, "compute dtype")
     validation.boolean("resamp_with_conv", fields["resamp_with_conv"])
     validation.boolean("remat", fields["remat"])
     heads = validation.whole("num_heads", fields["num_heads"], 1)
