@@ -14,12 +14,9 @@ recovered in one step from the prediction. Metrics print a table and write JSON.
 bfloat16 runs the network in bf16 (params, time and the sampler stay float32).
 """
 
-import json
-import os
-
 from absl import app, flags, logging
 
-from jaxdiff import generate, storage
+from jaxdiff import generate
 from jaxdiff.evaluation import metrics
 from jaxdiff.jobs import cli, evaluate, sample
 
@@ -53,19 +50,15 @@ def main(argv):
     print("wrote", evaluate.write_panel(_WORKDIR.value, _OUTPUT.value or "panel.png",
                                         _CHECKPOINT_STEP.value, dtype=_SAMPLING.dtype.value))
     return
-  result = evaluate.run(
+  result, output = evaluate.run(
       _WORKDIR.value, metric, {**_SAMPLING.given(), "batch_size": _BATCH_SIZE.value},
       checkpoint_step=_CHECKPOINT_STEP.value, seed=_SEED.value, dtype=_SAMPLING.dtype.value,
-      num_samples=_NUM_SAMPLES.value, num_images=_NUM_IMAGES.value, variance=_VARIANCE.value)
-  output = storage.resolve(_OUTPUT.value or storage.join(
-      _WORKDIR.value, "eval", f"{metric}_{result['checkpoint_step']:07d}.json"))
-  storage.makedirs(os.path.dirname(output))
-  storage.write_text(output, json.dumps(result, indent=2))
+      num_samples=_NUM_SAMPLES.value, num_images=_NUM_IMAGES.value, variance=_VARIANCE.value,
+      output=_OUTPUT.value)
   print(evaluate.format_table(result))
   if "first_batch_seconds" in result:
     print(generate.timing_line(result["first_batch_seconds"], result["images_per_second"]))
   print("wrote", output)
-
 
 if __name__ == "__main__":
   cli.run(main)

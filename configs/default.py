@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.max_relative_update = 0.5  # ‖Δθ‖/‖θ‖ above this is an exploding update
   train.resume_step = placeholder(int)  # unset: the newest good step; N: resume from step N
   train.loss_bins = 10            # loss logged in this many bins of t
+  train.metric_sinks = ("jsonl", "tensorboard")  # where rows go (jaxdiff.metric_writer.SINKS)
   train.compilation_cache_dir = "~/.cache/jaxdiff/xla"  # compiled programs kept across runs; "" off
   train.profile_steps = ()        # (FIRST, LAST): a jax.profiler trace into WORKDIR/profile
   train.grad_accum_steps = 1      # the batch in this many micro-batches, one optimizer update

@@ -1,12 +1,12 @@
 """Orbax checkpoints of the whole train state, restorable on any topology, and EMA exports.
 
-A checkpoint is WORKDIR/checkpoints/STEP/ with five items:
+A checkpoint is WORKDIR/checkpoints/STEP/ with four items:
   train       step, params, optimizer state and RNG key (as key data)
   ema_params  the EMA params alone, so sampling reads nothing else
   data        the input iterator's state (JSON)
   config      the resolved config (JSON)
-  health      {"good": bool}: whether the saver vouched for the state (JSON; absent from
-              checkpoints written before it existed, which count as good)
+(Checkpoints written before 2026-12 may also hold `health`, {"good": bool}; a step marked
+{"good": false} is never resumed from.)
 
 Rules that keep the product of training safe:
   * Orbax writes a step into STEP.orbax-checkpoint-tmp* and renames it to STEP when complete
@@ -15,23 +15,22 @@ Rules that keep the product of training safe:
     process may still be writing it): Orbax replaces it if that step is saved again, and it is
     safe to delete.
   * A step that exists is never overwritten. A state whose params or EMA params are not finite
-    is never saved.
+    is never saved (the trainer saves only states it judged healthy).
   * A step that cannot be restored is reported by number and left in place; `restore` uses the
     newest readable step instead. When training then saves again, the broken steps are moved,
-    unchanged, to WORKDIR/checkpoints_broken/ (in a bucket: copied, then deleted; out of the way of new steps and of clean-up).
-  * A step marked bad (saved with `good=False`) or holding non-finite values is never resumed
-    from: `restore` refuses it, naming the last good step to resume from with `step=`. After
-    `restore(step=N)`, the steps newer than N are moved, unchanged, to
-    WORKDIR/checkpoints_superseded/ when training saves again, so that the new steps can be
-    written.
+    unchanged, to WORKDIR/checkpoints_broken/ (in a bucket: copied, then deleted), out of the
+    way of new steps and of clean-up.
+  * A step holding non-finite values is never resumed from: `restore` refuses it, naming the
+    last good step to resume from with `step=`. After `restore(step=N)`, the steps newer than N
+    are moved, unchanged, to WORKDIR/checkpoints_superseded/ when training saves again, so that
+    the new steps can be written.
   * `max_to_keep` removes an old step only when `max_to_keep` newer steps are known to be good:
-    written with `good=True` by this Checkpointer (Orbax deletes only after the new step has
-    committed) or restored by it. Steps found on disk and never read count as unverified, so a
-    broken newer step never pushes a good older one out; steps marked bad are kept only while
-    fewer than `max_to_keep` known steps are newer, and never push a good one out.
+    written by this Checkpointer (Orbax deletes only after the new step has committed) or
+    restored by it. Steps found on disk and never read count as unverified, so a broken newer
+    step never pushes a good older one out (`_Retention`).
 
 An export (`export_ema`) is a folder with the EMA params alone: EXPORT/ema_params/ (Orbax),
-EXPORT/config.json and EXPORT/export.json (the step it came from; written last).
+EXPORT/config.json and EXPORT/export.json (the step it came from), written in one piece.
 """
 
 import dataclasses
@@ -170,22 +169,82 @@ def _key_impl(abstract_key: jax.ShapeDtypeStruct):
 
 
 @dataclasses.dataclass
-class _KeepAfterGoodSteps:
-  """Orbax preservation policy: keep a good or unverified step until `max_to_keep` newer steps
-  are known good, and a step known bad until `max_to_keep` newer steps are known at all."""
+class _Retention:
+  """Orbax's preservation policy: keep a step until `max_to_keep` newer steps are known good
+  (`good_steps`: written by this Checkpointer, whose Orbax deletes only after the new step has
+  committed, or restored by it). Steps found on disk and never read count as unverified, so a
+  broken newer step never pushes a good older one out."""
 
   max_to_keep: int | None
-  good_steps: set[int]
-  bad_steps: set[int]
+  good_steps: set[int] = dataclasses.field(default_factory=set)
 
   def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
     del context
     if self.max_to_keep is None:
       return [True] * len(checkpoints)
-    known = self.good_steps | self.bad_steps
-    return [sum(newer > info.step
-                for newer in (known if info.step in self.bad_steps else self.good_steps))
-            < self.max_to_keep for info in checkpoints]
+    return [sum(newer > info.step for newer in self.good_steps) < self.max_to_keep
+            for info in checkpoints]
+
+
+@dataclasses.dataclass
+class _SetAside:
+  """Steps to move out of the way, unchanged, when training next saves: those `restore` found
+  `broken` (to WORKDIR/checkpoints_broken/) and those newer than an explicitly restored step
+  (`superseded`, to WORKDIR/checkpoints_superseded/), so that new steps can be written."""
+
+  broken: dict[int, BaseException] = dataclasses.field(default_factory=dict)
+  superseded: set[int] = dataclasses.field(default_factory=set)
+
+  def move(self, workdir: str) -> set[int]:
+    """Move them (process 0; every process waits); returns the steps moved."""
+    folders = {**{step: SUPERSEDED_FOLDER for step in self.superseded},
+               **{step: BROKEN_FOLDER for step in self.broken}}
+    if folders and jax.process_index() == 0:
+      for step, folder in sorted(folders.items()):
+        target = storage.join(workdir, folder, str(step))
+        copy = 1
+        while storage.exists(target):
+          target, copy = storage.join(workdir, folder, f"{step}-{copy}"), copy + 1
+        try:
+          storage.move(storage.join(_checkpoints_folder(workdir), str(step)), target)
+        except Exception as error:  # OSError locally; each GCS client has its own errors
+          raise CheckpointError(f"cannot move checkpoint step {step} to {target}: "
+                                f"{getattr(error, 'strerror', None) or error}") from error
+        logging.warning("moved checkpoint step %d to %s", step, target)
+    if folders:
+      _sync_processes("set_aside")
+    self.broken.clear()
+    self.superseded.clear()
+    return set(folders)
+
+
+def _marked_bad(manager: ocp.CheckpointManager, directory: str, step: int) -> bool:
+  """Whether `step` carries the health mark {"good": false}, which jaxdiff before 2026-12
+  wrote for states saved during a loss spike (steps without the mark are good)."""
+  if not storage.isdir(storage.join(directory, str(step), "health")):
+    return False
+  return not manager.restore(step, args=ocp.args.Composite(
+      health=ocp.args.JsonRestore()))["health"].get("good", False)
+
+
+def _resume_advice(workdir: str, manager: ocp.CheckpointManager, unreadable,
+                   below: int | None = None) -> str:
+  """A sentence: the steps on disk, and the newest readable good one (below `below`) to resume
+  from with --config.train.resume_step."""
+  directory, steps = _checkpoints_folder(workdir), list_steps(workdir)
+  good = None
+  for step in reversed(steps):
+    if (below is None or step < below) and step not in unreadable:
+      try:
+        if not _marked_bad(manager, directory, step):
+          good = step
+          break
+      except Exception:  # an unreadable mark: not known good
+        continue
+  resume = (f"the last good step is {good}: resume from it with "
+            f"--config.train.resume_step={good}" if good is not None else
+            "no step is marked good: start a fresh --workdir")
+  return f"On disk in {directory}: steps {steps}; {resume}."
 
 
 @functools.cache
@@ -213,9 +272,7 @@ def _sync_processes(name: str) -> None:
 
 class Checkpointer:
   """Saves and restores TrainStates under WORKDIR/checkpoints with Orbax, asynchronously.
-
-  Every process of a multi-host job makes the same calls. Usable as a context manager.
-  """
+  Every process of a multi-host job makes the same calls. Usable as a context manager."""
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3):
     if max_to_keep is not None and max_to_keep < 1:
@@ -223,10 +280,7 @@ class Checkpointer:
                             f"{max_to_keep}")
     self.workdir = storage.resolve(workdir)
     self.directory = _checkpoints_folder(self.workdir)
-    self._good_steps: set[int] = set()
-    self._bad_steps: set[int] = set()
-    self._broken_steps: dict[int, BaseException] = {}
-    self._superseded_steps: set[int] = set()
+    self._retention, self._set_aside = _Retention(max_to_keep), _SetAside()
     self._pending_step: int | None = None
     try:  # every process, so that all of them fail alike rather than wait for each other
       storage.check_writable(self.directory)
@@ -234,9 +288,8 @@ class Checkpointer:
       raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
                             f"{getattr(error, 'strerror', None) or error}") from error
     _write_replicas_from_every_host_only_when_there_are_several()
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=_KeepAfterGoodSteps(max_to_keep, self._good_steps, self._bad_steps),
-        enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(preservation_policy=self._retention,
+                                           enable_async_checkpointing=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES)
 
   def __enter__(self):
@@ -246,35 +299,31 @@ class Checkpointer:
     self.close()
 
   def save(self, step: int, state: train_step.TrainState, data_state: dict, config, *,
-           good: bool = True, wait: bool = False) -> None:
+           wait: bool = False) -> None:
     """Start writing `state`, the data iterator's state and the config as `step`; training
     goes on while it is written. `wait`: return only once it is on disk (preemption, the end).
-
-    `good`: the caller vouches for the state (no non-finite streak or loss spike since the last
-    good step). A step saved with `good=False` is kept for inspection while fewer than
-    `max_to_keep` steps are newer, never pushes a good step out, and `restore` refuses it.
-
-    A step that already exists is left as it is (the call does nothing). Raises
-    CheckpointError, writing nothing, if the params or EMA params are not finite; and if this
-    or the previous save could not be written (older steps stay).
-    """
+    A step that already exists is left as it is. CheckpointError, writing nothing, if the
+    params or EMA params are not finite; and if this or the previous save failed (older steps
+    stay)."""
     step = int(step)
     self.wait()
     if not bool(_all_finite((state.params, state.ema_params))):
       raise CheckpointError(
           f"refused to save checkpoint step {step}: its params or EMA params are not finite. "
-          f"{self._on_disk()}")
-    self._set_aside_steps()
+          f"{_resume_advice(self.workdir, self._manager, self._set_aside.broken)}")
+    moved = self._set_aside.move(self.workdir)
+    if moved:
+      self._retention.good_steps.difference_update(moved)
+      self._manager.reload()
     if step not in list_steps(self.workdir):
-      (self._good_steps if good else self._bad_steps).add(step)
+      self._retention.good_steps.add(step)
       self._pending_step = step
       try:  # force: otherwise Orbax silently skips a step older than the newest on disk
         self._manager.save(step, force=True, args=ocp.args.Composite(
             train=ocp.args.StandardSave(_train_item(state, jax.random.key_data(state.rng))),
             ema_params=ocp.args.StandardSave(state.ema_params),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_io.config_to_json(config)),
-            health=ocp.args.JsonSave({"good": bool(good)})))
+            config=ocp.args.JsonSave(config_io.config_to_json(config))))
       except (OSError, ValueError, RuntimeError) as error:
         self._save_failed(error)
     if wait:
@@ -290,8 +339,7 @@ class Checkpointer:
 
   def _save_failed(self, error: Exception):
     step, self._pending_step = self._pending_step, None
-    self._good_steps.discard(step)
-    self._bad_steps.discard(step)
+    self._retention.good_steps.discard(step)
     self._manager.reload()
     raise CheckpointError(
         f"could not write checkpoint step {step} to {self.directory} ({_describe(error)}); "
@@ -299,65 +347,36 @@ class Checkpointer:
         f"{step}.orbax-checkpoint-tmp* folder can go) or fix permissions, then rerun to "
         f"resume.") from error
 
-  def _on_disk(self, below: int | None = None) -> str:
-    """A sentence: the steps on disk, and the newest good one (below `below`) to resume from."""
-    good = self._newest_good_step(below)
-    resume = (f"the last good step is {good}: resume from it with "
-              f"--config.train.resume_step={good}" if good is not None else
-              "no step is marked good: start a fresh --workdir")
-    return f"On disk in {self.directory}: steps {list_steps(self.workdir)}; {resume}."
-
-  def _newest_good_step(self, below: int | None) -> int | None:
-    """The newest readable step (below `below`) marked good or written before marks existed."""
-    for step in reversed(list_steps(self.workdir)):
-      if (below is None or step < below) and step not in self._broken_steps:
-        try:
-          if self._read_health(step).get("good", False):
-            return step
-        except Exception:  # an unreadable mark: not known good
-          continue
-    return None
-
-  def _read_health(self, step: int) -> dict:
-    """The step's health item; {"good": True} for steps written before it existed."""
-    if not storage.isdir(storage.join(self.directory, str(step), "health")):
-      return {"good": True}
-    return self._manager.restore(step, args=ocp.args.Composite(
-        health=ocp.args.JsonRestore()))["health"]
-
   def restore(self, abstract_state: train_step.TrainState, step: int | None = None, *,
               config=None) -> Restored:
-    """The state, data state and saved config of `step`, or else of the newest readable step.
-
-    The arrays land with the shardings of `abstract_state` (see `train_step.abstract_state`),
-    whatever topology wrote them. With `config`, the checkpoint's config is checked first
-    (config_io.ConfigMismatchError naming the fields that differ). A step that cannot be read
-    is reported and left in place, and the next newest is tried. A step marked bad or holding
-    non-finite params or EMA params is refused (CheckpointError naming the last good step).
-    After `step=N`, the steps newer than N are set aside when training saves again.
-    """
+    """The state, data state and saved config of `step`, or else of the newest readable step
+    (the rules of the module doc), its arrays with the shardings of `abstract_state` whatever
+    topology wrote them. With `config`, the checkpoint's config is checked first
+    (config_io.ConfigMismatchError naming the fields that differ)."""
     self.wait()
     read = functools.partial(self._read_step, abstract_state, config)
-    restored = _read_newest(self.workdir, step, read, self._broken_steps)
-    self._good_steps.add(restored.step)
+    restored = _read_newest(self.workdir, step, read, self._set_aside.broken)
+    self._retention.good_steps.add(restored.step)
     if step is not None:
-      self._superseded_steps.update(s for s in list_steps(self.workdir) if s > step)
+      self._set_aside.superseded.update(s for s in list_steps(self.workdir) if s > step)
     return restored
 
   def _read_step(self, abstract_state: train_step.TrainState, config, step: int) -> Restored:
+    def refusal(what: str) -> CheckpointError:
+      advice = _resume_advice(self.workdir, self._manager, self._set_aside.broken, below=step)
+      return CheckpointError(f"checkpoint step {step} {what} and is not resumed from. {advice}")
+
     try:
       saved = self._manager.restore(step, args=ocp.args.Composite(
           config=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
       saved_config = config_io.config_from_json(saved["config"])
-      marked_good = self._read_health(step)["good"]
+      marked_bad = _marked_bad(self._manager, self.directory, step)
     except Exception as error:  # whatever the cause, this step cannot be used
       raise _UnreadableStep() from error
     if config is not None:
       config_io.check_config_compatible(saved_config, config, self.workdir)
-    if not marked_good:
-      raise CheckpointError(
-          f"checkpoint step {step} was saved marked bad (during a non-finite streak or a loss "
-          f"spike) and is not resumed from. {self._on_disk(step)}")
+    if marked_bad:
+      raise refusal("was saved marked bad (during a non-finite streak or a loss spike)")
     abstract_train = _train_item(abstract_state, _abstract_key_data(abstract_state.rng))
     try:
       arrays = self._manager.restore(step, args=ocp.args.Composite(
@@ -367,40 +386,12 @@ class Checkpointer:
       raise _UnreadableStep() from error
     train = arrays["train"]
     if not bool(_all_finite((train["params"], arrays["ema_params"]))):
-      raise CheckpointError(
-          f"checkpoint step {step} holds non-finite params or EMA params and is not resumed "
-          f"from. {self._on_disk(step)}")
+      raise refusal("holds non-finite params or EMA params")
     state = train_step.TrainState(
         step=train["step"], params=train["params"], ema_params=arrays["ema_params"],
         opt_state=train["opt_state"],
         rng=jax.random.wrap_key_data(train["rng"], impl=_key_impl(abstract_state.rng)))
     return Restored(state=state, data_state=saved["data"], config=saved_config, step=step)
-
-  def _set_aside_steps(self) -> None:
-    """Move, unchanged, the steps `restore` found broken to WORKDIR/checkpoints_broken/ and
-    those newer than an explicitly restored step to WORKDIR/checkpoints_superseded/."""
-    folders = {**{step: SUPERSEDED_FOLDER for step in self._superseded_steps},
-               **{step: BROKEN_FOLDER for step in self._broken_steps}}
-    if not folders:
-      return
-    if jax.process_index() == 0:
-      for step, folder in sorted(folders.items()):
-        aside_dir = storage.join(self.workdir, folder)
-        target, copy = storage.join(aside_dir, str(step)), 1
-        while storage.exists(target):
-          target, copy = storage.join(aside_dir, f"{step}-{copy}"), copy + 1
-        try:
-          storage.move(storage.join(self.directory, str(step)), target)
-        except Exception as error:  # OSError locally; each GCS client has its own errors
-          raise CheckpointError(f"cannot move checkpoint step {step} to {target}: "
-                                f"{getattr(error, 'strerror', None) or error}") from error
-        logging.warning("moved checkpoint step %d to %s", step, target)
-    _sync_processes("set_aside")
-    self._good_steps.difference_update(folders)
-    self._bad_steps.difference_update(folders)
-    self._broken_steps.clear()
-    self._superseded_steps.clear()
-    self._manager.reload()
 
   def close(self) -> None:
     """Wait for the pending save, then release Orbax's threads."""
@@ -455,14 +446,13 @@ def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaPa
                step: int | None = None) -> str:
   """Write the EMA params of `workdir`'s newest readable step (or `step`) and their config to a
   new folder `export_dir`, all sampling needs; returns its path. One process only.
-  `abstract_ema_params`: as for `load_ema` (one device is enough). It is written into a staging
-  folder beside `export_dir` and moved there (in a bucket: copied, then deleted)."""
+  `abstract_ema_params`: as for `load_ema` (one device is enough). Written in one piece
+  (`storage.staged`)."""
   export_dir = storage.resolve(export_dir)
   if storage.exists(export_dir):
     raise CheckpointError(f"{export_dir} already exists; choose a new export folder")
   ema = load_ema(workdir, abstract_ema_params, step)
   parent = os.path.dirname(export_dir)
-  staging = storage.join(parent, storage.unique_name(f".{os.path.basename(export_dir)}.partial-"))
   try:
     storage.check_writable(parent)
   except Exception as error:  # OSError locally; each GCS client has its own errors
@@ -470,17 +460,16 @@ def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaPa
                           f"{getattr(error, 'strerror', None) or error}") from error
   _write_replicas_from_every_host_only_when_there_are_several()
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(storage.join(staging, "ema_params"), ema.params)
-      checkpointer.wait_until_finished()
-    storage.write_text(storage.join(staging, "config.json"),
-                       ema.config.to_json_best_effort(indent=2))
-    storage.write_text(storage.join(staging, EXPORT_MARKER),
-                       json.dumps({"step": ema.step, "workdir": storage.resolve(workdir)},
-                                  indent=2))
-    storage.move(staging, export_dir)
+    with storage.staged(export_dir) as staging:
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(storage.join(staging, "ema_params"), ema.params)
+        checkpointer.wait_until_finished()
+      storage.write_text(storage.join(staging, "config.json"),
+                         ema.config.to_json_best_effort(indent=2))
+      storage.write_text(storage.join(staging, EXPORT_MARKER),
+                         json.dumps({"step": ema.step, "workdir": storage.resolve(workdir)},
+                                    indent=2))
   except Exception as error:  # OSError locally; each GCS client has its own errors
-    storage.remove_tree(staging)
     raise CheckpointError(
         f"could not write the export {export_dir} ({_describe(error)})") from error
   return export_dir

@@ -14,8 +14,8 @@ import contextlib
 import difflib
 import math
 
-from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses, models, parallel,
-                     samplers, schedules, train_step, validation)
+from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses,
+                     metric_writer, models, parallel, samplers, schedules, train_step, validation)
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -167,6 +167,7 @@ def check_names(config) -> None:
     schedules.from_config(config.diffusion)
   with refusing("train."):
     train_step.learning_rate_schedule(config.train)
+    metric_writer.check_sinks(get(config, "train.metric_sinks", metric_writer.DEFAULT_SINKS))
   with refusing("model."):
     models.check(config.model, denoiser_lib.image_shape(config.data))
   denoiser = denoiser_lib.from_config(config)

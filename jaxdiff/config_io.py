@@ -19,8 +19,9 @@ _OTHER_FIXED_FIELDS = ("data.image_size", "data.num_channels", "diffusion.num_ti
 ABSENT = "(absent)"
 
 
-class ConfigMismatchError(errors.UsageError):
-  """The config cannot continue a checkpoint's config; the message names every field."""
+class ConfigMismatchError(ValueError):
+  """The config cannot continue a checkpoint's config; the message names every field (the
+  training job reports it as a usage error)."""
 
 
 def _as_tuples(value):
@@ -73,7 +74,7 @@ def config_differences(saved_config, config) -> list[str]:
 
 
 def check_config_compatible(saved_config, config, where: str = "the checkpoint") -> None:
-  """Raise ConfigMismatchError (a UsageError) naming every field of `config_differences`."""
+  """Raise ConfigMismatchError naming every field of `config_differences`."""
   differences = config_differences(saved_config, config)
   if differences:
     raise ConfigMismatchError(

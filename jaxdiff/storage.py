@@ -9,8 +9,8 @@ renamed (see `append_text` and `move`).
 
 Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` alone points every GCS client jaxdiff
 uses at a local emulator such as `gcp-storage-emulator`, with no credentials.
-`use_emulator_from_environment` (run on import) maps it onto each client's own setting, leaving
-any that is set already:
+`use_emulator_from_environment` (run when the first URL is resolved; importing this module changes
+nothing) maps it onto each client's own setting, leaving any that is set already:
   gcsfs (epath, Orbax's metadata, TFDS)  reads STORAGE_EMULATOR_HOST; token 'anon', and its
                                           plain GCSFileSystem: the experimental one's bucket-
                                           type lookup is a gRPC call emulators cannot answer
@@ -22,10 +22,12 @@ any that is set already:
   google-cloud-cpp (ArrayRecord reads)   CLOUD_STORAGE_EMULATOR_ENDPOINT
 """
 
+import contextlib
+import functools
 import os
 import posixpath
 import uuid
-from typing import IO
+from typing import IO, Iterator
 
 from etils import epath
 
@@ -37,7 +39,7 @@ EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
 def use_emulator_from_environment() -> None:
   """Point every GCS client at $STORAGE_EMULATOR_HOST, if it is set (see the module doc).
 
-  Must run before those clients first connect; importing this module does it.
+  Must run before those clients first connect; `resolve` does it for the first URL.
   """
   host = os.environ.get(EMULATOR_VARIABLE, "")
   if host in ("", "default"):
@@ -68,10 +70,13 @@ def _gcsfs_defaults() -> dict:
   return fsspec.config.conf.setdefault("gcs", {})
 
 
-use_emulator_from_environment()
-# gcsfs caches folder listings, but TensorStore (under Orbax) and other hosts write objects that
-# gcsfs does not see: a cached listing would hide new checkpoint steps.
-_gcsfs_defaults().setdefault("use_listings_cache", False)
+@functools.cache
+def _configure_clients() -> None:
+  """Once, before the first URL is used: the emulator (`use_emulator_from_environment`), and no
+  gcsfs listing cache (TensorStore, under Orbax, and other hosts write objects that gcsfs does
+  not see: a cached listing would hide new checkpoint steps)."""
+  use_emulator_from_environment()
+  _gcsfs_defaults().setdefault("use_listings_cache", False)
 
 
 def is_url(path: str) -> bool:
@@ -80,15 +85,17 @@ def is_url(path: str) -> bool:
 
 
 def resolve(path: str) -> str:
-  """A local path made absolute with `~` expanded; a URL as it is (less a trailing '/')."""
+  """A local path made absolute with `~` expanded; a URL as it is (less a trailing '/'), the
+  GCS clients configured for it on first use."""
   path = os.fspath(path)
   if is_url(path):
+    _configure_clients()
     return path.rstrip("/")
   return os.path.abspath(os.path.expanduser(path))
 
 
 def as_path(path: str) -> epath.Path:
-  """`resolve(path)` as an epath.Path (local or URL alike). A UsageError where no client for
+  """`resolve(path)` as an epath.Path (local or URL alike). An ArgumentError where no client for
   the URL's scheme is installed."""
   path = resolve(path)
   _check_client(path)
@@ -104,10 +111,11 @@ def _filesystem(url: str):
 
 
 def _check_client(path: str) -> None:
-  """A UsageError where `path` is gs:// and no GCS client is installed."""
+  """An ArgumentError where `path` is gs:// and no GCS client is installed."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   if path.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
-    raise errors.UsageError("gs:// paths need a GCS client: pip install 'jaxdiff[gcs]' (gcsfs)")
+    raise errors.ArgumentError("path", path, "gs:// paths need a GCS client: pip install "
+                               "'jaxdiff[gcs]' (gcsfs)")
 
 
 def join(path: str, *names: str) -> str:
@@ -164,16 +172,41 @@ def write_text(path: str, text: str) -> None:
 
 def write_bytes_atomically(path: str, data: bytes) -> None:
   """Write `data` to `path` (parents created) so that readers see the old file or the new one,
-  never part: locally a temporary file renamed over it; in a bucket every upload is so."""
+  never part: locally a staged file renamed over it; in a bucket every upload is so."""
   path = resolve(path)
   makedirs(os.path.dirname(path))
   if is_url(path):
     as_path(path).write_bytes(data)
     return
-  staging = unique_name(f"{path}.tmp-")
+  staging = _staging_name(path)
   with open(staging, "wb") as f:
     f.write(data)
   os.replace(staging, path)
+
+
+@contextlib.contextmanager
+def staged(target: str) -> Iterator[str]:
+  """Write a file or folder in one piece: yields a staging path beside `target` to write into;
+  when the block ends it is moved to `target` (`move`: `target` must not exist), and if the
+  block raises it is removed. Readers never see part of `target`."""
+  target = resolve(target)
+  staging = _staging_name(target)
+  try:
+    yield staging
+  except BaseException:
+    remove_tree(staging)
+    raise
+  try:
+    move(staging, target)
+  except BaseException:
+    remove_tree(staging)
+    raise
+
+
+def _staging_name(target: str) -> str:
+  """A fresh name beside `target` for writing it: .NAME.partial-RANDOM."""
+  parent, name = os.path.split(target)
+  return join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
 
 
 def append_text(path: str, text: str) -> None:
@@ -207,21 +240,18 @@ def move(source: str, target: str) -> None:
 
 
 def remove_tree(path: str) -> None:
-  """Delete a folder and everything under it (nothing if it does not exist)."""
-  folder = as_path(path)
-  if folder.exists():
-    folder.rmtree()
-
-
-def unique_name(prefix: str) -> str:
-  """`prefix` and a random suffix, for staging folders next to their target."""
-  return f"{prefix}{uuid.uuid4().hex[:12]}"
+  """Delete a file, or a folder and everything under it (nothing if it does not exist)."""
+  target = as_path(path)
+  if target.is_dir():
+    target.rmtree()
+  elif target.exists():
+    target.unlink()
 
 
 def check_writable(folder: str) -> None:
   """Create `folder` and write and delete a probe file in it; OSError (or the client's error
   for a bucket) where that fails."""
   makedirs(folder)
-  probe = as_path(join(folder, unique_name(".jaxdiff-write-test-")))
+  probe = as_path(_staging_name(join(folder, ".jaxdiff-write-test")))
   probe.write_bytes(b"")
   probe.unlink()

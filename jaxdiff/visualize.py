@@ -5,14 +5,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
 from jaxdiff import diffusion, images, storage
 from jaxdiff.schedules import Schedule
-
-matplotlib.use("Agg")
-from matplotlib import pyplot  # noqa: E402  (after choosing the file-only backend)
 
 PANEL_TIMESTEPS = (50, 250, 500, 750, 950)
 PANEL_COLUMNS = ("x0", "x_t", "noise ε", "predicted ε̂", "x̂0 in one step")
@@ -68,7 +65,8 @@ def plot_losses(metrics_path: str, output_path: str) -> LossPlot | None:
   plotted = LossPlot(steps=[r["step"] for r in records], losses=[r["loss"] for r in records],
                      bin_means=[float(np.mean([r[k] for r in late if k in r])) for k in bins],
                      num_late=len(late))
-  figure, (curve, by_t) = pyplot.subplots(1, 2, figsize=(10, 3.5))
+  figure = Figure(figsize=(10, 3.5))  # no pyplot: no backend to choose, no global state
+  curve, by_t = figure.subplots(1, 2)
   curve.plot(plotted.steps, plotted.losses)
   curve.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
   by_t.bar(range(len(bins)), plotted.bin_means)
@@ -77,5 +75,4 @@ def plot_losses(metrics_path: str, output_path: str) -> LossPlot | None:
   figure.tight_layout()
   with storage.open_file(output_path, "wb") as f:
     figure.savefig(f, dpi=100, format="png")
-  pyplot.close(figure)
   return plotted

@@ -8,7 +8,6 @@ the quality score (`jaxdiff.evaluation.quality`).
 
 import hashlib
 import json
-import os
 
 import flax.linen as nn
 import flax.serialization
@@ -140,13 +139,12 @@ def load_or_train(data_config, seed: int = 0):
   if info["test_accuracy"] < floor:
     raise ValueError(f"the {data_config.dataset} classifier reached {info['test_accuracy']:.3f} "
                      f"test accuracy, below its floor {floor}; it is not a trustworthy judge")
-  staging = path + f".tmp{os.getpid()}"
-  storage.makedirs(staging)
-  with storage.open_file(storage.join(staging, "params.msgpack"), "wb") as f:
-    f.write(flax.serialization.to_bytes(params))
-  storage.write_text(storage.join(staging, "info.json"), json.dumps(info, indent=2))
   try:
-    storage.move(staging, path)
-  except OSError:  # another process cached it first: theirs is the same recipe
+    with storage.staged(path) as staging:
+      storage.makedirs(staging)
+      with storage.open_file(storage.join(staging, "params.msgpack"), "wb") as f:
+        f.write(flax.serialization.to_bytes(params))
+      storage.write_text(storage.join(staging, "info.json"), json.dumps(info, indent=2))
+  except FileExistsError:  # another process cached it first: theirs is the same recipe
     pass
   return params, info

@@ -142,7 +142,13 @@ def training_scalars(denoiser: Denoiser, params, data_config, metric_names, requ
   for index, name in enumerate(metric_names):
     result = evaluate(name, denoiser, params, data_config, mesh, jax.random.fold_in(key, index),
                       request)
-    scalars.update({f"eval/{name}/{number}": value for number, value in result.items()
-                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
+    scalars.update(scalars_of(name, result))
   return scalars
+
+
+def scalars_of(name: str, result: dict) -> dict:
+  """The numbers of metric `name`'s result, as the rows of metric sinks name them:
+  'eval/<metric>/<number>'."""
+  return {f"eval/{name}/{number}": value for number, value in result.items()
+          if isinstance(value, (int, float)) and not isinstance(value, bool)}
 

@@ -7,8 +7,8 @@
     cli.run(main)
 
 A bad input (a flag that does not parse, a missing config file, an unknown config field, an
-`errors.UsageError` or absl's `app.UsageError` from `main`) prints one line `error: …` on
-stderr and exits 2; a failure at run time (`errors.JobError`, or any other exception) prints
+`errors.UsageError`, a library's `errors.ArgumentError` that no job named a flag for, or
+absl's `app.UsageError` from `main`) prints one line `error: …` on stderr and exits 2; a failure at run time (`errors.JobError`, or any other exception) prints
 one line and exits 1. With --verbose, or TRACEBACK_ENV=1 in the environment, the traceback is
 printed before that line.
 """
@@ -54,7 +54,8 @@ def exit_with(error: BaseException, exit_code: int, argv: Sequence[str]) -> None
   if wants_traceback(argv):
     traceback.print_exception(error)
   message = " ".join(str(error).split())
-  if not isinstance(error, (errors.UsageError, errors.JobError, app.UsageError, flags.Error)):
+  if not isinstance(error, (errors.UsageError, errors.ArgumentError, errors.JobError,
+                            app.UsageError, flags.Error)):
     message = (f"unexpected {type(error).__name__}: {message} (rerun with --verbose or "
                f"{TRACEBACK_ENV}=1 for the traceback)")
   print(f"error: {message}", file=sys.stderr, flush=True)
@@ -175,7 +176,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   def guarded_main(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except (errors.UsageError, app.UsageError) as error:
+    except (errors.UsageError, errors.ArgumentError, app.UsageError) as error:
       exit_with(error, USAGE_EXIT_CODE, argv)
     except Exception as error:  # pylint: disable=broad-exception-caught  (the contract: one line)
       exit_with(error, FAILURE_EXIT_CODE, argv)

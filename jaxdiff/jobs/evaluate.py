@@ -1,11 +1,13 @@
 """What `evaluate.py` does: a metric (or the denoising panel) of a trained model's EMA params."""
 
+import json
 import os
 import time
 
 import jax
 
-from jaxdiff import errors, images, parallel, storage
+from jaxdiff import errors, images, metric_writer, parallel, storage
+from jaxdiff.metric_writer import MetricWriter
 from jaxdiff.evaluation import metrics, panels
 from jaxdiff.jobs import cli
 from jaxdiff.jobs import sample as sample_job
@@ -26,11 +28,13 @@ def check_request(output: str | None, **counts) -> None:
 def run(workdir: str, metric: str, sampling: dict | None = None, *,
         checkpoint_step: int | None = None, seed: int = 0, dtype: str | None = None,
         num_samples: int | None = None, num_images: int | None = None,
-        variance: str = "beta") -> dict:
+        variance: str = "beta", output: str | None = None) -> tuple[dict, str]:
   """`metrics.evaluate` on the EMA params of a training workdir (or an export), on this host's
   devices, with the network computing in `dtype` (None: as trained). Sample metrics sample as
-  the model's own `config.eval` says, overridden by `sampling` (the flags given); the result
-  also names the checkpoint, dataset, dtype and device count."""
+  the model's own `config.eval` says, overridden by `sampling` (the flags given). The result,
+  which also names the checkpoint, dataset, dtype and device count, is written to `output`
+  (default WORKDIR/eval/METRIC_STEP.json) and as a row to the model's metric sinks beside it
+  (`config.train.metric_sinks`); returns (result, the JSON file's path)."""
   sample_job.check_dtype(dtype)
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config = trained.config
@@ -44,9 +48,19 @@ def run(workdir: str, metric: str, sampling: dict | None = None, *,
   with cli.naming_flags():
     result = metrics.evaluate(metric, denoiser, trained.params, config.data, mesh,
                               jax.random.key(seed), request)
-  return {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset, "seed": seed,
-          "dtype": denoiser.dtype, "devices": mesh.devices.size,
-          "seconds": time.perf_counter() - start}
+  result = {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset,
+            "seed": seed, "dtype": denoiser.dtype, "devices": mesh.devices.size,
+            "seconds": time.perf_counter() - start}
+  output = storage.resolve(output or storage.join(workdir, "eval",
+                                                  f"{metric}_{trained.step:07d}.json"))
+  storage.write_text(output, json.dumps(result, indent=2))
+  writer = MetricWriter(os.path.dirname(output),
+                        config.train.get("metric_sinks", metric_writer.DEFAULT_SINKS))
+  try:
+    writer.write(trained.step, metrics.scalars_of(metric, result))
+  finally:
+    writer.close()
+  return result, output
 
 
 def format_table(result: dict) -> str:

@@ -19,8 +19,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from jaxdiff import (checkpoint, config_check, data, errors, generate, images, parallel, samplers,
-                     storage, telemetry, train_step, visualize)
+from jaxdiff import (checkpoint, config_check, config_io, data, errors, generate, images,
+                     metric_writer, parallel, samplers, storage, telemetry, train_step, visualize)
 from jaxdiff import denoiser as denoiser_lib
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.evaluation import metrics, panels
@@ -238,8 +238,11 @@ def restore_or_init(config, denoiser: Denoiser, mesh, checkpointer: checkpoint.C
   resume_step = config.train.get("resume_step")
   if resume_step is None and not checkpoint.list_steps(checkpointer.workdir):
     return train_step.create_state(denoiser, config.train, mesh, key), None
-  restored = checkpointer.restore(train_step.abstract_state(denoiser, config.train, mesh),
-                                  step=resume_step, config=config)
+  try:
+    restored = checkpointer.restore(train_step.abstract_state(denoiser, config.train, mesh),
+                                    step=resume_step, config=config)
+  except config_io.ConfigMismatchError as error:
+    raise errors.UsageError(str(error)) from error
   return restored.state, restored.data_state
 
 
@@ -347,7 +350,8 @@ def run(config, workdir: str) -> TrainSummary:
   compile_start = time.perf_counter()
   step_fn = lowered_step.compile()
   compile_seconds = time.perf_counter() - compile_start
-  writer = MetricWriter(workdir, enabled=is_chief)
+  writer = MetricWriter(workdir, train_config.get("metric_sinks", metric_writer.DEFAULT_SINKS),
+                        enabled=is_chief)
   outputs = _Outputs(config, workdir, denoiser, mesh, writer, outputs_key)
   health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
                       train_config.max_relative_update)
