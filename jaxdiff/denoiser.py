@@ -67,8 +67,8 @@ class Denoiser:
       return
     values = np.asarray(labels)
     if values.size and (values.min() < 0 or values.max() >= self.num_classes):
-      raise ArgumentError("labels", sorted(set(values.ravel().tolist())),
-                          f"class labels must be in [0, {self.num_classes})")
+      shown = labels if values.ndim == 0 else sorted(set(values.ravel().tolist()))
+      raise ArgumentError("labels", shown, f"class labels must be in [0, {self.num_classes})")
 
   def output(self, params, x_t, t, labels=None, guidance_scale: float = 0.0, *,
              train: bool = False, rngs=None) -> jax.Array:

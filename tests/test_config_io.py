@@ -40,7 +40,7 @@ def test_a_config_that_does_not_match_names_the_fields():
       "diffusion.prediction 'v' (config) vs 'eps' (checkpoint)"]
   with pytest.raises(config_io.ConfigMismatchError) as error:
     config_io.check_config_compatible(saved, other, "/work/run")
-  assert isinstance(error.value, errors.UsageError)
+  assert isinstance(error.value, ValueError)  # the training job reports it as a UsageError
   assert str(error.value) == (
       "the config does not match the checkpoint in /work/run: model.ch 16 (config) vs 8 "
       "(checkpoint); model.ch_mult (1, 2, 2) (config) vs (1, 2) (checkpoint); data.image_size 16 "
@@ -59,3 +59,14 @@ def test_a_compatible_config_passes_and_absent_fields_are_named():
   del older["diffusion"]["schedule"]
   assert config_io.config_differences(config_io.config_from_json(older), saved) == [
       f"diffusion.schedule {saved.diffusion.schedule!r} (config) vs '(absent)' (checkpoint)"]
+
+
+def test_configs_without_a_network_name_are_unets_and_another_network_is_named():
+  saved = config_io.config_to_json(small_config())
+  del saved["model"]["name"]  # configs and checkpoints from before networks had names
+  older = config_io.config_from_json(saved)
+  assert config_io.config_differences(older, small_config()) == []
+  dit = small_config()
+  dit.model.name = "dit"
+  differences = config_io.config_differences(older, dit)
+  assert differences[0] == "model.name 'dit' (config) vs 'unet' (checkpoint)"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxdiff import errors, generate, samplers
-from jaxdiff.generate import SamplingOptions
+from jaxdiff.samplers import SamplingOptions
 from jaxdiff.jobs import evaluate, sample, train
 from jaxdiff.jobs import workdir as workdir_lib
 from tests.helpers import REPO, TRAINED_STEPS, job_config, made_once, run_program
@@ -20,7 +20,7 @@ from tests.helpers import REPO, TRAINED_STEPS, job_config, made_once, run_progra
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", sorted(samplers.SAMPLERS))
 def test_each_sampler_writes_images_npz_and_settings(trained_workdir, tmp_path, sampler):
-  options = SamplingOptions(sampler=sampler, num_steps=5, batch_size=8)
+  options = dict(sampler=sampler, num_steps=5, batch_size=8)
   written = sample.run(trained_workdir, str(tmp_path), options, num_samples=10, seed=3,
                        trajectory_every=2, progress=False)
   assert sorted(os.path.basename(p) for p in written.paths) == [
@@ -34,8 +34,9 @@ def test_each_sampler_writes_images_npz_and_settings(trained_workdir, tmp_path, 
   assert settings["dtype"] == "float32" and settings["images_per_second"] > 0
   assert settings["first_batch_seconds"] == written.timing["first_batch_seconds"] > 0
   assert SamplingOptions(**{name: settings[name] for name in (
-      "sampler", "num_steps", "spacing", "clip_x0", "threshold_percentile", "eta",
-      "guidance_scale", "batch_size")}) == options
+      "sampler", "num_steps", "spacing", "clip_x0", "threshold_percentile", "eta", "variance",
+      "guidance_scale", "batch_size")}) == SamplingOptions(**options).resolved(100)
+  assert settings["spacing"] == samplers.SAMPLERS[sampler].spacing  # what was used, explicit
   again = tmp_path / "again"
   sample.run(trained_workdir, str(again), options, num_samples=10, seed=3, progress=False)
   np.testing.assert_array_equal(np.load(again / "samples.npz")["images"], arrays["images"])
@@ -46,12 +47,12 @@ def test_bfloat16_sampling_is_close_to_float32(trained_workdir, tmp_path, monkey
   """dtype (--dtype) overrides the model's float32 compute for sampling: generate gets the
   network in that dtype, its images are close to the float32 ones (test_samplers shows that
   they differ), and settings.json says which dtype computed them."""
-  options = SamplingOptions(sampler="dpm_solver", num_steps=5, batch_size=8)
+  options = dict(sampler="dpm_solver", num_steps=5, batch_size=8)
   generate_images, networks = generate.generate, []
 
-  def recording(model_apply, *args, **kwargs):
-    networks.append(model_apply.__self__.dtype)
-    return generate_images(model_apply, *args, **kwargs)
+  def recording(denoiser, *args, **kwargs):
+    networks.append(denoiser.dtype)
+    return generate_images(denoiser, *args, **kwargs)
 
   monkeypatch.setattr(generate, "generate", recording)
   pixels = {}
@@ -80,14 +81,14 @@ def test_sample_py_from_the_command_line(trained_workdir, tmp_path):
   assert np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1)
   assert re.search(r"^sampling: first batch \(compile and run\) [0-9.e+-]+ s, one batch only",
                    result.stdout, re.MULTILINE), result.stdout
-  bad_flags = [("--sampler=euler", "sampler = 'euler': unknown sampler"),
-               ("--num_steps=0", "num_steps = 0: a sampler takes at least 1 step"),
-               ("--num_steps=101", "num_steps = 101: more than the model's T = 100"),
-               ("--batch_size=0", "batch_size = 0: a batch holds at least 1 image"),
+  bad_flags = [("--sampler=euler", "--sampler=euler: unknown sampler"),
+               ("--num_steps=0", "--num_steps=0: expected a whole number ≥ 1"),
+               ("--num_steps=101", "--num_steps=101: more than the model's T = 100"),
+               ("--batch_size=0", "--batch_size=0: expected a whole number ≥ 1"),
                ("--trajectory_every=0", "--trajectory_every=0: must be at least 1"),
-               ("--dtype=float16", "--dtype=float16: not a compute dtype; choose one "
+               ("--dtype=float16", "--dtype=float16: unknown compute dtype; choose one "
                 "of float32, bfloat16"),
-               ("--guidance_scale=3", "unconditional")]
+               ("--guidance_scale=3", "--guidance_scale=3.0: this model is unconditional")]
   flags = command[2:]
   trajectory, missing, *refused = run_program("sample.py", [
       flags + ["--trajectory", f"--output_dir={tmp_path}/t"], [f"--workdir={tmp_path}/nothing"],
@@ -109,13 +110,13 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_with_guid
   config.model.num_classes = 10
   train.run(config, str(tmp_path / "work"))
   sample.run(str(tmp_path / "work"), str(tmp_path / "out"),
-             SamplingOptions(sampler="ddim", num_steps=4, batch_size=8, guidance_scale=2.0),
+             dict(sampler="ddim", num_steps=4, batch_size=8, guidance_scale=2.0),
              num_samples=8, class_label=3, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "out" / "samples.npz")["labels"], [3] * 8)
-  with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got \[12\]"):
-    sample.run(str(tmp_path / "work"), str(tmp_path / "bad"),
-               SamplingOptions(num_steps=4, batch_size=8), num_samples=8, class_label=12,
-               progress=False)
+  with pytest.raises(errors.UsageError,
+                     match=r"^--class_label=12: class labels must be in \[0, 10\)$"):
+    sample.run(str(tmp_path / "work"), str(tmp_path / "bad"), dict(num_steps=4, batch_size=8),
+               num_samples=8, class_label=12, progress=False)
 
 
 @pytest.mark.slow
@@ -123,8 +124,7 @@ def test_an_exported_ema_checkpoint_samples_like_its_workdir(trained_workdir, tm
   """docs/gpu-sampling.md: export the EMA params, copy them, sample from the export."""
   workdir_lib.export_ema(trained_workdir, str(tmp_path / "export"))
   for source, out in ((trained_workdir, "from_workdir"), (str(tmp_path / "export"), "from_export")):
-    sample.run(source, str(tmp_path / out), SamplingOptions(sampler="ddim", num_steps=4,
-                                                            batch_size=8),
+    sample.run(source, str(tmp_path / out), dict(sampler="ddim", num_steps=4, batch_size=8),
                num_samples=8, seed=1, progress=False)
   np.testing.assert_array_equal(np.load(tmp_path / "from_export" / "samples.npz")["images"],
                                 np.load(tmp_path / "from_workdir" / "samples.npz")["images"])
@@ -145,9 +145,9 @@ EVALUATE_PY_BAD_FLAGS = [
     ("--num_samples=0", "--num_samples=0: must be at least 1"),
     ("--batch_size=-2", "--batch_size=-2: must be at least 1"),
     ("--output={a_file}/x.json", "{a_file} is a file, not a folder"),
-    ("--threshold_percentile=2", "threshold_percentile = 2.0: a quantile"),
-    ("--dtype=half", "--dtype=half: not a compute dtype"),
-    ("--spacing=cubic", "spacing = 'cubic': unknown spacing")]
+    ("--threshold_percentile=2", "--threshold_percentile=2.0: expected a number in (0, 1]"),
+    ("--dtype=half", "--dtype=half: unknown compute dtype"),
+    ("--spacing=cubic", "--spacing=cubic: unknown spacing")]
 
 
 @pytest.fixture
@@ -219,8 +219,12 @@ def a_file(tmp_path):
     (dict(num_samples=0), "--num_samples=0: must be at least 1"),
     (dict(num_samples=-3), "--num_samples=-3: must be at least 1"),
     (dict(trajectory_every=0), "--trajectory_every=0: must be at least 1"),
-    (dict(dtype="float16"), "--dtype=float16: not a compute dtype; choose one of float32, "
-                            "bfloat16 (or leave it out for the model's own)"),
+    (dict(dtype="float16"), "--dtype=float16: unknown compute dtype; choose one of float32, "
+                            "bfloat16"),
+    (dict(sampling=dict(sampler="ddpm", eta=0.5)),
+     "--eta=0.5: an option of sampler ddim, not of ddpm"),
+    (dict(sampling=dict(threshold_percentile=0.0)),
+     "--threshold_percentile=0.0: expected a number in (0, 1]"),
     (dict(output_dir="{file}"), "--output_dir={file}: {file} is a file, not a folder"),
     (dict(output_dir="{file}/out"), "--output_dir={file}/out: {file} is a file, not a folder")])
 def test_sample_run_refuses_bad_requests_before_loading_a_model(tmp_path, a_file, request_,
@@ -230,7 +234,7 @@ def test_sample_run_refuses_bad_requests_before_loading_a_model(tmp_path, a_file
               for name, value in request_.items()}
   output_dir = request_.pop("output_dir", str(tmp_path / "out"))
   with pytest.raises(errors.UsageError) as raised:
-    sample.run(str(tmp_path / "no_workdir"), output_dir, SamplingOptions(), **request_)
+    sample.run(str(tmp_path / "no_workdir"), output_dir, **request_)
   assert str(raised.value).startswith(message.format(file=a_file))
   assert "\n" not in str(raised.value) and not os.path.exists(tmp_path / "out")
 

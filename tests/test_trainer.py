@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from jaxdiff import checkpoint, config_io, errors, parallel, train_step
+from jaxdiff import checkpoint, denoiser, errors, parallel, train_step
 from jaxdiff.jobs import train
 from tests.helpers import REPO, job_config, logged
 
@@ -67,12 +67,17 @@ def test_a_run_that_ends_unhealthy_exits_with_an_error(tmp_path, data_dir):
 
 def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, data_dir):
   workdir = str(tmp_path)
-  train.run(job_config(data_dir, num_steps=2), workdir)
+  train.run(job_config(data_dir, num_steps=3), workdir)
   before = open(os.path.join(workdir, "config.json")).read()
   changed = job_config(data_dir, num_steps=4)
   changed.model.ch = 8
-  with pytest.raises(config_io.ConfigMismatchError, match="model.ch 8 .config. vs 16"):
+  with pytest.raises(errors.UsageError, match="model.ch 8 .config. vs 16"):
     train.run(changed, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == before
+  uneven = job_config(data_dir, num_steps=6, steps_per_call=2, checkpoint_every=2)
+  with pytest.raises(errors.UsageError, match=r"^--config.train.steps_per_call=2: the run goes "
+                                              r"from step 3 to 6"):  # 3 steps: 1.5 calls
+    train.run(uneven, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == before
 
 
@@ -237,7 +242,7 @@ def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
     section, field = name.split(".")
     config[section][field] = value
   config.train.num_steps = stopped_at + 2
-  params = train_step.abstract_state(config, train_step.create_model(config)).params
+  params = train_step.abstract_state(denoiser.from_config(config), config.train).params
   assert any(parallel.fsdp_spec(x.shape, 4) != P() for x in jax.tree.leaves(params))
   alone = str(tmp_path / "one_host")
   train.run(config, alone)
@@ -268,7 +273,7 @@ def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path,
 def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data_dir):
   config = job_config(data_dir, num_steps=2, eval_every=1)
   config.eval.metrics = ("likelihood",)
-  with pytest.raises(errors.UsageError, match="unknown metric 'likelihood'"):
+  with pytest.raises(errors.UsageError, match="likelihood: unknown metric"):
     train.run(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 

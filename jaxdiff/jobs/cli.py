@@ -232,6 +232,15 @@ class SamplingFlags:
             if name != "dtype" and holder.value is not None}
 
 
+def check_sampling_flags(given: dict) -> None:
+  """UsageError for a sampling flag given (`SamplingFlags.given`) that is bad whatever the model,
+  before any model loads (a sampler's own option, such as eta, only with --sampler)."""
+  own_options = {name for registered in samplers.SAMPLERS.values() for name in registered.options}
+  with naming_flags():
+    samplers.SamplingOptions(**{name: value for name, value in given.items()
+                                if name not in own_options or "sampler" in given})
+
+
 def sampling_options(section, given: dict) -> samplers.SamplingOptions:
   """How to sample a model: its own sampling `section` (`config.sample` or `config.eval`),
   overridden by `given` (the flags given, `SamplingFlags.given`, and batch_size, eta, …). A

@@ -36,6 +36,7 @@ def run(workdir: str, metric: str, sampling: dict | None = None, *,
   (default WORKDIR/eval/METRIC_STEP.json) and as a row to the model's metric sinks beside it
   (`config.train.metric_sinks`); returns (result, the JSON file's path)."""
   sample_job.check_dtype(dtype)
+  cli.check_sampling_flags(sampling or {})
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   config = trained.config
   with cli.naming_flags():

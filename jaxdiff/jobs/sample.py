@@ -59,6 +59,7 @@ def run(workdir: str, output_dir: str, sampling: dict | None = None, *,
   check_positive(num_samples=num_samples, trajectory_every=trajectory_every)
   check_folder("output_dir", output_dir)
   check_dtype(dtype)
+  cli.check_sampling_flags(sampling or {})
   trained = workdir_lib.load_model(workdir, checkpoint_step)
   step = trained.step
   with cli.naming_flags(labels="class_label"):

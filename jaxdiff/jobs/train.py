@@ -316,6 +316,47 @@ def _diverged_message(health: LossHealth, workdir: str) -> str:
           f"--config.train.resume_step=N resumes from an earlier step N.")
 
 
+def _resume(config, denoiser: Denoiser, mesh, checkpointer: checkpoint.Checkpointer, train_iter,
+            key, workdir: str):
+  """The state to train from (`restore_or_init`), the data iterator set to its position; once
+  the run is known to go on from there in whole calls, the resolved config is written."""
+  state, data_state = restore_or_init(config, denoiser, mesh, checkpointer, key)
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  first_step, last_step = int(state.step), config.train.num_steps
+  steps_per_call = config.train.steps_per_call
+  if (last_step - first_step) % steps_per_call:
+    raise errors.UsageError(
+        f"--config.train.steps_per_call={steps_per_call}: the run goes from step {first_step} to "
+        f"{last_step}, which is not a whole number of calls; choose num_steps or resume_step so "
+        f"that their difference is a multiple of {steps_per_call}")
+  if jax.process_index() == 0:  # only once the config is known to continue what is on disk
+    save_resolved_config(config, workdir)
+  return state
+
+
+def _metrics_window(config, denoiser: Denoiser, mesh, writer, health, first_step: int):
+  """The compiled train step and the MetricsWindow that logs it (with its FLOPs, the device's
+  peak and the compile time)."""
+  train_config = config.train
+  lowered_step = telemetry.lower_train_step(denoiser, config, mesh)
+  compile_start = time.perf_counter()
+  step_fn = lowered_step.compile()
+  compile_seconds = time.perf_counter() - compile_start
+  progress = tqdm(total=train_config.num_steps, initial=first_step,
+                  disable=jax.process_index() != 0, unit="step", dynamic_ncols=True)
+  window = MetricsWindow(
+      writer, health, log_every=train_config.log_every, batch_size=train_config.batch_size,
+      last_step=train_config.num_steps, progress=progress,
+      steps_per_call=train_config.steps_per_call,
+      flops_per_step=telemetry.step_flops(denoiser, config, mesh, lowered_step),
+      num_devices=mesh.size,
+      peak=telemetry.peak_tflops(jax.devices()[0].device_kind, denoiser.dtype,
+                                 train_config.peak_tflops),
+      first_row={"compile_seconds": compile_seconds})
+  return step_fn, window
+
+
 def run(config, workdir: str) -> TrainSummary:
   """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
   workdir = storage.resolve(workdir)
@@ -331,40 +372,18 @@ def run(config, workdir: str) -> TrainSummary:
 
   denoiser = denoiser_lib.from_config(config)
   init_key, outputs_key = jax.random.split(jax.random.key(config.seed))
-  steps_per_call = train_config.steps_per_call
+  steps_per_call, last_step = train_config.steps_per_call, train_config.num_steps
   train_iter = data.make_train_iterator(config.data, train_config.batch_size, config.seed, mesh,
                                         steps_per_call=steps_per_call)
   checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=train_config.max_to_keep)
-  state, data_state = restore_or_init(config, denoiser, mesh, checkpointer, init_key)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  first_step, last_step = int(state.step), train_config.num_steps
-  if (last_step - first_step) % steps_per_call:
-    raise errors.UsageError(
-        f"--config.train.steps_per_call={steps_per_call}: the run goes from step {first_step} to "
-        f"{last_step}, which is not a whole number of calls; choose num_steps or resume_step so "
-        f"that their difference is a multiple of {steps_per_call}")
-  if is_chief:  # only once the config is known to continue what is on disk
-    save_resolved_config(config, workdir)
-  lowered_step = telemetry.lower_train_step(denoiser, config, mesh)
-  compile_start = time.perf_counter()
-  step_fn = lowered_step.compile()
-  compile_seconds = time.perf_counter() - compile_start
+  state = _resume(config, denoiser, mesh, checkpointer, train_iter, init_key, workdir)
+  first_step = int(state.step)
   writer = MetricWriter(workdir, train_config.get("metric_sinks", metric_writer.DEFAULT_SINKS),
                         enabled=is_chief)
   outputs = _Outputs(config, workdir, denoiser, mesh, writer, outputs_key)
   health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
                       train_config.max_relative_update)
-  progress = tqdm(total=last_step, initial=first_step, disable=not is_chief, unit="step",
-                  dynamic_ncols=True)
-  window = MetricsWindow(
-      writer, health, log_every=train_config.log_every, batch_size=train_config.batch_size,
-      last_step=last_step, progress=progress, steps_per_call=steps_per_call,
-      flops_per_step=telemetry.step_flops(denoiser, config, mesh, lowered_step),
-      num_devices=mesh.size,
-      peak=telemetry.peak_tflops(jax.devices()[0].device_kind, denoiser.dtype,
-                                 train_config.peak_tflops),
-      first_row={"compile_seconds": compile_seconds})
+  step_fn, window = _metrics_window(config, denoiser, mesh, writer, health, first_step)
   start_time, step, stop = time.perf_counter(), first_step, StopSignal()
 
   def save_if_healthy(step: int, *, wait: bool = False) -> None:
@@ -401,7 +420,7 @@ def run(config, workdir: str) -> TrainSummary:
         raise TrainingError(_diverged_message(health, workdir))
   finally:
     profiler.close()
-    progress.close()
+    window.progress.close()
     checkpointer.close()
     writer.close()
   if is_chief:
