@@ -45,8 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_classes = 0        # >0: class-conditional (label `num_classes` = unconditional)
   model.dtype = "float32"      # compute dtype; params, EMA and optimizer state stay float32
   model.resamp_with_conv = True
-  model.num_heads = 1
+  model.num_heads = 1          # attention heads (both networks)
   model.remat = False
+  # The DiT's own fields (--config.model.name=dit; Peebles & Xie 2023): patches of
+  # patch_size², `depth` adaLN-Zero blocks of `width` channels. 1.06M params at these values.
+  model.patch_size = 2
+  model.depth = 6
+  model.width = 96
+  model.mlp_ratio = 4.0
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"

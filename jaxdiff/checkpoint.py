@@ -88,9 +88,7 @@ class EmaCheckpoint:
 
 def _describe(error: BaseException, limit: int = 300) -> str:
   """`Type: message` on one line, cut to `limit` characters (TensorStore's errors are long)."""
-  text = " ".join(str(error).split())
-  text = text if len(text) <= limit else text[:limit] + " ..."
-  return f"{type(error).__name__}: {text}"
+  return f"{type(error).__name__}: {errors.one_line(error, limit)}"
 
 
 def _checkpoints_folder(workdir: str) -> str:

@@ -11,7 +11,6 @@ evaluates (train.eval_every > 0): a run is refused only for what it uses.
 """
 
 import contextlib
-import difflib
 import math
 
 from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses,
@@ -218,39 +217,26 @@ def check_mesh(config, num_devices: int) -> None:
                             f"{config.mesh.fsdp}: {error.problem}") from error
 
 
-def unknown_dataset_message(name, directory: str) -> str:
-  """The datasets jaxdiff can read, and the nearest of them to `name`."""
-  available = data.available_datasets(directory)
-  prepared = [choice for choice in available if choice not in data.PACKAGED_DATASETS]
-  close = difflib.get_close_matches(str(name), available, n=3)
-  return (f"unknown dataset; choose {' or '.join(data.PACKAGED_DATASETS)} (packaged, offline), "
-          f"{data.FOLDER_PREFIX}/path/to/images (a folder of your PNG/JPEG files), or a TFDS "
-          f"dataset prepared as ArrayRecord in --config.data.data_dir={directory} (there now: "
-          f"{', '.join(prepared) or 'none'})"
-          + (f"; did you mean {' or '.join(close)}?" if close else ""))
-
-
 def check_dataset(config) -> None:
   """The dataset is there (never downloaded; a packaged one is prepared on first use) and fits
   the model."""
   name = get(config, "data.dataset")
   directory = get(config, "data.data_dir")
-  if not isinstance(name, str) or not name:
-    raise usage_error("data.dataset", name, unknown_dataset_message(name, directory))
-  try:
-    data.dataset_info(config.data)
-  except ImportError as error:  # a packaged dataset whose package is not installed
-    raise usage_error("data.dataset", name, error) from error
-  except FileNotFoundError as error:  # a missing folder or an unprepared TFDS dataset
-    advice = (f"; give {data.FOLDER_PREFIX}PATH of an existing folder of PNG/JPEG images"
-              if name.startswith(data.FOLDER_PREFIX) else "")
-    raise usage_error("data.dataset", name, f"{error}{advice}") from error
-  except (ValueError, TypeError) as error:
-    base_name = name.split("/")[0].split(":")[0]
-    if name.startswith(data.FOLDER_PREFIX) or base_name in data.available_datasets(directory):
+  with refusing("data."):
+    if not isinstance(name, str) or not name:
+      raise data.unknown_dataset_error(name, directory)
+    try:
+      data.dataset_info(config.data)
+    except ImportError as error:  # a packaged dataset whose package is not installed
       raise usage_error("data.dataset", name, error) from error
-    raise usage_error("data.dataset", name,
-                      unknown_dataset_message(name, directory)) from error
+    except FileNotFoundError as error:  # a missing folder or an unprepared TFDS dataset
+      advice = (f"; give {data.FOLDER_PREFIX}PATH of an existing folder of PNG/JPEG images"
+                if name.startswith(data.FOLDER_PREFIX) else "")
+      raise usage_error("data.dataset", name, f"{error}{advice}") from error
+    except (TypeError, ValueError) as error:
+      if isinstance(error, errors.ArgumentError):
+        raise
+      raise usage_error("data.dataset", name, error) from error
   fields = models.network_fields(config.model)
   with refusing(""):
     data.check_model_compatible(config.data, fields["num_classes"], fields["out_channels"])

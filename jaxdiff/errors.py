@@ -28,7 +28,14 @@ class JobError(RuntimeError):
   """The job could not go on; the message says what is on disk and what to do."""
 
 
+def one_line(message, limit: int | None = None) -> str:
+  """`message` with every run of whitespace (newlines too) as one space, cut to `limit`
+  characters (' ...' marking the cut)."""
+  text = " ".join(str(message).split())
+  return text if limit is None or len(text) <= limit else text[:limit] + " ..."
+
+
 def usage_error(flag: str, error: ArgumentError) -> UsageError:
   """`error` said as the user gave the argument: '--FLAG=VALUE: PROBLEM', FLAG being the flag or
   config field that set it (e.g. 'num_steps' or 'config.sample.num_steps')."""
-  return UsageError(f"--{flag}={error.value}: {' '.join(str(error.problem).split())}")
+  return UsageError(f"--{flag}={error.value}: {one_line(error.problem)}")

@@ -417,6 +417,7 @@ except checkpoint.CheckpointError as error:
 """
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path):
   result = subprocess.run([sys.executable, "-c", FAILED_WRITE_SCRIPT, str(tmp_path)], cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,

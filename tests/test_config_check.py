@@ -163,9 +163,9 @@ def test_an_unknown_dataset_lists_jaxdiffs_own_choices(data_dir):
   message = refusal(config_with(data_dir, data__dataset="digitz"))
   assert message == (
       f"--config.data.dataset=digitz: unknown dataset; choose digits or mnist5k (packaged, "
-      f"offline), folder:/path/to/images (a folder of your PNG/JPEG files), or a TFDS dataset "
-      f"prepared as ArrayRecord in --config.data.data_dir={data_dir} (there now: none); did you "
-      f"mean digits?")
+      f"offline), folder:/path/to/images (a folder of your PNG/JPEG files), or a TFDS image "
+      f"dataset prepared as ArrayRecord in the data_dir {data_dir} (there now: none), e.g. "
+      f"cifar10, mnist, fashion_mnist, celeb_a; did you mean digits?")
   assert "did you mean" not in refusal(config_with(data_dir, data__dataset="imagenet_tiny_cats"))
 
 

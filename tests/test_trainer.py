@@ -25,6 +25,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tensorflow_datasets"))
 
 
+@pytest.mark.slow
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.run(job_config(data_dir, num_steps=6), straight)
@@ -37,6 +38,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
                              [expected[s] for s in range(1, 7)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_never_saves_and_keeps_the_good_checkpoints(tmp_path, data_dir):
   """The issue's case: good steps on disk, then a resume at a learning rate that explodes. The
   exploding steps are never saved, the good ones are never rotated out, the error says what is
@@ -56,6 +58,7 @@ def test_a_diverging_run_never_saves_and_keeps_the_good_checkpoints(tmp_path, da
   assert (summary.first_step, summary.last_step) == (4, 6) and np.isfinite(summary.final_loss)
 
 
+@pytest.mark.slow
 def test_a_run_that_ends_unhealthy_exits_with_an_error(tmp_path, data_dir):
   """Fewer unhealthy steps than max_nonfinite_steps at the end is still no success."""
   config = job_config(data_dir, num_steps=2, learning_rate=1e8, warmup_steps=0,
@@ -65,6 +68,7 @@ def test_a_run_that_ends_unhealthy_exits_with_an_error(tmp_path, data_dir):
   assert checkpoint.list_steps(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, data_dir):
   workdir = str(tmp_path)
   train.run(job_config(data_dir, num_steps=3), workdir)
@@ -81,6 +85,7 @@ def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path, data_dir):
   assert open(os.path.join(workdir, "config.json")).read() == before
 
 
+@pytest.mark.slow
 def test_resume_step_continues_from_an_older_checkpoint(tmp_path, data_dir):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.run(job_config(data_dir, num_steps=5, checkpoint_every=2), straight)
@@ -91,6 +96,7 @@ def test_resume_step_continues_from_an_older_checkpoint(tmp_path, data_dir):
   np.testing.assert_allclose(logged(resumed)[5], logged(straight)[5], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, data_dir):
   train.run(job_config(data_dir, num_steps=3, profile_steps=(2, 3)), str(tmp_path))
   traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
@@ -100,6 +106,7 @@ def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path, data_dir):
   assert not os.path.exists(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_steps_per_call_and_fsdp_log_every_step_like_the_plain_loop(tmp_path, data_dir):
   """Two steps per compiled call, and the state split over fsdp = 2, log a row per step with the
   losses of the plain loop; every row carries images/s and TFLOP/s per device, and the first
@@ -251,6 +258,7 @@ def test_two_processes_train_as_one_and_agree_on_preemption(tmp_path, data_dir):
                              [logged(alone)[s] for s in steps], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path, judged_data_dir):
   config = job_config(judged_data_dir, num_steps=4, eval_every=3)
   config.eval.update(metrics=("quality", "bpd"), num_samples=32, batch_size=16, num_steps=5,
@@ -270,6 +278,7 @@ def test_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path,
   assert event_files
 
 
+@pytest.mark.slow
 def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data_dir):
   config = job_config(data_dir, num_steps=2, eval_every=1)
   config.eval.metrics = ("likelihood",)
@@ -278,6 +287,7 @@ def test_a_metric_that_cannot_run_stops_training_before_it_starts(tmp_path, data
   assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("log_every", 0), ("checkpoint_every", -1),
                                          ("eval_every", -5)])
 def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir, name, value):
@@ -288,6 +298,7 @@ def test_a_bad_step_interval_stops_training_before_it_starts(tmp_path, data_dir,
   assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.slow
 def test_checkpoint_every_zero_saves_only_the_last_step(tmp_path, data_dir):
   train.run(job_config(data_dir, num_steps=4, checkpoint_every=0), str(tmp_path))
   assert checkpoint.list_steps(str(tmp_path)) == [4]

@@ -16,3 +16,4 @@ from jaxdiff.data.sources import DatasetInfo
 from jaxdiff.data.sources import DatasetNotPreparedError
 from jaxdiff.data.sources import FOLDER_PREFIX
 from jaxdiff.data.sources import PACKAGED_DATASETS
+from jaxdiff.data.sources import unknown_dataset_error

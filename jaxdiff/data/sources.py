@@ -76,16 +76,19 @@ def available_datasets(directory: str) -> list[str]:
   return list(PACKAGED_DATASETS) + prepared_tfds_datasets(directory)
 
 
-def _unknown_dataset_error(name: str, directory: str) -> ValueError:
-  known = tfds.list_builders(with_community_datasets=False)
-  close = difflib.get_close_matches(name, list(PACKAGED_DATASETS) + known, n=3)
-  prepared = prepared_tfds_datasets(directory)
-  return ValueError(
-      f"unknown dataset {name!r}. Available: {', '.join(PACKAGED_DATASETS)} (packaged, work "
-      f"offline); 'folder:/path/to/images' (your PNG/JPEG files); a TFDS image dataset prepared "
-      f"as ArrayRecord in {directory} (there now: {', '.join(prepared) or 'none'}), e.g. "
-      f"{', '.join(TFDS_EXAMPLES)}."
-      + (f" Did you mean {' or '.join(repr(match) for match in close)}?" if close else ""))
+def unknown_dataset_error(name, directory: str) -> ArgumentError:
+  """ArgumentError naming 'dataset': the datasets jaxdiff can read, and the nearest of them to
+  `name`."""
+  available = available_datasets(directory)
+  prepared = [choice for choice in available if choice not in PACKAGED_DATASETS]
+  close = difflib.get_close_matches(str(name), available, n=3)
+  return ArgumentError(
+      "dataset", name,
+      f"unknown dataset; choose {' or '.join(PACKAGED_DATASETS)} (packaged, offline), "
+      f"{FOLDER_PREFIX}/path/to/images (a folder of your PNG/JPEG files), or a TFDS image dataset "
+      f"prepared as ArrayRecord in the data_dir {directory} (there now: "
+      f"{', '.join(prepared) or 'none'}), e.g. {', '.join(TFDS_EXAMPLES)}"
+      + (f"; did you mean {' or '.join(close)}?" if close else ""))
 
 
 def _not_prepared_error(name: str, directory: str, problem: str) -> DatasetNotPreparedError:
@@ -106,7 +109,7 @@ def _tfds_builder(name: str, directory: str) -> tfds.core.DatasetBuilder:
   base_name = name.split("/")[0].split(":")[0]
   if (base_name not in tfds.list_builders(with_community_datasets=False)
       and base_name not in prepared_tfds_datasets(directory)):  # read-only: known from its files
-    raise _unknown_dataset_error(name, directory)
+    raise unknown_dataset_error(name, directory)
   builder = tfds.builder(name, data_dir=directory)
   if not builder.is_prepared():
     raise _not_prepared_error(name, directory, f"is not prepared in {directory}")

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 import jax
 
-from jaxdiff import data, generate, images
+from jaxdiff import data, errors, generate, images
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import ArgumentError
 from jaxdiff.evaluation import fid, likelihood, quality
@@ -121,7 +121,7 @@ def check_metric(name: str, data_config) -> Metric:
   try:
     METRICS[name].check(data_config)
   except (ValueError, FileNotFoundError) as error:
-    raise ArgumentError("metric", name, " ".join(str(error).split())) from error
+    raise ArgumentError("metric", name, errors.one_line(error)) from error
   return METRICS[name]
 
 

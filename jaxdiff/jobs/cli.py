@@ -53,7 +53,7 @@ def exit_with(error: BaseException, exit_code: int, argv: Sequence[str]) -> None
   """Print `error: <message>` as one line on stderr (after the traceback, if asked for) and exit."""
   if wants_traceback(argv):
     traceback.print_exception(error)
-  message = " ".join(str(error).split())
+  message = errors.one_line(error)
   if not isinstance(error, (errors.UsageError, errors.ArgumentError, errors.JobError,
                             app.UsageError, flags.Error)):
     message = (f"unexpected {type(error).__name__}: {message} (rerun with --verbose or "

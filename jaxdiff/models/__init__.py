@@ -22,13 +22,14 @@ from typing import Any
 import flax.linen as nn
 
 from jaxdiff import validation
+from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet, count_params, timestep_embedding
 
-NETWORKS: dict[str, Any] = {"unet": UNet}
+NETWORKS: dict[str, Any] = {"unet": UNet, "dit": DiT}
 DEFAULT_NETWORK = "unet"
 _MODULE_ATTRIBUTES = ("parent", "name")  # every Flax module's, not config fields
 
-__all__ = ["NETWORKS", "UNet", "check", "count_params", "create", "fixed_fields",
+__all__ = ["NETWORKS", "DiT", "UNet", "check", "count_params", "create", "fixed_fields",
            "network_class", "network_fields", "timestep_embedding"]
 
 
