@@ -71,6 +71,13 @@ def from_betas(betas) -> Schedule:
   return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in coefficients.items()})
 
 
+def from_alpha_bars(alpha_bars) -> Schedule:
+  """The schedule whose ᾱ_t are `alpha_bars` (decreasing, in [0, 1)): β_t = 1 − ᾱ_t/ᾱ_{t−1}, with
+  ᾱ_{−1} = 1, computed in float64."""
+  alpha_bars = np.asarray(alpha_bars, np.float64)
+  return from_betas(1.0 - alpha_bars / np.append(1.0, alpha_bars[:-1]))
+
+
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
                  beta_end: float = 0.02) -> np.ndarray:
   """DDPM (Ho et al. 2020): β_t evenly spaced from beta_start to beta_end, in float64."""
