@@ -200,7 +200,7 @@ class _FileLock(WorkdirLock):
       os.makedirs(workdir, exist_ok=True)
       descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-      raise _path_error(workdir, f"cannot create its lock file {path}", error) from error
+      raise _path_error(workdir, path, error) from error
     try:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -240,13 +240,16 @@ class _FileLock(WorkdirLock):
     os.close(self._descriptor)
 
 
-def _path_error(workdir: str, what: str, error: OSError) -> Exception:
-  """An OSError met at the workdir as the error to raise: ArgumentError where the path itself
-  is wrong (a file, no permission, read-only), else LockError."""
-  if error.errno in (errno.EEXIST, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS):
-    return errors.ArgumentError("workdir", workdir, f"{what}: {error.strerror}; give a folder "
-                                f"this user can write")
-  return LockError(f"{what}: {error.strerror}")
+def _path_error(workdir: str, path: str, error: OSError) -> Exception:
+  """An OSError met creating the workdir or its lock file `path` as the error to raise:
+  ArgumentError where the path itself is wrong (a file, no permission, read-only), else
+  LockError."""
+  if error.errno in (errno.EEXIST, errno.ENOTDIR):
+    return errors.ArgumentError("workdir", workdir, "is a file, or lies under one; give a folder")
+  if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    return errors.ArgumentError("workdir", workdir, f"cannot create {path}: {error.strerror}; "
+                                f"give a folder this user can write")
+  return LockError(f"cannot create {path}: {error.strerror}")
 
 
 def _settled_holder(read) -> Holder:

@@ -143,6 +143,24 @@ def test_of_two_processes_racing_for_a_stale_lock_exactly_one_wins(workdir):
     racer.finish()
 
 
+@pytest.mark.slow
+def test_a_forked_child_does_not_keep_its_killed_parents_lock(tmp_path):
+  workdir = str(tmp_path / "run")
+  forking_holder = (f"import os, time; from jaxdiff import workdir_lock; "
+                    f"lock = workdir_lock.acquire({workdir!r}); child = os.fork(); "
+                    f"print(os.getpid(), flush=True) if child == 0 else None; time.sleep(60)")
+  parent = subprocess.Popen([sys.executable, "-c", forking_holder], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+  child = int(parent.stdout.readline())  # printed once the fork hooks have run in the child
+  parent.kill()
+  parent.wait(timeout=30)
+  try:
+    with workdir_lock.acquire(workdir) as lock:
+      assert lock.took_over.pid == parent.pid
+  finally:
+    os.kill(child, signal.SIGKILL)
+
+
 def test_a_second_lock_in_the_same_process_is_refused_and_a_release_frees_it(tmp_path):
   workdir = str(tmp_path / "run")
   with workdir_lock.acquire(workdir) as lock:
@@ -158,8 +176,9 @@ def test_a_second_lock_in_the_same_process_is_refused_and_a_release_frees_it(tmp
 def test_a_workdir_that_is_a_file_is_an_argument_error_and_left_alone(tmp_path):
   path = tmp_path / "run"
   path.write_text("not a folder")
-  with pytest.raises(errors.ArgumentError, match="workdir = .*run': cannot create its lock file"):
-    workdir_lock.acquire(str(path))
+  for workdir in (path, path / "below"):
+    with pytest.raises(errors.ArgumentError, match="': is a file, or lies under one"):
+      workdir_lock.acquire(str(workdir))
   assert path.read_text() == "not a folder"
 
 
