@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff import parallel, samplers, schedules, telemetry, train_step
+from jaxdiff import denoiser as denoiser_lib, parallel, samplers, telemetry, train_step
 from jaxdiff.jobs import train
 from jaxdiff.models import count_params
 
@@ -112,11 +112,9 @@ class JaxdiffBench:
   def __init__(self, config, batch_size: int, mesh):
     self.config, self.batch_size, self.mesh = config, batch_size, mesh
     config.train.batch_size = batch_size
-    self.model = train_step.create_model(config)
-    self.schedule = schedules.from_config(config.diffusion)
-    size, channels = config.data.image_size, config.data.num_channels
-    self.image_shape = (size, size, channels)
-    self.state = train_step.create_state(config, self.model, mesh, jax.random.key(0))
+    self.denoiser = denoiser_lib.from_config(config)
+    self.image_shape = self.denoiser.image_shape
+    self.state = train_step.create_state(self.denoiser, config.train, mesh, jax.random.key(0))
     self.num_params = count_params(self.state.params)
     rng = np.random.default_rng(0)
     steps_per_call = config.train.steps_per_call
@@ -124,12 +122,11 @@ class JaxdiffBench:
     self.batch = parallel.global_batch(
         {"image": rng.uniform(-1, 1, (*stacked, batch_size, *self.image_shape)).astype(np.float32),
          "label": np.zeros((*stacked, batch_size), np.int32)}, mesh, stacked=bool(stacked))
-    step_fn = train_step.make_train_step(self.model, self.schedule, config, mesh)
+    step_fn = train_step.make_train_step(self.denoiser, config, mesh)
     start = time.perf_counter()
     self.compiled_step = step_fn.lower(self.state, self.batch).compile()
     self.train_compile_seconds = time.perf_counter() - start
-    self.train_flops_per_image = (telemetry.step_flops(self.model, self.schedule, config, mesh)
-                                  / batch_size)
+    self.train_flops_per_image = telemetry.step_flops(self.denoiser, config, mesh) / batch_size
 
   def train_step(self):
     self.state, metrics = self.compiled_step(self.state, self.batch)
@@ -149,27 +146,27 @@ class JaxdiffBench:
         np.random.default_rng(1).standard_normal((num_samples, *self.image_shape),
                                                  dtype=np.float32), self.mesh)
     t = parallel.global_batch(np.full((num_samples,), 500, np.int32), self.mesh)
-    apply = jax.jit(self.model.apply)
-    variables = {"params": self.state.ema_params}
-    apply(variables, x, t).block_until_ready()
-    return lambda: apply(variables, x, t).block_until_ready()
+    output = jax.jit(self.denoiser.output)
+    params = self.state.ema_params
+    output(params, x, t).block_until_ready()
+    return lambda: output(params, x, t).block_until_ready()
 
   def sampler_fn(self, name: str, num_steps: int, num_samples: int):
     """(blocking call of one whole sampler run, its compile seconds)."""
     sharding = parallel.batch_sharding(self.mesh)
 
-    def run(variables, key):
-      images = samplers.sample(name, self.model.apply, variables, self.schedule, key,
-                               (num_samples, *self.image_shape), num_steps=num_steps,
-                               prediction=self.config.diffusion.prediction).images
+    options = samplers.SamplingOptions(sampler=name, num_steps=num_steps, batch_size=num_samples)
+
+    def run(params, key):
+      images = samplers.sample(self.denoiser, params, key, options).images
       return jax.lax.with_sharding_constraint(images, sharding)
 
-    variables, key = {"params": self.state.ema_params}, jax.random.key(2)
+    params, key = self.state.ema_params, jax.random.key(2)
     start = time.perf_counter()
-    compiled = jax.jit(run).lower(variables, key).compile()
+    compiled = jax.jit(run).lower(params, key).compile()
     compile_seconds = time.perf_counter() - start
-    compiled(variables, key).block_until_ready()
-    return lambda: compiled(variables, key).block_until_ready(), compile_seconds
+    compiled(params, key).block_until_ready()
+    return lambda: compiled(params, key).block_until_ready(), compile_seconds
 
 
 def device_memory_bytes() -> int | None:
@@ -398,16 +395,15 @@ def state_memory(config, batch_size: int, grad_accum_steps: int, mesh_shapes) ->
   """Per device, on each (data, fsdp) mesh: the train state's share and XLA's memory analysis
   of the compiled step, from abstract inputs (`jax.eval_shape`): nothing is run or allocated."""
   config.train.update(batch_size=batch_size, grad_accum_steps=grad_accum_steps)
-  model = train_step.create_model(config)
-  schedule = schedules.from_config(config.diffusion)
+  denoiser = denoiser_lib.from_config(config)
   rows = []
   for data, fsdp in mesh_shapes:
     mesh = parallel.make_mesh(jax.devices()[:data * fsdp],
                               ml_collections.ConfigDict({"data": data, "fsdp": fsdp}))
-    state = train_step.abstract_state(config, model, mesh)
+    state = train_step.abstract_state(denoiser, config.train, mesh)
     start = time.perf_counter()
-    compiled = train_step.make_train_step(model, schedule, config, mesh).lower(
-        state, train_step.abstract_batch(config, mesh)).compile()
+    compiled = train_step.make_train_step(denoiser, config, mesh).lower(
+        state, train_step.abstract_batch(denoiser, config.train, mesh)).compile()
     memory = compiled.memory_analysis()
     shardings = jax.tree.map(lambda x: x.sharding, state)
     rows.append({

@@ -16,24 +16,25 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 
 from jaxdiff import models, samplers, schedules
+from jaxdiff.denoiser import Denoiser
 
 STEP_COUNTS = (10, 100, 1000)
 MAX_RATIO = 1.5
 
 
-def compile_seconds(sampler_name: str, apply_fn, variables, schedule, num_steps: int,
-                    shape, trajectory_every: int | None, repeats: int) -> float:
+def compile_seconds(sampler_name: str, denoiser: Denoiser, params, num_steps: int,
+                    batch_size: int, trajectory_every: int | None, repeats: int) -> float:
   """Wall time of `.lower(...).compile()` for one sampler program, the least of `repeats`."""
+  options = samplers.SamplingOptions(sampler=sampler_name, num_steps=num_steps,
+                                     batch_size=batch_size)
   times = []
   for _ in range(repeats):
-    sample = jax.jit(lambda variables, key: samplers.sample(
-        sampler_name, apply_fn, variables, schedule, key, shape, num_steps=num_steps,
-        trajectory_every=trajectory_every))
+    sample = jax.jit(lambda params, key: samplers.sample(
+        denoiser, params, key, options, trajectory_every=trajectory_every))
     start = time.perf_counter()
-    sample.lower(variables, jax.random.key(0)).compile()
+    sample.lower(params, jax.random.key(0)).compile()
     times.append(time.perf_counter() - start)
   return min(times)
 
@@ -44,19 +45,18 @@ def main():
   parser.add_argument("--repeats", type=int, default=3, help="Compiles per entry (least kept).")
   args = parser.parse_args()
   jax.config.update("jax_enable_compilation_cache", False)
-  model = models.UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
-                      dropout=0.0, out_channels=3)
-  shape = (16, 32, 32, 3)
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape),
-                                  jnp.zeros(shape[:1], jnp.int32))
-  schedule = schedules.linear(1000)
+  network = models.UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
+                        dropout=0.0, out_channels=3)
+  denoiser = Denoiser(network=network, schedule=schedules.linear(1000), prediction="eps",
+                      num_classes=0, image_shape=(32, 32, 3))
+  params, batch_size = jax.jit(denoiser.init)(jax.random.key(0)), 16
   rows = []
   print(f"{'sampler':<24}" + "".join(f"{f'{n} steps':>12}" for n in STEP_COUNTS)
         + f"{'1000/10':>10}")
   for name in samplers.SAMPLERS:
     for trajectory_every in (None, 10):
-      seconds = [compile_seconds(name, model.apply, variables, schedule, n, shape,
-                                 trajectory_every, args.repeats) for n in STEP_COUNTS]
+      seconds = [compile_seconds(name, denoiser, params, n, batch_size, trajectory_every,
+                                 args.repeats) for n in STEP_COUNTS]
       label = name if trajectory_every is None else f"{name} (trajectory)"
       rows.append({"sampler": name, "trajectory_every": trajectory_every,
                    "compile_seconds": dict(zip(map(str, STEP_COUNTS), seconds)),

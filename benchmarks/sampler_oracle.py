@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxdiff import samplers, schedules
-from tests.oracles import gaussian_eps, gaussian_flow_map
+from tests.oracles import gaussian_denoiser, gaussian_flow_map
 
 MEAN, STD = 0.3, 0.5
 SAMPLERS = ("ddim", "dpm_solver", "dpm_solver_3m", "unipc")
@@ -26,9 +26,10 @@ SPACINGS = ("uniform", "trailing", "logsnr", "karras")
 def errors(name: str, num_steps: int, spacing: str, schedule) -> tuple[float, float]:
   """(W2 to the data distribution, RMS distance to the exact ODE solution) per pixel."""
   x_init = np.array([0.0, 1.0], np.float32).reshape(2, 1, 1, 1)
-  images = samplers.sample(name, gaussian_eps(schedule, MEAN, STD), None, schedule,
-                           jax.random.key(0), x_init.shape, num_steps=num_steps, spacing=spacing,
-                           clip_x0=False, x_init=x_init).images
+  options = samplers.SamplingOptions(sampler=name, num_steps=num_steps, spacing=spacing,
+                                     clip_x0=False, batch_size=len(x_init))
+  images = samplers.sample(gaussian_denoiser(schedule, MEAN, STD, image_shape=x_init.shape[1:]),
+                           None, jax.random.key(0), options, x_init=x_init).images
   b, a = np.asarray(images, np.float64).ravel()
   a -= b
   first_timestep = samplers.spaced_timesteps(schedule, num_steps, spacing)[0]

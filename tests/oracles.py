@@ -1,31 +1,65 @@
-"""Denoisers whose optimal output is known in closed form, for testing samplers and losses."""
+"""Networks whose optimal output is known in closed form, for testing samplers, losses and the
+bound, and the `Denoiser`s built on them."""
+
+import dataclasses
+from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import diffusion
+from jaxdiff.denoiser import Denoiser
 from jaxdiff.schedules import Schedule
 
 
-def gaussian_eps(schedule: Schedule, mean, std: float, prediction: str = "eps"):
-  """apply_fn for data x0 ~ N(mean, std² I): the MMSE prediction of ε (or of x0 or v).
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+  """A stand-in for a Flax network: `apply(variables, x_t, t, y=None, ...)` is
+  `predict(x_t, t, y)` whatever the variables, with the attributes a `Denoiser` reads."""
+
+  predict: Callable
+  num_classes: int = 0
+  dtype: str = "float32"
+
+  def apply(self, variables, x_t, t, y=None, train=False, rngs=None):
+    del variables, train, rngs
+    return self.predict(x_t, t, y)
+
+
+def gaussian_network(schedule: Schedule, mean, std: float, prediction: str = "eps",
+                     num_classes: int = 0) -> Network:
+  """The network for data x0 ~ N(mean, std² I): the MMSE prediction of ε (or of x0 or v).
 
   x_t = √ᾱ x0 + √(1−ᾱ) ε is Gaussian with mean √ᾱ·mean and variance ᾱ std² + 1 − ᾱ, so with
   u = (x_t − √ᾱ·mean) / (ᾱ std² + 1 − ᾱ), E[ε | x_t] = √(1−ᾱ) u and E[x0 | x_t] = mean + √ᾱ std² u,
   each finite also at ᾱ = 0 (zero terminal SNR). `mean` may depend on the class: pass a function
-  of the labels and use the 4-argument form.
+  of the labels and `num_classes` > 0 (the network then needs labels).
   """
 
-  def predict(x_t, t, data_mean):
+  def predict(x_t, t, labels):
+    data_mean = mean
+    if callable(mean):
+      data_mean = mean(labels).reshape(labels.shape + (1,) * (x_t.ndim - 1))
     alpha_bar = schedule.alpha_bars[t].reshape(t.shape + (1,) * (x_t.ndim - 1))
     u = (x_t - jnp.sqrt(alpha_bar) * data_mean) / (alpha_bar * std**2 + 1 - alpha_bar)
     eps, x0 = jnp.sqrt(1 - alpha_bar) * u, data_mean + jnp.sqrt(alpha_bar) * std**2 * u
     return {"eps": eps, "x0": x0, "v": diffusion.v_target(schedule, x0, t, eps)}[prediction]
 
-  if callable(mean):
-    return lambda variables, x_t, t, labels: predict(
-        x_t, t, mean(labels).reshape(labels.shape + (1,) * (x_t.ndim - 1)))
-  return lambda variables, x_t, t: predict(x_t, t, mean)
+  return Network(predict, num_classes=num_classes)
+
+
+def denoiser(network: Network, schedule: Schedule, image_shape=(2, 2, 1),
+             prediction: str = "eps") -> Denoiser:
+  """The Denoiser of `network` (its classes) on `schedule`, for images of `image_shape`."""
+  return Denoiser(network=network, schedule=schedule, prediction=prediction,
+                  num_classes=network.num_classes, image_shape=tuple(image_shape))
+
+
+def gaussian_denoiser(schedule: Schedule, mean, std: float, prediction: str = "eps",
+                      image_shape=(2, 2, 1), num_classes: int = 0) -> Denoiser:
+  """`denoiser` of `gaussian_network`: the MMSE denoiser of data N(mean, std² I)."""
+  return denoiser(gaussian_network(schedule, mean, std, prediction, num_classes), schedule,
+                  image_shape, prediction)
 
 
 def gaussian_flow_map(schedule: Schedule, mean: float, std: float, x_T, t_last: int):

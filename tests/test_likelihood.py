@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from jaxdiff import losses, parallel, schedules, train_step
+from jaxdiff import denoiser as denoiser_lib, losses, parallel, samplers, schedules, train_step
 from jaxdiff.evaluation import likelihood, metrics
 from jaxdiff.jobs import workdir
 from tests import oracles
@@ -126,8 +126,8 @@ def gaussian_levels_data(num_images, levels, mean, std, seed):
   return pixels.astype(np.float32), entropy_bits
 
 
-def run_bits_per_dim(apply_fn, schedule, pixels, mesh, levels, batch_size=32):
-  bound_fn = likelihood.make_bound_fn(apply_fn, schedule, mesh, num_levels=levels,
+def run_bits_per_dim(denoiser, pixels, mesh, levels, batch_size=32):
+  bound_fn = likelihood.make_bound_fn(denoiser, None, mesh, num_levels=levels,
                                       timestep_chunk=250)
   batches = [{"image": pixels[i:i + batch_size], "label": np.zeros(batch_size, np.int32),
               "mask": np.ones(batch_size, bool)}
@@ -139,9 +139,9 @@ def run_bits_per_dim(apply_fn, schedule, pixels, mesh, levels, batch_size=32):
 def gaussian_case():
   levels, mean, std = 256, 0.1, 0.3
   pixels, entropy = gaussian_levels_data(64, levels, mean, std, seed=3)
-  schedule = schedules.linear(1000)
-  return dict(apply_fn=oracles.gaussian_eps(schedule, mean, std), schedule=schedule,
-              pixels=pixels, levels=levels, entropy=entropy)
+  denoiser = oracles.gaussian_denoiser(schedules.linear(1000), mean, std,
+                                       image_shape=pixels.shape[1:])
+  return dict(denoiser=denoiser, pixels=pixels, levels=levels, entropy=entropy)
 
 
 def expected_gaussian_kl_bits(std, variance):
@@ -162,8 +162,8 @@ def test_bound_of_the_exact_denoiser_matches_the_analytic_value(gaussian_case):
   """Pixels ~ N(0.1, 0.3²) on 256 levels (entropy 7.30 bits). With the MMSE denoiser the
   diffusion terms equal their closed form (4.91 bits/dim), and the bound lies above the
   entropy: fixed variances leave a gap of about 0.15 bits/dim at T = 1000."""
-  result = run_bits_per_dim(gaussian_case["apply_fn"], gaussian_case["schedule"],
-                            gaussian_case["pixels"], parallel.make_mesh(), gaussian_case["levels"])
+  result = run_bits_per_dim(gaussian_case["denoiser"], gaussian_case["pixels"],
+                            parallel.make_mesh(), gaussian_case["levels"])
   expected_terms = expected_gaussian_kl_bits(0.3, "beta")
   assert result["diffusion_bpd"] == pytest.approx(expected_terms.sum(), rel=0.03)
   late = slice(50, None)  # where the pixel grid no longer matters: continuous closed form
@@ -179,9 +179,8 @@ def test_bound_of_the_exact_denoiser_matches_the_analytic_value(gaussian_case):
 
 
 def test_bits_per_dim_are_the_same_on_one_and_eight_devices(gaussian_case):
-  one, eight = (run_bits_per_dim(gaussian_case["apply_fn"], gaussian_case["schedule"],
-                                 gaussian_case["pixels"][:32], parallel.make_mesh(devices),
-                                 gaussian_case["levels"])
+  one, eight = (run_bits_per_dim(gaussian_case["denoiser"], gaussian_case["pixels"][:32],
+                                 parallel.make_mesh(devices), gaussian_case["levels"])
                 for devices in (jax.devices()[:1], jax.devices()))
   assert one["bpd"] == pytest.approx(eight["bpd"], rel=1e-5)
   np.testing.assert_allclose(one["bpd_per_timestep"], eight["bpd_per_timestep"],
@@ -192,8 +191,9 @@ def test_padding_is_left_out():
   """What sits in the padded rows of a last batch changes nothing."""
   schedule = schedules.linear(10)
   pixels, _ = gaussian_levels_data(8, 17, 0.0, 0.5, seed=4)
-  bound_fn = likelihood.make_bound_fn(lambda v, x, t: 0.5 * x, schedule, parallel.make_mesh(),
-                                      num_levels=17, timestep_chunk=5)
+  halving = oracles.denoiser(oracles.Network(lambda x, t, y: 0.5 * x), schedule, pixels.shape[1:])
+  bound_fn = likelihood.make_bound_fn(halving, None, parallel.make_mesh(), num_levels=17,
+                                      timestep_chunk=5)
 
   def with_padding(fill):
     images = np.concatenate([pixels[:5], np.full_like(pixels[:3], fill)])
@@ -214,11 +214,12 @@ def test_bits_per_dim_counts_exactly_the_images_asked_for(judged_data_dir, num_i
                                                           batch_size):
   config = job_config(judged_data_dir)
   config.diffusion.num_timesteps = 10
-  model = train_step.create_model(config)
-  params = train_step.init_state(config, model, jax.random.key(0)).ema_params
-  result = metrics.bits_per_dim(model, params, config, parallel.make_mesh(),
-                                jax.random.key(1), num_images=num_images,
-                                batch_size=batch_size, timestep_chunk=5)
+  denoiser = denoiser_lib.from_config(config)
+  params = train_step.init_state(denoiser, config.train, jax.random.key(0)).ema_params
+  request = metrics.Request(sampling=samplers.SamplingOptions(batch_size=batch_size),
+                            num_images=num_images, timestep_chunk=5)
+  result = metrics.bits_per_dim(denoiser, params, config.data, parallel.make_mesh(),
+                                jax.random.key(1), request)
   assert result["num_images"] == num_images
   assert np.isfinite(result["bpd"]) and result["bpd"] > 0
 
@@ -230,8 +231,8 @@ def test_a_trained_model_beats_the_uniform_baseline_in_bits_per_dim(trained_work
   model reaches 2.99)."""
   trained = workdir.load_model(trained_workdir)
   assert trained.step == TRAINED_STEPS
-  result = metrics.bits_per_dim(trained.model, trained.params, trained.config,
-                                parallel.make_mesh(), jax.random.key(0), num_images=64,
-                                batch_size=32)
+  request = metrics.Request(sampling=samplers.SamplingOptions(batch_size=32), num_images=64)
+  result = metrics.bits_per_dim(trained.denoiser, trained.params, trained.config.data,
+                                parallel.make_mesh(), jax.random.key(0), request)
   assert result["uniform_bpd"] == pytest.approx(np.log2(17))
   assert result["bpd"] + 3 * result["bpd_stderr"] < result["uniform_bpd"]

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from jaxdiff import generate, parallel, schedules, train_step
-from jaxdiff.errors import UsageError
+from jaxdiff import denoiser as denoiser_lib, generate, parallel, samplers, train_step
+from jaxdiff.errors import ArgumentError
 from jaxdiff.models import count_params
 
 
@@ -38,32 +38,38 @@ def test_a_mesh_of_given_devices_is_all_data():
 
 
 @pytest.mark.parametrize("sizes, problem", [
-    ((3, 2), "config.mesh.data = 3, config.mesh.fsdp = 2 do not fit the 8 devices"),
-    ((-1, 3), "config.mesh.data = -1, config.mesh.fsdp = 3 do not fit the 8 devices"),
+    ((3, 2), "does not fit the 8 devices"),
+    ((-1, 3), "does not fit the 8 devices"),
     ((-1, -1), "expected positive sizes, at most one of them -1"),
     ((0, 8), "expected positive sizes")])
 def test_meshes_that_do_not_fit_are_refused_in_one_line(sizes, problem):
-  with pytest.raises(UsageError, match=problem) as error:
+  data, fsdp = sizes
+  with pytest.raises(ArgumentError, match=f"^mesh = {{'data': {data}, 'fsdp': {fsdp}}}: "
+                     f"{problem}") as error:
     parallel.make_mesh(mesh_config=mesh_config(*sizes))
   message = str(error.value)
-  assert "\n" not in message and "--config.mesh.data and --config.mesh.fsdp" in message
-  assert "product is 8" in message
+  assert (error.value.name, error.value.value) == ("mesh", {"data": data, "fsdp": fsdp})
+  assert "\n" not in message and "product is 8" in message
 
 
 def test_batches_that_do_not_split_are_refused_in_one_line():
   mesh = parallel.make_mesh(mesh_config=mesh_config(2, 4))
-  with pytest.raises(UsageError) as error:
+  with pytest.raises(ArgumentError) as error:
     parallel.check_divisible(12, mesh)
   assert str(error.value) == (
-      "global batch size 12 is not divisible by the 8 devices of the mesh (data 2 × fsdp 4); "
-      "choose a multiple of 8 (--config.train.batch_size)")
-  with pytest.raises(UsageError) as error:
+      "batch_size = 12: the global batch must split evenly over the 8 devices: choose a "
+      "multiple of 8")
+  with pytest.raises(ArgumentError) as error:
     parallel.check_divisible(16, mesh, grad_accum_steps=4)
   assert str(error.value) == (
-      "global batch size 16 is not divisible by the 8 devices of the mesh (data 2 × fsdp 4) × 4 "
-      "micro-batches (config.train.grad_accum_steps); choose a multiple of 32 "
-      "(--config.train.batch_size or --config.train.grad_accum_steps)")
+      "batch_size = 16: the global batch must split into 4 micro-batches (grad_accum_steps), "
+      "each evenly over the 8 devices: choose a multiple of 32")
   parallel.check_divisible(32, mesh, grad_accum_steps=4)
+  with pytest.raises(ArgumentError) as error:
+    parallel.check_batch_split(16, num_devices=8, num_processes=3)
+  assert str(error.value) == (
+      "batch_size = 16: the global batch must split evenly over the 3 processes (hosts): "
+      "choose a multiple of 3")
 
 
 def test_fsdp_splits_the_largest_divisible_dimension_of_large_tensors():
@@ -80,10 +86,10 @@ def test_fsdp_splits_the_largest_divisible_dimension_of_large_tensors():
 
 def test_fsdp_4_keeps_under_30_percent_of_the_state_on_each_device():
   config = default.get_config()
-  model = train_step.create_model(config)
   per_device = {}
   for sizes in ((4, 1), (1, 4)):
-    state = train_step.abstract_state(config, model, mesh_of(*sizes))
+    state = train_step.abstract_state(denoiser_lib.from_config(config), config.train,
+                                      mesh_of(*sizes))
     shardings = jax.tree.map(lambda x: x.sharding, state)
     per_device[sizes] = parallel.bytes_per_device(state, shardings)
   for scalar in (state.step, state.rng, state.opt_state[1][0].count):
@@ -97,17 +103,15 @@ def test_fsdp_4_keeps_under_30_percent_of_the_state_on_each_device():
 def test_sampling_from_a_sharded_state_gives_the_images_of_a_whole_one():
   config = default.get_config()
   config.model.update(ch=16, num_res_blocks=1)
-  model = train_step.create_model(config)
-  schedule = schedules.from_config(config.diffusion)
+  denoiser = denoiser_lib.from_config(config)
   mesh = mesh_of(1, 4)
-  ema_params = train_step.create_state(config, model, mesh, jax.random.key(0)).ema_params
+  ema_params = train_step.create_state(denoiser, config.train, mesh, jax.random.key(0)).ema_params
   assert any(leaf.sharding.spec != P() for leaf in jax.tree.leaves(ema_params))
-  options = generate.SamplingOptions(sampler="ddim", num_steps=2, batch_size=8)
-  common = dict(num_samples=8, image_shape=(8, 8, 1), progress=False)
-  sharded = generate.generate(model.apply, {"params": ema_params}, schedule, jax.random.key(1),
-                              options, mesh=mesh, **common)
-  whole = generate.generate(model.apply, {"params": jax.device_get(ema_params)}, schedule,
-                            jax.random.key(1), options, mesh=mesh_of(1, 1), **common)
+  options = samplers.SamplingOptions(sampler="ddim", num_steps=2, batch_size=8)
+  common = dict(num_samples=8, progress=False)
+  sharded = generate.generate(denoiser, ema_params, jax.random.key(1), options, mesh=mesh, **common)
+  whole = generate.generate(denoiser, jax.device_get(ema_params), jax.random.key(1), options,
+                            mesh=mesh_of(1, 1), **common)
   np.testing.assert_allclose(sharded["images"], whole["images"], rtol=1e-5, atol=1e-6)
 
 
@@ -116,14 +120,14 @@ def test_sampling_from_a_sharded_state_gives_the_images_of_a_whole_one():
 def test_restore_across_mesh_shapes(tmp_path, saved_on, restored_on):
   """A state saved on one mesh restores bit-exact, with the target's shardings, on others."""
   config = default.get_config()
-  model = train_step.create_model(config)
-  state = train_step.create_state(config, model, mesh_of(*saved_on), jax.random.key(0))
+  denoiser = denoiser_lib.from_config(config)
+  state = train_step.create_state(denoiser, config.train, mesh_of(*saved_on), jax.random.key(0))
   expected = jax.device_get(jax.tree.map(_comparable, state))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "state", state)
   checkpointer.wait_until_finished()
   for sizes in restored_on:
-    target = train_step.abstract_state(config, model, mesh_of(*sizes))
+    target = train_step.abstract_state(denoiser, config.train, mesh_of(*sizes))
     restored = checkpointer.restore(tmp_path / "state", target)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
       assert got.sharding == want.sharding

@@ -12,29 +12,47 @@ import pytest
 
 from configs import default, mnist5k_cpu
 from jaxdiff import errors, generate, parallel, samplers, schedules
+from jaxdiff.denoiser import Denoiser
 from jaxdiff.models import UNet
-from tests.oracles import gaussian_eps, gaussian_flow_map
+from tests import oracles
+from tests.oracles import gaussian_flow_map, gaussian_network
 
 SCHEDULE = schedules.linear(1000)
 MEAN, STD = 0.3, 0.5
 
 
-def run(name, num_steps=1000, spacing=None, apply_fn=None, key=0, shape=(4096, 2, 2, 1),
-        schedule=SCHEDULE, **options):
-  """`samplers.sample(name, …)` jitted, with the Gaussian oracle and no clipping by default:
-  `Samples(images, trajectory)`."""
-  apply_fn = apply_fn or gaussian_eps(schedule, MEAN, STD)
-  options.setdefault("clip_x0", False)
-  sample = jax.jit(lambda k: samplers.sample(name, apply_fn, None, schedule, k, shape,
-                                             num_steps=num_steps, spacing=spacing, **options))
-  return sample(jax.random.key(key))
+OPTION_NAMES = {field.name for field in dataclasses.fields(samplers.SamplingOptions)}
+
+
+def run(name, num_steps=1000, spacing=None, network=None, key=0, shape=(4096, 2, 2, 1),
+        schedule=SCHEDULE, prediction="eps", labels=None, trajectory_every=None, x_init=None,
+        **keywords):
+  """Sampler `name` jitted on a batch of `shape` from `network` (default: the Gaussian oracle),
+  with no clipping by default: `Samples(images, trajectory)`. `keywords` are `SamplingOptions`
+  fields, or keywords of the sampler's factory that the options do not carry (`order`,
+  `lower_order_final`: then `samplers.run` on the options' grid, else `samplers.sample`)."""
+  denoiser = oracles.denoiser(network or gaussian_network(schedule, MEAN, STD), schedule,
+                              shape[1:], prediction)
+  options = samplers.SamplingOptions(
+      sampler=name, num_steps=num_steps, spacing=spacing, batch_size=shape[0],
+      **{"clip_x0": False, **{k: v for k, v in keywords.items() if k in OPTION_NAMES}})
+  factory_keywords = {k: v for k, v in keywords.items() if k not in OPTION_NAMES}
+  common = dict(labels=labels, trajectory_every=trajectory_every, x_init=x_init)
+  if factory_keywords:
+    options = options.resolved(schedule.num_timesteps)
+    grid = samplers.sampling_grid(schedule, options.num_steps, options.spacing)
+    sampler = samplers.SAMPLERS[name].make(**factory_keywords)
+    sample = lambda k: samplers.run(sampler, denoiser, None, grid, k, options, **common)
+  else:
+    sample = lambda k: samplers.sample(denoiser, None, k, options, **common)
+  return jax.jit(sample)(jax.random.key(key))
 
 
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
 def test_ddpm_lands_on_the_single_training_image(variance):
   """For data that is one fixed image, the ideal ε is exact and sampling returns that image."""
   image = jnp.linspace(-0.9, 0.9, 4 * 4 * 2).reshape(1, 4, 4, 2)
-  samples = run("ddpm", apply_fn=gaussian_eps(SCHEDULE, image, 0.0), shape=(3, 4, 4, 2),
+  samples = run("ddpm", network=gaussian_network(SCHEDULE, image, 0.0), shape=(3, 4, 4, 2),
                 variance=variance).images
   np.testing.assert_allclose(samples, jnp.broadcast_to(image, samples.shape), atol=1e-4)
 
@@ -95,7 +113,7 @@ def test_dpm_solver_3m_converges_at_third_order_where_2m_does_at_second():
 @pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
 def test_eps_x0_and_v_models_give_the_same_samples(name):
   outputs = [run(name, 20, "logsnr", shape=(64, 2, 2, 1),
-                 apply_fn=gaussian_eps(SCHEDULE, MEAN, STD, prediction),
+                 network=gaussian_network(SCHEDULE, MEAN, STD, prediction),
                  prediction=prediction).images
              for prediction in ("eps", "x0", "v")]
   np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-3)
@@ -118,21 +136,22 @@ def test_respace_matches_the_improved_ddpm_definition():
 def test_respaced_ddpm_over_every_step_is_plain_ddpm():
   full = samplers.respace(SCHEDULE, np.arange(1000))
   np.testing.assert_array_equal(full.betas, SCHEDULE.betas)
+  options = samplers.SamplingOptions(sampler="ddpm", clip_x0=False, batch_size=8)
   sample = jax.jit(functools.partial(samplers.run, samplers.ddpm(),
-                                     gaussian_eps(SCHEDULE, MEAN, STD), shape=(8, 2, 2, 1)))
-  plain = sample(None, SCHEDULE, jax.random.key(2)).images
-  respaced = sample(None, full, jax.random.key(2), timesteps=jnp.arange(1000)).images
+                                     oracles.gaussian_denoiser(SCHEDULE, MEAN, STD), None,
+                                     options=options))
+  plain = sample(samplers.Grid(SCHEDULE, jnp.arange(1000)), jax.random.key(2)).images
+  respaced = sample(samplers.Grid(full, jnp.arange(1000)), jax.random.key(2)).images
   np.testing.assert_allclose(respaced, plain, atol=1e-5)
 
 
 def test_ddim_eta_zero_is_deterministic_given_x_T_and_eta_one_is_ddpm():
   x_init = jax.random.normal(jax.random.key(9), (16, 2, 2, 1))
-  ddim = jax.jit(lambda key, eta: samplers.sample(
-      "ddim", gaussian_eps(SCHEDULE, MEAN, STD), None, SCHEDULE, key, x_init.shape,
-      num_steps=20, eta=eta, clip_x0=False, x_init=x_init).images)
-  a, b = (ddim(jax.random.key(k), 0.0) for k in (0, 1))
+  ddim = lambda key, eta: run("ddim", 20, key=key, shape=x_init.shape, eta=eta,
+                             x_init=x_init).images
+  a, b = (ddim(k, 0.0) for k in (0, 1))
   np.testing.assert_array_equal(a, b)
-  c, d = (ddim(jax.random.key(k), 1.0) for k in (0, 1))
+  c, d = (ddim(k, 1.0) for k in (0, 1))
   assert not np.allclose(c, d)
   ddpm = run("ddpm", 20, "uniform", key=1, shape=x_init.shape, x_init=x_init,
              variance="beta_tilde").images
@@ -311,10 +330,11 @@ def test_unipc_converges_one_order_above_its_predictor():
   steps = np.array([5, 10, 20, 40])
   slopes, errors_by_order = {}, {}
   for order in (1, 2, 3):
-    errors_by_order[order] = [flow_rms_error("unipc", k, "logsnr", order=order) for k in steps]
+    errors_by_order[order] = [flow_rms_error("unipc", k, "logsnr", order=order)
+                              for k in steps.tolist()]
     slopes[order] = -np.polyfit(np.log(steps), np.log(errors_by_order[order]), 1)[0]
   assert slopes[1] > 1.7 and slopes[2] > 2.2 and slopes[3] > 3.2, slopes
-  errors_2m = [flow_rms_error("dpm_solver", k, "logsnr") for k in steps]
+  errors_2m = [flow_rms_error("dpm_solver", k, "logsnr") for k in steps.tolist()]
   ratios = np.array(errors_2m) / np.array(errors_by_order[2])
   assert ratios[0] > 1.5 and ratios[2] > 1.3 and ratios[3] > 2.5 and ratios[1] < 1, ratios
 
@@ -369,7 +389,7 @@ def test_samplers_on_a_zero_terminal_snr_schedule(name, num_steps):
   for the ODE ones) and every sampler, at its default spacing, reproduces the data."""
   schedule = zero_terminal_snr_schedule()
   samples = run(name, num_steps, schedule=schedule, prediction="v",
-                apply_fn=gaussian_eps(schedule, MEAN, STD, "v")).images
+                network=gaussian_network(schedule, MEAN, STD, "v")).images
   assert np.all(np.isfinite(samples))
   assert abs(float(samples.mean()) - MEAN) < 0.02
   assert abs(float(samples.std()) / STD - 1) < 0.04, float(samples.std())
@@ -388,7 +408,7 @@ def test_clipping_samplers_on_the_configs_zero_terminal_snr_schedule(name, num_s
                              rtol=1e-6, atol=1e-12)
   mean, std = 0.1, 0.3  # data well inside [−1, 1], so clipping leaves its distribution alone
   samples = run(name, num_steps, schedule=schedule, prediction="v", clip_x0=True,
-                apply_fn=gaussian_eps(schedule, mean, std, "v")).images
+                network=gaussian_network(schedule, mean, std, "v")).images
   assert np.all(np.isfinite(samples))
   assert abs(float(samples.mean()) - mean) < 0.01
   assert abs(float(samples.std()) / std - 1) < 0.04, float(samples.std())
@@ -405,7 +425,7 @@ def test_the_first_step_from_zero_terminal_snr_is_the_ddim_step():
   expected = np.sqrt(alpha_bar) * x0 + np.sqrt(1 - alpha_bar) * np.asarray(x_init)
   for name in ("ddim", "dpm_solver", "dpm_solver_3m", "unipc"):
     _, frames = run(name, 4, "logsnr", schedule=schedule, prediction="v", shape=x_init.shape,
-                    apply_fn=gaussian_eps(schedule, MEAN, STD, "v"), x_init=x_init,
+                    network=gaussian_network(schedule, MEAN, STD, "v"), x_init=x_init,
                     trajectory_every=1)
     np.testing.assert_allclose(frames[1], expected, atol=1e-5, err_msg=name)
 
@@ -417,9 +437,9 @@ def test_dynamic_threshold_rescales_only_samples_beyond_one():
   # The 0.75-quantile of |x| = (0.5, 1, 2, 3) is 2.25.
   np.testing.assert_allclose(samplers.dynamic_threshold(x0, 0.75)[1].ravel(),
                              [1.0, -2 / 2.25, 0.5 / 2.25, 1 / 2.25], rtol=1e-6)
-  far_apply = gaussian_eps(SCHEDULE, 2.0, STD)
-  plain = run("dpm_solver", 10, shape=(64, 2, 2, 1), apply_fn=far_apply).images
-  thresholded = run("dpm_solver", 10, shape=(64, 2, 2, 1), apply_fn=far_apply,
+  far = gaussian_network(SCHEDULE, 2.0, STD)
+  plain = run("dpm_solver", 10, shape=(64, 2, 2, 1), network=far).images
+  thresholded = run("dpm_solver", 10, shape=(64, 2, 2, 1), network=far,
                     threshold_percentile=0.99).images
   assert float(plain.max()) > 1.5 and float(jnp.abs(thresholded).max()) <= 1.0
 
@@ -444,7 +464,7 @@ def test_ddim_trajectory_of_a_single_image_is_the_forward_process_in_reverse():
   with ᾱ that of the respaced timestep it has reached (1 at the end)."""
   image = jnp.linspace(-0.9, 0.9, 8).reshape(1, 2, 2, 2)
   x_init = jax.random.normal(jax.random.key(10), (3, 2, 2, 2))
-  _, frames = run("ddim", 9, "quadratic", apply_fn=gaussian_eps(SCHEDULE, image, 0.0),
+  _, frames = run("ddim", 9, "quadratic", network=gaussian_network(SCHEDULE, image, 0.0),
                   shape=x_init.shape, x_init=x_init, trajectory_every=3)
   alpha_bars = np.asarray(SCHEDULE.alpha_bars, np.float64)
   reached = samplers.spaced_timesteps(SCHEDULE, 9, "quadratic")[::-1]
@@ -461,11 +481,13 @@ def test_program_size_does_not_grow_with_the_number_of_steps(name, trajectory_ev
   """The scan compiles one step: the program for 1000 steps is the program for 10."""
 
   def hlo_ops(num_steps):
+    options = samplers.SamplingOptions(sampler=name, clip_x0=False, batch_size=2)
     sample = jax.jit(functools.partial(
-        samplers.run, samplers.SAMPLERS[name].make(), gaussian_eps(SCHEDULE, 0.0, 1.0),
-        shape=(2, 4, 4, 1), trajectory_every=trajectory_every))
-    respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, num_steps))
-    text = sample.lower(None, respaced, jax.random.key(0)).as_text()
+        samplers.run, options.make_sampler(),
+        oracles.gaussian_denoiser(SCHEDULE, 0.0, 1.0, image_shape=(4, 4, 1)), None,
+        options=options, trajectory_every=trajectory_every))
+    grid = samplers.sampling_grid(SCHEDULE, num_steps, "uniform")
+    text = sample.lower(grid, jax.random.key(0)).as_text()
     return len([line for line in text.splitlines() if "=" in line])
 
   assert hlo_ops(1000) == hlo_ops(10)
@@ -484,31 +506,34 @@ def test_spacings_and_their_errors():
   np.testing.assert_array_equal(samplers.spaced_timesteps(SCHEDULE, 4, "quadratic"),
                                 [0, 89, 356, 800])
   for bad in (0, 1001):
-    with pytest.raises(ValueError, match="between 1 and T = 1000"):
+    with pytest.raises(errors.ArgumentError, match=f"^num_steps = {bad}: expected 1 … T = 1000$"):
       samplers.spaced_timesteps(SCHEDULE, bad)
-  with pytest.raises(ValueError, match="unknown spacing 'cubic'"):
+  with pytest.raises(errors.ArgumentError, match="^spacing = 'cubic': unknown spacing"):
     samplers.spaced_timesteps(SCHEDULE, 10, "cubic")
-  with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddim.*ddpm.*dpm_solver"):
-    samplers.sample("euler", None, None, SCHEDULE, jax.random.key(0), (1, 2, 2, 1))
-  with pytest.raises(ValueError, match="trajectory_every must be at least 1"):
+  with pytest.raises(errors.ArgumentError,
+                     match="^sampler = 'euler': unknown sampler; .*ddpm, ddim, dpm_solver"):
+    samplers.SamplingOptions(sampler="euler")
+  with pytest.raises(errors.ArgumentError,
+                     match="^trajectory_every = 0: expected a whole number ≥ 1"):
     run("ddim", 10, shape=(1, 2, 2, 1), trajectory_every=0)
 
 
 def class_oracle():
-  """A class-conditional Gaussian oracle: class y has mean 0.2·y − 0.4, the null label 0."""
-  return gaussian_eps(SCHEDULE, lambda y: jnp.where(y == 5, 0.0, 0.2 * y - 0.4), STD)
+  """A class-conditional Gaussian oracle network: class y has mean 0.2·y − 0.4, the null label 0."""
+  return gaussian_network(SCHEDULE, lambda y: jnp.where(y == 5, 0.0, 0.2 * y - 0.4), STD,
+                          num_classes=5)
 
 
 def test_guidance_zero_is_exactly_the_conditional_model():
   cond = class_oracle()
   labels = jnp.arange(8) % 5
   x_init = jax.random.normal(jax.random.key(5), (8, 2, 2, 1))
-  plain = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-              apply_fn=lambda v, x, t: cond(v, x, t, labels)).images
-  unguided = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-                 apply_fn=samplers.guided(cond, labels, 5, 0.0)).images
-  guided = run("ddim", 20, shape=x_init.shape, x_init=x_init,
-               apply_fn=samplers.guided(cond, labels, 5, 2.0)).images
+  labelled = oracles.Network(lambda x, t, y: cond.predict(x, t, labels))
+  plain = run("ddim", 20, shape=x_init.shape, x_init=x_init, network=labelled).images
+  unguided = run("ddim", 20, shape=x_init.shape, x_init=x_init, network=cond, labels=labels,
+                 guidance_scale=0.0).images
+  guided = run("ddim", 20, shape=x_init.shape, x_init=x_init, network=cond, labels=labels,
+               guidance_scale=2.0).images
   np.testing.assert_array_equal(unguided, plain)
   assert not np.allclose(guided, plain)
 
@@ -516,60 +541,66 @@ def test_guidance_zero_is_exactly_the_conditional_model():
 def test_guidance_combines_both_branches_from_one_network_call():
   cond, batch_sizes = class_oracle(), []
 
-  def recording(variables, x, t, y):
+  def recording(x, t, y):
     batch_sizes.append(x.shape[0])
-    return cond(variables, x, t, y)
+    return cond.predict(x, t, y)
 
+  denoiser = oracles.denoiser(oracles.Network(recording, num_classes=5), SCHEDULE)
   labels, w = jnp.array([0, 4, 2]), 1.5
   x, t = jax.random.normal(jax.random.key(11), (3, 2, 2, 1)), jnp.array([10, 500, 900])
-  out = samplers.guided(recording, labels, 5, w)(None, x, t)
-  expected = (1 + w) * cond(None, x, t, labels) - w * cond(None, x, t, jnp.full(3, 5))
+  out = denoiser.output(None, x, t, labels, w)
+  expected = (1 + w) * cond.predict(x, t, labels) - w * cond.predict(x, t, jnp.full(3, 5))
   np.testing.assert_allclose(out, expected, rtol=1e-6)
-  samplers.guided(recording, labels, 5, 0.0)(None, x, t)
+  denoiser.output(None, x, t, labels, 0.0)
   assert batch_sizes == [6, 3]
 
 
 def test_guidance_errors():
-  with pytest.raises(ValueError, match="unconditional"):
-    samplers.guided(class_oracle(), jnp.zeros(2, jnp.int32), 0, 2.0)
+  shape = (2, 2, 2, 1)
+  with pytest.raises(errors.ArgumentError, match="^guidance_scale = 2.0: this model is "
+                     "unconditional"):
+    run("ddim", 10, shape=shape, labels=jnp.zeros(2, jnp.int32), guidance_scale=2.0)
+  with pytest.raises(errors.ArgumentError, match=r"^labels = .*: this model is unconditional"):
+    run("ddim", 10, shape=shape, labels=jnp.zeros(2, jnp.int32))
   for bad in ([0, 5], [-1, 2]):
-    with pytest.raises(ValueError, match=r"class labels must be in \[0, 5\)"):
-      samplers.guided(class_oracle(), jnp.array(bad), 5, 1.0)
+    with pytest.raises(errors.ArgumentError, match=rf"^labels = \[{bad[0]}, {bad[1]}\]: class "
+                       r"labels must be in \[0, 5\)"):
+      run("ddim", 10, shape=shape, network=class_oracle(), labels=jnp.array(bad),
+          guidance_scale=1.0)
 
 
 def test_guidance_pushes_samples_away_from_the_unconditional_mean():
   labels = jnp.full((2048,), 4)  # class mean 0.4, null mean 0.0
-  samples = run("ddim", 50, "logsnr", shape=(2048, 2, 2, 1),
-                apply_fn=samplers.guided(class_oracle(), labels, 5, 1.0)).images
+  samples = run("ddim", 50, "logsnr", shape=(2048, 2, 2, 1), network=class_oracle(),
+                labels=labels, guidance_scale=1.0).images
   assert float(samples.mean()) > 0.5
 
 
 def test_generate_is_the_same_on_one_and_eight_devices_and_cuts_the_last_batch():
-  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
-  common = dict(image_shape=(2, 2, 1), progress=False)
-  apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
-  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=20,
+  options = samplers.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
+  denoiser = oracles.gaussian_denoiser(SCHEDULE, MEAN, STD)
+  common = dict(progress=False)
+  one = generate.generate(denoiser, None, jax.random.key(6), options, num_samples=20,
                           mesh=parallel.make_mesh(jax.devices()[:1]), **common)
-  eight = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=20,
+  eight = generate.generate(denoiser, None, jax.random.key(6), options, num_samples=20,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   assert one["images"].shape == (20, 2, 2, 1) and one["labels"] is None
   assert one["trajectory"] is None
   np.testing.assert_array_equal(eight["images"], one["images"])
-  whole = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=24,
+  whole = generate.generate(denoiser, None, jax.random.key(6), options, num_samples=24,
                             mesh=parallel.make_mesh(jax.devices()[:8]), **common)
   np.testing.assert_array_equal(whole["images"][:20], one["images"])
   assert len(np.unique(whole["images"][:, 0, 0, 0])) == 24  # every batch has its own noise
 
 
 def test_generate_times_the_first_batch_apart_from_the_steady_rate():
-  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
-  common = dict(image_shape=(2, 2, 1), progress=False)
-  apply_fn = gaussian_eps(SCHEDULE, MEAN, STD)
-  three = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options,
-                            num_samples=20, **common)["timing"]
+  options = samplers.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8)
+  denoiser = oracles.gaussian_denoiser(SCHEDULE, MEAN, STD)
+  three = generate.generate(denoiser, None, jax.random.key(6), options, num_samples=20,
+                            progress=False)["timing"]
   assert three["first_batch_seconds"] > 0 and three["images_per_second"] > 0
-  one = generate.generate(apply_fn, None, SCHEDULE, jax.random.key(6), options, num_samples=8,
-                          **common)["timing"]
+  one = generate.generate(denoiser, None, jax.random.key(6), options, num_samples=8,
+                          progress=False)["timing"]
   assert one["first_batch_seconds"] > 0 and one["images_per_second"] is None
   assert generate.timing_line(12.345, 67.891) == (
       "sampling: first batch (compile and run) 12.3 s, then 67.89 images/s")
@@ -577,27 +608,42 @@ def test_generate_times_the_first_batch_apart_from_the_steady_rate():
       "sampling: first batch (compile and run) 0.5 s, one batch only, no steady rate")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TimestepRecorder:
+  """A network that records the dtype and first value of every t it is shown in `seen`."""
+
+  network: UNet
+  seen: list
+
+  dtype = property(lambda self: self.network.dtype)
+  num_classes = property(lambda self: self.network.num_classes)
+
+  def apply(self, variables, x, t, y=None, **keywords):
+    jax.debug.callback(lambda t: self.seen.append((np.asarray(t).dtype, int(np.asarray(t)[0]))),
+                       t)
+    return self.network.apply(variables, x, t, y, **keywords)
+
+
 def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
   """A tiny U-Net with noisy params (so no layer is zero) sampled by DDIM-10 as a float32 and
   as a bfloat16 network: the images differ (bf16 computes) but stay close, and the network
   is shown exactly the int32 timesteps 999 … 0 of the spacing."""
-  model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
-               out_channels=1)
-  x = jnp.zeros((1, 8, 8, 1))
-  params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  network = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                 out_channels=1)
+  float32 = Denoiser(network=network, schedule=SCHEDULE, prediction="eps", num_classes=0,
+                     image_shape=(8, 8, 1))
+  params = float32.init(jax.random.key(0))
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   params = unravel(flat + 0.05 * jax.random.normal(jax.random.key(1), flat.shape))
+  bfloat16 = float32.computing_in("bfloat16")
+  assert (float32.dtype, bfloat16.dtype) == ("float32", "bfloat16")
   seen = []
+  recording = dataclasses.replace(bfloat16, network=TimestepRecorder(bfloat16.network, seen))
 
-  def bfloat16_apply(variables, x, t):
-    jax.debug.callback(lambda t: seen.append((np.asarray(t).dtype, int(np.asarray(t)[0]))), t)
-    return model.clone(dtype="bfloat16").apply(variables, x, t)
-
-  options = generate.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8, clip_x0=False)
-  results = {name: generate.generate(apply_fn, {"params": params}, SCHEDULE, jax.random.key(2),
-                                     options, num_samples=8, image_shape=(8, 8, 1),
-                                     trajectory_every=1, progress=False)
-             for name, apply_fn in (("float32", model.apply), ("bfloat16", bfloat16_apply))}
+  options = samplers.SamplingOptions(sampler="ddim", num_steps=10, batch_size=8, clip_x0=False)
+  results = {name: generate.generate(denoiser, params, jax.random.key(2), options,
+                                     num_samples=8, trajectory_every=1, progress=False)
+             for name, denoiser in (("float32", float32), ("bfloat16", recording))}
   images = {name: result["images"] for name, result in results.items()}
   assert results["bfloat16"]["trajectory"].dtype == np.float32  # x after every step
   respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, 10, "uniform"))
@@ -611,47 +657,54 @@ def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
 
 
 def test_generate_with_labels_guidance_and_trajectory():
-  options = generate.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
+  options = samplers.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
                                      guidance_scale=1.0)
-  common = dict(num_samples=6, image_shape=(2, 2, 1), num_classes=5, progress=False)
-  result = generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(7), options,
-                             trajectory_every=5, **common)
+  denoiser = oracles.denoiser(class_oracle(), SCHEDULE)
+  common = dict(num_samples=6, progress=False)
+  result = generate.generate(denoiser, None, jax.random.key(7), options, trajectory_every=5,
+                             **common)
   np.testing.assert_array_equal(result["labels"], [0, 1, 2, 3, 4, 0])
   assert result["trajectory"].shape == (3, 6, 2, 2, 1)
   np.testing.assert_array_equal(result["trajectory"][-1], result["images"])
-  fixed = generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(7), options,
+  fixed = generate.generate(denoiser, None, jax.random.key(7), options,
                             labels=[0, 1, 2, 3, 4, 0], **common)
   np.testing.assert_array_equal(fixed["images"], result["images"])
 
 
 def test_generate_rejects_bad_requests():
-  options = generate.SamplingOptions(batch_size=8)
-  common = dict(num_samples=4, image_shape=(2, 2, 1), progress=False)
+  options = samplers.SamplingOptions(batch_size=8)
+  unconditional = oracles.gaussian_denoiser(SCHEDULE, 0, 1)
+  common = dict(num_samples=4, progress=False)
   with pytest.raises(ValueError, match="unconditional"):
-    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+    generate.generate(unconditional, None, jax.random.key(0),
                       dataclasses.replace(options, guidance_scale=2.0), **common)
-  with pytest.raises(ValueError, match=r"class labels must be in \[0, 5\), got \[7\]"):
-    generate.generate(class_oracle(), None, SCHEDULE, jax.random.key(0), options, labels=7,
-                      num_classes=5, **common)
-  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+  with pytest.raises(errors.ArgumentError,
+                     match=r"^labels = \[7\]: class labels must be in \[0, 5\)$"):
+    generate.generate(oracles.denoiser(class_oracle(), SCHEDULE), None, jax.random.key(0),
+                      options, labels=7, **common)
+  with pytest.raises(errors.ArgumentError,
+                     match="^batch_size = 6: .* split evenly over the 8 devices: choose a "
+                     "multiple of 8$"):
+    generate.generate(unconditional, None, jax.random.key(0),
                       dataclasses.replace(options, batch_size=6), **common)
-  with pytest.raises(errors.UsageError,
+  with pytest.raises(errors.ArgumentError,
                      match=r"^num_steps = 1001: more than the model's T = 1000 .* 1 … 1000$"):
-    generate.generate(gaussian_eps(SCHEDULE, 0, 1), None, SCHEDULE, jax.random.key(0),
+    generate.generate(unconditional, None, jax.random.key(0),
                       dataclasses.replace(options, num_steps=1001), **common)
 
 
 def test_the_driver_guides_labelled_samples_like_the_guided_network():
+  """Every sampler gives the images of an unconditional network that is the guided model."""
   labels, x_init = jnp.arange(4) % 5, jax.random.normal(jax.random.key(12), (4, 2, 2, 1))
+  conditional = oracles.denoiser(class_oracle(), SCHEDULE)
+  guided = oracles.Network(lambda x, t, y: conditional.output(None, x, t, labels, 1.5))
   for name in sorted(samplers.SAMPLERS):
-    by_driver = run(name, 10, shape=x_init.shape, x_init=x_init, apply_fn=class_oracle(),
-                    labels=labels, num_classes=5, guidance_scale=1.5).images
-    by_wrapper = run(name, 10, shape=x_init.shape, x_init=x_init,
-                     apply_fn=samplers.guided(class_oracle(), labels, 5, 1.5)).images
-    np.testing.assert_array_equal(by_driver, by_wrapper)
-  with pytest.raises(ValueError, match="guidance needs the class labels"):
-    run("ddim", 10, shape=x_init.shape, guidance_scale=1.0)
+    by_driver = run(name, 10, shape=x_init.shape, x_init=x_init, network=class_oracle(),
+                    labels=labels, guidance_scale=1.5).images
+    by_network = run(name, 10, shape=x_init.shape, x_init=x_init, network=guided).images
+    np.testing.assert_array_equal(by_driver, by_network)
+  with pytest.raises(errors.ArgumentError, match="guidance needs the class labels"):
+    run("ddim", 10, shape=x_init.shape, network=class_oracle(), guidance_scale=1.0)
 
 
 def test_a_sampler_added_to_the_registry_runs_everywhere(monkeypatch):
@@ -666,11 +719,11 @@ def test_a_sampler_added_to_the_registry_runs_everywhere(monkeypatch):
   monkeypatch.setitem(samplers.SAMPLERS, "jump", samplers.Registered(
       lambda: samplers.Sampler(init=lambda x_T: (), step=jump), spacing="uniform",
       clip_x0=True))
-  common = dict(num_samples=8, image_shape=(2, 2, 1), progress=False)
+  denoiser = oracles.gaussian_denoiser(SCHEDULE, 2.0, STD)
   images = {name: generate.generate(
-      gaussian_eps(SCHEDULE, 2.0, STD), None, SCHEDULE, jax.random.key(13),
-      generate.SamplingOptions(sampler=name, num_steps=10, batch_size=8), **common)["images"]
-            for name in ("jump", "ddim")}
+      denoiser, None, jax.random.key(13),
+      samplers.SamplingOptions(sampler=name, num_steps=10, batch_size=8), num_samples=8,
+      progress=False)["images"] for name in ("jump", "ddim")}
   np.testing.assert_allclose(images["jump"], images["ddim"], atol=1e-6)
   assert float(np.abs(images["jump"]).max()) <= 1.0  # the registered default: clip x̂0
 
@@ -678,20 +731,20 @@ def test_a_sampler_added_to_the_registry_runs_everywhere(monkeypatch):
 def test_dpm_solver_clipping_and_thresholding_options_reach_the_sampler():
   """Through SamplingOptions and generate, as `samplers.run(samplers.dpm_solver(), …)` on the
   respaced schedule with the key generate gives batch 0; the default clips nothing."""
-  far_apply = gaussian_eps(SCHEDULE, 2.0, STD)
-  key, shape = jax.random.key(14), (8, 2, 2, 1)
+  far = oracles.gaussian_denoiser(SCHEDULE, 2.0, STD)
+  key = jax.random.key(14)
   timesteps = samplers.spaced_timesteps(SCHEDULE, 10, "logsnr")
-  direct = jax.jit(lambda clip_x0, threshold_percentile: samplers.run(
-      samplers.dpm_solver(), far_apply, None, samplers.respace(SCHEDULE, timesteps),
-      jax.random.fold_in(key, 0), shape, timesteps=timesteps, clip_x0=clip_x0,
-      threshold_percentile=threshold_percentile).images, static_argnums=(0, 1))
+  grid = samplers.Grid(samplers.respace(SCHEDULE, timesteps), jnp.asarray(timesteps))
+  direct = jax.jit(lambda options: samplers.run(
+      samplers.dpm_solver(), far, None, grid, jax.random.fold_in(key, 0), options).images,
+      static_argnums=0)
   results = {}
   for clip_x0, threshold_percentile in [(None, None), (True, None), (None, 0.9)]:
-    options = generate.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
+    options = samplers.SamplingOptions(sampler="dpm_solver", num_steps=10, batch_size=8,
                                        clip_x0=clip_x0, threshold_percentile=threshold_percentile)
-    images = generate.generate(far_apply, None, SCHEDULE, key, options, num_samples=8,
-                               image_shape=shape[1:], progress=False)["images"]
-    np.testing.assert_array_equal(images, direct(bool(clip_x0), threshold_percentile))
+    images = generate.generate(far, None, key, options, num_samples=8, progress=False)["images"]
+    np.testing.assert_array_equal(
+        images, direct(dataclasses.replace(options, clip_x0=bool(clip_x0))))
     results[clip_x0, threshold_percentile] = images
   assert float(results[None, None].max()) > 1.5
   assert float(np.abs(results[True, None]).max()) <= 1.0
@@ -701,33 +754,32 @@ def test_dpm_solver_clipping_and_thresholding_options_reach_the_sampler():
 
 def test_sampling_options_from_config_sections():
   config = default.get_config()
-  assert generate.SamplingOptions.from_config(config.sample) == generate.SamplingOptions(
+  assert samplers.SamplingOptions.from_config(config.sample) == samplers.SamplingOptions(
       sampler="ddpm", num_steps=1000, clip_x0=True, guidance_scale=0.0, batch_size=64)
   config.eval.threshold_percentile = 0.995
-  assert generate.SamplingOptions.from_config(config.eval) == generate.SamplingOptions(
+  assert samplers.SamplingOptions.from_config(config.eval) == samplers.SamplingOptions(
       sampler="dpm_solver", num_steps=20, batch_size=128, threshold_percentile=0.995)
-  assert generate.SamplingOptions.from_config(mnist5k_cpu.get_config().eval) == (
-      generate.SamplingOptions(sampler="dpm_solver_sde", num_steps=20, spacing="karras",
+  assert samplers.SamplingOptions.from_config(mnist5k_cpu.get_config().eval) == (
+      samplers.SamplingOptions(sampler="dpm_solver_sde", num_steps=20, spacing="karras",
                                batch_size=250))
   config.sample.sampler = "euler"
-  with pytest.raises(errors.UsageError, match="^sampler = 'euler': unknown sampler; choose one "
-                     "of ddim, ddpm, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc$"):
-    generate.SamplingOptions.from_config(config.sample)
+  with pytest.raises(errors.ArgumentError, match="^sampler = 'euler': unknown sampler; choose "
+                     "one of ddpm, ddim, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc$"):
+    samplers.SamplingOptions.from_config(config.sample)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("sampler", "euler", "sampler = 'euler': unknown sampler; choose one of ddim, ddpm, "
+    ("sampler", "euler", "sampler = 'euler': unknown sampler; choose one of ddpm, ddim, "
      "dpm_solver"),
-    ("num_steps", 0, "num_steps = 0: a sampler takes at least 1 step; choose 1 … T"),
+    ("num_steps", 0, "num_steps = 0: expected a whole number ≥ 1"),
     ("spacing", "cubic", "spacing = 'cubic': unknown spacing; choose one of uniform, trailing, "
      "quadratic, logsnr"),
-    ("threshold_percentile", 0.0, "threshold_percentile = 0.0: a quantile of |x̂0| in (0, 1], "
-     "e.g. 0.995"),
-    ("threshold_percentile", 1.5, "threshold_percentile = 1.5: a quantile"),
-    ("eta", 0.5, "eta = 0.5: η is DDIM's noise scale; use it with sampler ddim, not ddpm"),
-    ("batch_size", 0, "batch_size = 0: a batch holds at least 1 image"),
-    ("batch_size", -8, "batch_size = -8: a batch holds at least 1 image")])
+    ("threshold_percentile", 0.0, "threshold_percentile = 0.0: expected a number in (0, 1]"),
+    ("threshold_percentile", 1.5, "threshold_percentile = 1.5: expected a number in (0, 1]"),
+    ("eta", 0.5, "eta = 0.5: an option of sampler ddim, not of ddpm"),
+    ("batch_size", 0, "batch_size = 0: expected a whole number ≥ 1"),
+    ("batch_size", -8, "batch_size = -8: expected a whole number ≥ 1")])
 def test_sampling_options_refuse_bad_values(field, value, message):
-  with pytest.raises(errors.UsageError) as raised:
-    generate.SamplingOptions(**{field: value})
+  with pytest.raises(errors.ArgumentError) as raised:
+    samplers.SamplingOptions(**{field: value})
   assert str(raised.value).startswith(message) and "\n" not in str(raised.value)

@@ -56,7 +56,8 @@ def test_from_config_and_bad_names():
   config = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=7))
   assert schedules.from_config(config).num_timesteps == 7
   config.schedule = "quadratic"
-  with pytest.raises(ValueError, match="unknown schedule 'quadratic'.*cosine.*linear"):
+  with pytest.raises(ValueError, match="^schedule = 'quadratic': unknown schedule; "
+                     "choose one of .*linear.*cosine"):
     schedules.from_config(config)
   with pytest.raises(ValueError, match=r"\(0, 1\]"):
     schedules.from_betas([0.1, 1.5])

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from jaxdiff import parallel, schedules, telemetry, train_step
+from jaxdiff import denoiser as denoiser_lib, parallel, telemetry, train_step
 
 
 @pytest.mark.parametrize("device_kind, dtype, peak", [
@@ -49,14 +49,13 @@ def test_step_flops_are_about_three_forward_passes_whatever_the_accumulation():
   change the count (it is taken from the plain step)."""
   config = default.get_config()
   config.train.batch_size = 16
-  model = train_step.create_model(config)
-  schedule = schedules.from_config(config.diffusion)
+  denoiser = denoiser_lib.from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:4])
-  flops = telemetry.step_flops(model, schedule, config, mesh)
+  flops = telemetry.step_flops(denoiser, config, mesh)
   config.train.update(grad_accum_steps=4, steps_per_call=3)
-  assert telemetry.step_flops(model, schedule, config, mesh) == flops
-  params = train_step.abstract_state(config, model).params
+  assert telemetry.step_flops(denoiser, config, mesh) == flops
+  params = train_step.abstract_state(denoiser, config.train).params
   x = jax.ShapeDtypeStruct((16, 8, 8, 1), jnp.float32)
   t = jax.ShapeDtypeStruct((16,), jnp.int32)
-  forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t)
+  forward = jax.jit(lambda p, x, t: denoiser.network.apply({"params": p}, x, t)).lower(params, x, t)
   assert 2.5 < flops / forward.cost_analysis()["flops"] < 3.5
