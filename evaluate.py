@@ -16,7 +16,7 @@ bfloat16 runs the network in bf16 (params, time and the sampler stay float32).
 
 from absl import app, flags, logging
 
-from jaxdiff import generate
+from jaxdiff import diffusion, generate
 from jaxdiff.evaluation import metrics
 from jaxdiff.jobs import cli, evaluate, sample
 
@@ -32,7 +32,7 @@ _NUM_SAMPLES = flags.DEFINE_integer(
         f"{number:,} ({name})" for name, metric in metrics.METRICS.items()
         if (number := metric.default_num_samples)) + ".")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Held-out images for bpd. Default: all.")
-_VARIANCE = flags.DEFINE_enum("variance", "beta", ["beta", "beta_tilde"],
+_VARIANCE = flags.DEFINE_enum("variance", "beta", list(diffusion.VARIANCES),
                               "Reverse-process variance σ_t² for bpd.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Images per device batch, over all devices.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the samples and of the bound's noise.")

@@ -12,6 +12,7 @@ from jaxdiff import validation
 from jaxdiff.schedules import Schedule
 
 PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("beta", "beta_tilde")  # the reverse step's σ_t²: DDPM's upper and lower bounds
 
 
 def at(coefficients: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
@@ -109,8 +110,7 @@ def p_mean_variance(schedule: Schedule, prediction: str, x_t, t, model_output,
     log_betas = jnp.concatenate(
         [schedule.posterior_log_variance_clipped[:1], jnp.log(schedule.betas[1:])])
     log_variance = at(log_betas, t, x_t)
-  elif variance == "beta_tilde":
-    log_variance = posterior_log_variance
   else:
-    raise ValueError(f"unknown variance {variance!r}; choose 'beta' or 'beta_tilde'")
+    validation.one_of("variance", variance, VARIANCES, "variance")
+    log_variance = posterior_log_variance
   return mean, log_variance, x0

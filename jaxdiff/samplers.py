@@ -441,7 +441,6 @@ SAMPLERS = {
                                  clip_x0=False),
     "unipc": Registered(unipc, spacing="logsnr", clip_x0=False),
 }
-VARIANCES = ("beta", "beta_tilde")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,7 +473,7 @@ class SamplingOptions:
       validation.real("threshold_percentile", self.threshold_percentile, 0.0, 1.0,
                       low_included=False, high_included=True)
     validation.real("eta", self.eta, 0.0)
-    validation.one_of("variance", self.variance, VARIANCES, "variance")
+    validation.one_of("variance", self.variance, diffusion.VARIANCES, "variance")
     validation.real("guidance_scale", self.guidance_scale, 0.0)
     validation.whole("batch_size", self.batch_size, 1)
     defaults = {field.name: field.default for field in dataclasses.fields(self)}

@@ -3,6 +3,7 @@
 naming the flag or config field that set it."""
 
 import math
+import numbers
 from typing import Iterable
 
 from jaxdiff.errors import ArgumentError
@@ -11,7 +12,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")  # what a network may compute in; param
 
 
 def is_whole(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+  """An integer (Python's or NumPy's), not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def whole(name: str, value, low: int, never: bool = False) -> int:

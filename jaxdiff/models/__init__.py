@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 
 from jaxdiff import validation
+from jaxdiff.errors import ArgumentError
 from jaxdiff.models.dit import DiT
 from jaxdiff.models.unet import UNet, count_params, timestep_embedding
 
@@ -57,8 +58,14 @@ def network_fields(model_config) -> dict:
 
 def check(model_config, image_shape) -> None:
   """ArgumentError naming the first field of `config.model` (its name included) that cannot
-  build the network for images of `image_shape` (H, W, C)."""
-  network_class(model_config).check_fields(network_fields(model_config), tuple(image_shape))
+  build the network for images of `image_shape` (H, W, C), or that no network has."""
+  network = network_class(model_config)
+  known = {"name"} | {name for other in NETWORKS.values() for name in _field_names(other)}
+  for name, value in model_config.items():
+    if name not in known:
+      raise ArgumentError(name, value, f"no network has this field; the fields of "
+                          f"{network_name(model_config)} are {', '.join(_field_names(network))}")
+  network.check_fields(network_fields(model_config), tuple(image_shape))
 
 
 def create(model_config) -> nn.Module:
