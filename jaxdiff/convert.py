@@ -38,6 +38,7 @@ setting diffusers cannot express, on the way out.
 """
 
 import functools
+import inspect
 import json
 import re
 from typing import Any, Mapping, NamedTuple
@@ -47,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff import models, schedules, storage, validation
+from jaxdiff import models, samplers, schedules, storage, validation
 from jaxdiff.errors import ArgumentError
 from jaxdiff.models.unet import UNet, num_groups
 
@@ -81,14 +82,8 @@ _FIXED_UNET_FIELDS = {
     "class_embed_type": None,
 }
 _ALIASES = {"act_fn": {"swish": "silu"}}
-_MAPPED_UNET_FIELDS = (
-    "sample_size", "in_channels", "out_channels", "freq_shift", "flip_sin_to_cos",
-    "down_block_types", "up_block_types", "block_out_channels", "layers_per_block",
-    "downsample_padding", "dropout", "attention_head_dim", "norm_num_groups", "norm_eps",
-    "num_class_embeds",
-    "num_train_timesteps",  # used by the learned time embedding only: no meaning here
-)
-# UNet2DModel's defaults, for configs that leave a field out.
+# Every UNet2DModel field with its default, for configs that leave a field out. jaxdiff reads
+# every one but num_train_timesteps, which only the learned time embedding uses.
 _UNET_DEFAULTS = {
     "sample_size": None, "in_channels": 3, "out_channels": 3, "freq_shift": 0,
     "flip_sin_to_cos": True,
@@ -379,11 +374,13 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
   """config.diffusion fields and sampling settings {sampler: ddpm | ddim, clip_x0, spacing,
   variance (ddpm)} → a DDPMScheduler or DDIMScheduler scheduler_config.json (a dict).
 
-  Settings left out take the samplers' defaults (clip_x0 True, spacing uniform, variance
-  beta). ArgumentError naming the jaxdiff setting for what diffusers cannot express.
+  Settings left out or None take the sampler's defaults (`samplers.SAMPLERS`, `samplers.ddpm`).
+  ArgumentError naming the jaxdiff setting for what diffusers cannot express.
   """
   sampler = sampling.get("sampler", "ddpm")
   class_name = _mapped("sampler", sampler, _inverse(SCHEDULERS))
+  registered = samplers.SAMPLERS[sampler]
+  setting = lambda name, default: default if sampling.get(name) is None else sampling[name]
   schedule = diffusion["schedule"]
   beta_schedule = _mapped("schedule", schedule, _inverse(BETA_SCHEDULES))
   options = schedules.schedule_options(schedule, diffusion.get("schedule_kwargs", {}))
@@ -394,7 +391,6 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
     problem = (f"diffusers' {beta_schedule} is jaxdiff's cosine at {fixed} only" if fixed
                else f"diffusers' {beta_schedule} has the options beta_start and beta_end only")
     raise ArgumentError("schedule_kwargs", dict(diffusion["schedule_kwargs"]), problem)
-  spacing = sampling.get("spacing") or "uniform"
   config = {
       "_class_name": class_name,
       "num_train_timesteps": diffusion["num_timesteps"],
@@ -402,18 +398,20 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
       "beta_end": beta_end,
       "beta_schedule": beta_schedule,
       "trained_betas": None,
-      "clip_sample": bool(sampling.get("clip_x0", True)),
+      "clip_sample": bool(setting("clip_x0", registered.clip_x0)),
       "clip_sample_range": 1.0,
       "prediction_type": _mapped("prediction", diffusion.get("prediction", "eps"),
                                  _inverse(PREDICTION_TYPES)),
       "thresholding": False,
-      "timestep_spacing": _mapped("spacing", spacing, {"uniform": "linspace",
-                                                       "trailing": "trailing"}),
+      "timestep_spacing": _mapped("spacing", setting("spacing", registered.spacing),
+                                  _inverse({key: value for key, value in TIMESTEP_SPACINGS.items()
+                                            if value is not None})),
       "steps_offset": 0,
       "rescale_betas_zero_snr": bool(diffusion.get("rescale_zero_terminal_snr", False)),
   }
   if sampler == "ddpm":
-    config["variance_type"] = _mapped("variance", sampling.get("variance", "beta"),
+    default = inspect.signature(samplers.ddpm).parameters["variance"].default
+    config["variance_type"] = _mapped("variance", setting("variance", default),
                                       _inverse(VARIANCE_TYPES))
   else:
     config["set_alpha_to_one"] = True

@@ -194,6 +194,14 @@ def test_schedules_round_trip_and_give_diffusers_betas(diffusion, sampling):
   np.testing.assert_allclose(betas, diffusers_betas(scheduler_config), rtol=1e-5, atol=1e-9)
 
 
+def test_sampling_settings_left_unset_are_the_samplers_defaults():
+  diffusion = SCHEDULES[0][0]
+  for sampling in ({}, dict(sampler="ddpm", clip_x0=None, spacing=None, variance=None)):
+    scheduler_config = convert.to_scheduler_config(diffusion, sampling)
+    assert (scheduler_config["clip_sample"], scheduler_config["timestep_spacing"],
+            scheduler_config["variance_type"]) == (True, "linspace", "fixed_large")
+
+
 def diffusers_betas(scheduler_config) -> np.ndarray:
   """The betas diffusers' schedulers make, written from their definitions in float64."""
   steps, start, end = (scheduler_config[name] for name in ("num_train_timesteps", "beta_start",
@@ -228,6 +236,17 @@ def test_a_written_pipeline_reads_back_exactly(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, read.params, written.params)
   with pytest.raises(ArgumentError, match="exists"):
     convert.write(str(tmp_path / "pipeline"), written)
+
+
+def test_a_pipeline_with_its_components_beside_model_index_reads_alike(tmp_path):
+  """The first published DDPM pipelines keep config.json and scheduler_config.json beside
+  model_index.json, not in unet/ and scheduler/."""
+  for name in ("model_index.json", "unet/config.json", f"unet/{convert.WEIGHTS_NAME}",
+               "scheduler/scheduler_config.json"):
+    shutil.copy(os.path.join(fixture("cifar10"), name), tmp_path)
+  flat, nested = convert.read(str(tmp_path)), convert.read(fixture("cifar10"))
+  assert flat[:4] == nested[:4]
+  jax.tree.map(np.testing.assert_array_equal, flat.params, nested.params)
 
 
 def test_a_unet_folder_alone_samples_as_ddpm_schedulers_defaults():
