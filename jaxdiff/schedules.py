@@ -89,6 +89,14 @@ def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02)
   return from_betas(linear_betas(num_timesteps, beta_start, beta_end))
 
 
+def scaled_linear_betas(num_timesteps: int, beta_start: float = 1e-4,
+                        beta_end: float = 0.02) -> np.ndarray:
+  """diffusers' scaled_linear (Stable Diffusion's, there with 0.00085 … 0.012): √β_t evenly
+  spaced from √beta_start to √beta_end, squared, in float64."""
+  return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps,
+                     dtype=np.float64) ** 2
+
+
 def cosine_alpha_bar(u, s: float = 0.008):
   """Improved DDPM's ᾱ(u) = cos²((u + s)/(1 + s) · π/2) / cos²(s/(1 + s) · π/2), u = t/T ∈ [0, 1]."""
   f = lambda v: np.cos((v + s) / (1.0 + s) * math.pi / 2) ** 2
@@ -122,7 +130,8 @@ def rescale_zero_terminal_snr(betas) -> np.ndarray:
 
 
 # Each schedule's betas by name: config.diffusion.schedule, its options schedule_kwargs.
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas,
+             "cosine": cosine_betas}
 
 
 def schedule_options(name: str, options) -> dict:

@@ -9,7 +9,7 @@ follow the official TensorFlow code (`down_0_block_0`, `mid_attn_1`, `conv_out`,
 
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,21 +23,24 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> jax.Array:
   """Sinusoidal embedding of timesteps t [batch] → [batch, dim] float32.
 
-  With h = dim // 2 and frequencies f_i = max_period^(−i / (h − 1)), i = 0 … h−1:
-      emb(t) = [sin(t·f_0), …, sin(t·f_{h−1}), cos(t·f_0), …, cos(t·f_{h−1})],
-  zero-padded by one column when dim is odd (as in the DDPM code).
+  With h = dim // 2, s = freq_shift and frequencies f_i = max_period^(−i / (h − s)), i = 0 … h−1:
+      emb(t) = [sin(t·f_0), …, sin(t·f_{h−1}), cos(t·f_0), …, cos(t·f_{h−1})]
+  ([cos …, sin …] with `flip_sin_to_cos`), zero-padded by one column when dim is odd. The
+  defaults are the DDPM code's (s = 1); diffusers' `get_timestep_embedding` is this embedding.
   """
-  if dim < 4:
-    raise ValueError(f"timestep embedding dim must be at least 4, got {dim}")
   half_dim = dim // 2
-  exponents = jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - 1)
+  if half_dim <= freq_shift:
+    raise ValueError(f"a timestep embedding of dim {dim} needs dim // 2 > freq_shift, got "
+                     f"freq_shift {freq_shift}")
+  exponents = jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - freq_shift)
   freqs = jnp.exp(-math.log(max_period) * exponents)
   args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+  waves = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  return jnp.pad(jnp.concatenate(waves, axis=-1), ((0, 0), (0, dim % 2)))
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -138,13 +141,20 @@ class GroupNorm(nn.Module):
     return group_normalize(x, scale, bias, self.groups, self.epsilon).astype(self.dtype)
 
 
-def group_norm(channels: int, dtype: jnp.dtype, name: str) -> GroupNorm:
-  return GroupNorm(num_groups(channels), dtype=dtype, name=name)
+class Norm(NamedTuple):
+  """Every GroupNorm's settings: `groups` per layer (None: `num_groups(channels)`), `epsilon`."""
+  groups: int | None = None
+  epsilon: float = 1e-6
+
+
+def group_norm(channels: int, norm: Norm, dtype: jnp.dtype, name: str) -> GroupNorm:
+  groups = num_groups(channels) if norm.groups is None else norm.groups
+  return GroupNorm(groups, norm.epsilon, dtype=dtype, name=name)
 
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1,
-            zero: bool = False) -> nn.Conv:
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
+            zero: bool = False, padding="SAME") -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=zero_init if zero else default_init,
                  name=name)
 
@@ -159,14 +169,15 @@ class ResBlock(nn.Module):
   out_ch: int
   dropout: float
   dtype: jnp.dtype = jnp.float32
+  norm: Norm = Norm()
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     in_ch = x.shape[-1]
-    h = nn.silu(group_norm(in_ch, self.dtype, "norm1")(x))
+    h = nn.silu(group_norm(in_ch, self.norm, self.dtype, "norm1")(x))
     h = conv3x3(self.out_ch, self.dtype, "conv1")(h)
     h = h + dense(self.out_ch, self.dtype, "temb_proj")(nn.silu(temb))[:, None, None, :]
-    h = nn.silu(group_norm(self.out_ch, self.dtype, "norm2")(h))
+    h = nn.silu(group_norm(self.out_ch, self.norm, self.dtype, "norm2")(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(self.out_ch, self.dtype, "conv2", zero=True)(h)
     if in_ch != self.out_ch:
@@ -175,21 +186,26 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Multi-head self-attention over the H·W positions, with a residual connection."""
+  """Multi-head self-attention over the H·W positions, with a residual connection: `num_heads`
+  heads, or heads of `head_dim` channels each where that is set."""
   num_heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  norm: Norm = Norm()
+  head_dim: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
-    if channels % self.num_heads:
-      raise ValueError(f"{channels} channels do not split into {self.num_heads} attention heads")
-    head_dim = channels // self.num_heads
-    h = group_norm(channels, self.dtype, "norm")(x)
+    num_heads = self.num_heads if self.head_dim is None else channels // self.head_dim
+    if channels % num_heads or num_heads < 1:
+      raise ValueError(f"{channels} channels do not split into attention heads "
+                       f"(num_heads {self.num_heads}, head_dim {self.head_dim})")
+    head_dim = channels // num_heads
+    h = group_norm(channels, self.norm, self.dtype, "norm")(x)
 
     def project(name: str) -> jax.Array:  # [B, H·W, heads, head_dim]
       projected = dense(channels, self.dtype, name)(h)
-      return projected.reshape(batch, height * width, self.num_heads, head_dim)
+      return projected.reshape(batch, height * width, num_heads, head_dim)
 
     q, k, v = project("q"), project("k"), project("v")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
@@ -199,15 +215,23 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-  """Halve H and W: 3×3 conv with stride 2, or 2×2 average pooling."""
+  """Halve H and W: 3×3 conv with stride 2, or 2×2 average pooling. The conv pads as `padding`
+  says: 0 pads one row and column after the image (TensorFlow's SAME, as in DDPM), 1 pads one
+  on every side (PyTorch's padding=1, diffusers' default)."""
   with_conv: bool = True
   dtype: jnp.dtype = jnp.float32
+  padding: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.with_conv:
-      return conv3x3(x.shape[-1], self.dtype, "conv", strides=2)(x)
+      return conv3x3(x.shape[-1], self.dtype, "conv", strides=2,
+                     padding=DOWNSAMPLE_PADDINGS[self.padding])(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+# The downsampling conv's padding by `UNet.downsample_padding` (diffusers' name and values).
+DOWNSAMPLE_PADDINGS = {0: "SAME", 1: ((1, 1), (1, 1))}
 
 
 class Upsample(nn.Module):
@@ -226,9 +250,13 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
   """The DDPM noise-prediction network.
 
-  `attn_resolutions` lists feature-map heights (e.g. (16,)) where self-attention is used.
-  With `num_classes > 0`, labels index an embedding table of `num_classes + 1` rows whose
-  last row (label `num_classes`) means "no label", for classifier-free guidance.
+  Level l has `ch × ch_mult[l]` channels, or `level_channels[l]` where that is set (for widths
+  that are not multiples of `ch`); `ch` is the width of `conv_in` and of the time embedding
+  (4·ch after the MLP). `attn_resolutions` lists feature-map heights (e.g. (16,)) where
+  self-attention is used, with `num_heads` heads, or heads of `head_dim` channels where that is
+  set. With `num_classes > 0`, labels index an embedding table of `num_classes + 1` rows whose
+  last row (label `num_classes`) means "no label", for classifier-free guidance. The input
+  conv takes whatever channels x has; the output has `out_channels`.
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -241,15 +269,44 @@ class UNet(nn.Module):
   resamp_with_conv: bool = True
   num_heads: int = 1
   remat: bool = False
+  level_channels: Sequence[int] | None = None  # each level's width; None: ch × ch_mult
+  head_dim: int | None = None         # attention heads of this width; None: num_heads heads
+  norm_groups: int | None = None      # every GroupNorm's group count; None: num_groups(C)
+  norm_eps: float = 1e-6              # every GroupNorm's ε
+  flip_sin_to_cos: bool = False       # time embedding [cos, sin] instead of [sin, cos]
+  freq_shift: float = 1.0             # time frequencies f_i = 10000^(−i/(ch/2 − freq_shift))
+  downsample_padding: int = 0         # 0: SAME, as DDPM; 1: 1 on every side, as diffusers
 
   # Fields that change no parameter shape and not what the network learned: a run may resume
   # with other values.
   FREE_FIELDS = ("dropout", "remat", "dtype")
 
   @staticmethod
+  def level_widths(fields) -> tuple[int, ...]:
+    """Each level's number of channels: `level_channels` where set, else ch × ch_mult."""
+    if fields["level_channels"] is not None:
+      return tuple(fields["level_channels"])
+    return tuple(fields["ch"] * mult for mult in fields["ch_mult"])
+
+  @staticmethod
+  def attention_levels(fields, height: int) -> tuple[bool, ...]:
+    """Whether each level has attention for images `height` high: whether its feature maps'
+    height H / 2^level is in attn_resolutions."""
+    return tuple(height // 2**level in fields["attn_resolutions"]
+                 for level in range(len(UNet.level_widths(fields))))
+
+  @staticmethod
+  def attention_widths(fields, image_shape) -> set[int]:
+    """The channel counts of the attention layers for images of `image_shape` (H, W, C): the
+    middle one's and those of the levels with attention."""
+    widths = UNet.level_widths(fields)
+    levels = UNet.attention_levels(fields, image_shape[0])
+    return {widths[-1]} | {width for width, attention in zip(widths, levels) if attention}
+
+  @staticmethod
   def size_multiple(fields) -> int:
     """The image height and width must be multiples of this: 2 per downsampling level."""
-    return 2**(len(fields["ch_mult"]) - 1)
+    return 2**(len(UNet.level_widths(fields)) - 1)
 
   @staticmethod
   def check_fields(fields, image_shape) -> None:
@@ -266,17 +323,42 @@ class UNet(nn.Module):
     validation.boolean("resamp_with_conv", fields["resamp_with_conv"])
     validation.boolean("remat", fields["remat"])
     heads = validation.whole("num_heads", fields["num_heads"], 1)
-    width = fields["ch"] * fields["ch_mult"][-1]  # the middle attention's
-    if width % heads:
-      raise ArgumentError("num_heads", heads, f"the middle attention's {width} channels (ch × "
-                          f"ch_mult[-1]) do not split into {heads} heads; choose a divisor")
+    if fields["level_channels"] is not None:
+      validation.whole_tuple("level_channels", fields["level_channels"], 1)
+    validation.real("norm_eps", fields["norm_eps"], 0.0, low_included=False)
+    validation.boolean("flip_sin_to_cos", fields["flip_sin_to_cos"])
+    # The time frequencies 10000^(−i/(ch/2 − freq_shift)) fall from 1 where freq_shift < ch/2.
+    validation.real("freq_shift", fields["freq_shift"], 0.0, fields["ch"] // 2)
+    validation.one_of("downsample_padding", fields["downsample_padding"], DOWNSAMPLE_PADDINGS,
+                      "padding")
+    widths = UNet.level_widths(fields)
+    if fields["norm_groups"] is not None:
+      groups = validation.whole("norm_groups", fields["norm_groups"], 1)
+      if any(width % groups for width in (fields["ch"], *widths)):
+        raise ArgumentError("norm_groups", groups, f"every GroupNorm's channels (ch = "
+                            f"{fields['ch']} and the level widths {widths}, and sums of them) "
+                            f"must split into {groups} groups; choose a common divisor")
     factor = UNet.size_multiple(fields)
     if image_shape[0] % factor or image_shape[1] % factor:
-      raise ArgumentError("ch_mult", tuple(fields["ch_mult"]),
-                          f"{len(fields['ch_mult'])} levels halve the image "
-                          f"{len(fields['ch_mult']) - 1} times, which a {image_shape[0]}×"
-                          f"{image_shape[1]} image cannot take; use a size that is a multiple "
-                          f"of {factor} or fewer levels")
+      name, value = (("level_channels", tuple(widths)) if fields["level_channels"] is not None
+                     else ("ch_mult", tuple(fields["ch_mult"])))
+      raise ArgumentError(name, value,
+                          f"{len(widths)} levels halve the image {len(widths) - 1} times, which "
+                          f"a {image_shape[0]}×{image_shape[1]} image cannot take; use a size "
+                          f"that is a multiple of {factor} or fewer levels")
+    if fields["head_dim"] is not None:
+      head_dim = validation.whole("head_dim", fields["head_dim"], 1)
+      if heads != 1:
+        raise ArgumentError("num_heads", heads, "head_dim sets the heads' width; leave num_heads "
+                            "at 1 or head_dim unset")
+      attention_widths = sorted(UNet.attention_widths(fields, image_shape))
+      if any(width % head_dim for width in attention_widths):
+        raise ArgumentError("head_dim", head_dim, f"the attention layers' widths "
+                            f"{attention_widths} must split into heads of {head_dim} channels; "
+                            "choose a common divisor")
+    elif widths[-1] % heads:
+      raise ArgumentError("num_heads", heads, f"the middle attention's {widths[-1]} channels (the "
+                          f"last level's width) do not split into {heads} heads; choose a divisor")
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
@@ -285,18 +367,24 @@ class UNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"UNet expects NHWC images of rank 4, got shape {x.shape}")
     batch, height, width, _ = x.shape
-    factor = 2**(len(self.ch_mult) - 1)
+    widths = UNet.level_widths(dict(ch=self.ch, ch_mult=self.ch_mult,
+                                    level_channels=self.level_channels))
+    factor = 2**(len(widths) - 1)
     if height % factor or width % factor:
+      name = "ch_mult" if self.level_channels is None else "level_channels"
       raise ValueError(
-          f"image size {height}x{width} is not divisible by 2**(len(ch_mult) - 1) = {factor} "
-          f"(ch_mult={tuple(self.ch_mult)})")
+          f"image size {height}x{width} is not divisible by 2**(len({name}) - 1) = {factor} "
+          f"({name}={tuple(getattr(self, name))})")
     if y is not None and self.num_classes == 0:
       raise ValueError("class labels y were given, but the model has num_classes=0 "
                        "(unconditional); set num_classes > 0 or pass y=None")
     dtype = jnp.dtype(self.dtype)
+    norm = Norm(self.norm_groups, self.norm_eps)
     temb_dim = 4 * self.ch
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-    temb = dense(temb_dim, jnp.float32, "temb_dense0")(timestep_embedding(t, self.ch))
+    temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                              freq_shift=self.freq_shift)
+    temb = dense(temb_dim, jnp.float32, "temb_dense0")(temb)
     temb = dense(temb_dim, jnp.float32, "temb_dense1")(nn.silu(temb))
     if self.num_classes > 0:
       if y is None:
@@ -307,20 +395,21 @@ class UNet(nn.Module):
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
     def res_block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
-      return block_cls(out_ch, self.dropout, dtype, name=name)(h, temb, train)
+      return block_cls(out_ch, self.dropout, dtype, norm, name=name)(h, temb, train)
 
     def attn_block(h: jax.Array, name: str) -> jax.Array:
-      return AttnBlock(self.num_heads, dtype, name=name)(h)
+      return AttnBlock(self.num_heads, dtype, norm, self.head_dim, name=name)(h)
 
     hs = [conv3x3(self.ch, dtype, "conv_in")(x)]
-    for level, mult in enumerate(self.ch_mult):
+    for level, level_width in enumerate(widths):
       for block in range(self.num_res_blocks):
-        h = res_block(hs[-1], self.ch * mult, f"down_{level}_block_{block}")
+        h = res_block(hs[-1], level_width, f"down_{level}_block_{block}")
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(h, f"down_{level}_attn_{block}")
         hs.append(h)
-      if level != len(self.ch_mult) - 1:
-        downsample = Downsample(self.resamp_with_conv, dtype, name=f"down_{level}_downsample")
+      if level != len(widths) - 1:
+        downsample = Downsample(self.resamp_with_conv, dtype, self.downsample_padding,
+                                name=f"down_{level}_downsample")
         hs.append(downsample(hs[-1]))
 
     h = hs[-1]
@@ -328,16 +417,16 @@ class UNet(nn.Module):
     h = attn_block(h, "mid_attn_1")
     h = res_block(h, h.shape[-1], "mid_block_2")
 
-    for level, mult in reversed(list(enumerate(self.ch_mult))):
+    for level, level_width in reversed(list(enumerate(widths))):
       for block in range(self.num_res_blocks + 1):
-        h = res_block(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * mult,
+        h = res_block(jnp.concatenate([h, hs.pop()], axis=-1), level_width,
                       f"up_{level}_block_{block}")
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(h, f"up_{level}_attn_{block}")
       if level != 0:
         h = Upsample(self.resamp_with_conv, dtype, name=f"up_{level}_upsample")(h)
 
-    h = nn.silu(group_norm(h.shape[-1], dtype, "norm_out")(h))
+    h = nn.silu(group_norm(h.shape[-1], norm, dtype, "norm_out")(h))
     h = conv3x3(self.out_channels, dtype, "conv_out", zero=True)(h)
     return h.astype(jnp.float32)
 
