@@ -65,7 +65,8 @@ def test_the_shipped_configs_pass(data_dir):
     (dict(diffusion__prediction="foo"),
      "--config.diffusion.prediction=foo: unknown prediction target; choose one of eps, x0, v"),
     (dict(diffusion__schedule="foo"),
-     "--config.diffusion.schedule=foo: unknown schedule; choose one of linear, cosine"),
+     "--config.diffusion.schedule=foo: unknown schedule; choose one of linear, "
+     "scaled_linear, cosine"),
     (dict(train__lr_decay="exp"), "--config.train.lr_decay=exp: unknown learning-rate decay; "
                                   "choose one of constant, cosine, linear"),
     (dict(sample__sampler="dpm"), "--config.sample.sampler=dpm: unknown sampler; choose one of "

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import convert, samplers, schedules
+from jaxdiff import convert, models, samplers, schedules
+from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import ArgumentError
 from jaxdiff.models import count_params
 from jaxdiff.models.unet import UNet
@@ -105,11 +106,13 @@ def test_ddpm_sampler_equals_diffusers_ddpm_scheduler_over_50_steps():
   np.testing.assert_array_equal(
       samplers.spaced_timesteps(schedule, num_steps, pipeline.sampling["spacing"]),
       ddpm["timesteps"][::-1])
+  network = UNet(**pipeline.model)
+  ddpm_denoiser = Denoiser(network=network, schedule=schedule,
+                           prediction=pipeline.diffusion["prediction"],
+                           num_classes=network.num_classes, image_shape=pipeline.image_shape)
+  options = samplers.SamplingOptions(num_steps=num_steps, batch_size=batch, **pipeline.sampling)
   sample = jax.jit(lambda params: samplers.sample(
-      "ddpm", UNet(**pipeline.model).apply, {"params": params}, schedule,
-      jax.random.key(int(ddpm["seed"])), shape, num_steps=num_steps,
-      spacing=pipeline.sampling["spacing"], prediction=pipeline.diffusion["prediction"],
-      clip_x0=pipeline.sampling["clip_x0"], variance=pipeline.sampling["variance"]).images,
+      ddpm_denoiser, params, jax.random.key(int(ddpm["seed"])), options).images,
       compiler_options=QUICK_COMPILE)
   images = np.asarray(sample(pipeline.params)).transpose(0, 3, 1, 2)
   np.testing.assert_allclose(images, ddpm["images"], rtol=0, atol=1e-4)
@@ -136,7 +139,7 @@ def test_the_published_cifar10_model_is_jaxdiffs_cifar10_config():
   model, image_shape = convert.from_unet_config(CIFAR10)
   config = cifar10.get_config()
   assert image_shape == (config.data.image_size,) * 2 + (config.data.num_channels,)
-  fields = {**convert._unet_fields({}), **config.model}
+  fields = models.network_fields(config.model)
   assert {name: value for name, value in model.items() if name not in UNet.FREE_FIELDS} == \
       {name: value for name, value in fields.items() if name not in UNet.FREE_FIELDS}
 

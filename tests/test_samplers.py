@@ -679,7 +679,7 @@ def test_generate_rejects_bad_requests():
     generate.generate(unconditional, None, jax.random.key(0),
                       dataclasses.replace(options, guidance_scale=2.0), **common)
   with pytest.raises(errors.ArgumentError,
-                     match=r"^labels = \[7\]: class labels must be in \[0, 5\)$"):
+                     match=r"^labels = 7: class labels must be in \[0, 5\)$"):
     generate.generate(oracles.denoiser(class_oracle(), SCHEDULE), None, jax.random.key(0),
                       options, labels=7, **common)
   with pytest.raises(errors.ArgumentError,

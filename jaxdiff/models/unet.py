@@ -247,6 +247,81 @@ class Upsample(nn.Module):
     return x
 
 
+def level_widths(fields) -> tuple[int, ...]:
+  """Each level's number of channels: `level_channels` where set, else ch × ch_mult."""
+  if fields["level_channels"] is not None:
+    return tuple(fields["level_channels"])
+  return tuple(fields["ch"] * mult for mult in fields["ch_mult"])
+
+def attention_levels(fields, height: int) -> tuple[bool, ...]:
+  """Whether each level has attention for images `height` high: whether its feature maps'
+  height H / 2^level is in attn_resolutions."""
+  return tuple(height // 2**level in fields["attn_resolutions"]
+               for level in range(len(level_widths(fields))))
+
+def attention_widths(fields, image_shape) -> set[int]:
+  """The channel counts of the attention layers for images of `image_shape` (H, W, C): the
+  middle one's and those of the levels with attention."""
+  widths = level_widths(fields)
+  levels = attention_levels(fields, image_shape[0])
+  return {widths[-1]} | {width for width, attention in zip(widths, levels) if attention}
+
+def size_multiple(fields) -> int:
+  """The image height and width must be multiples of this: 2 per downsampling level."""
+  return 2**(len(level_widths(fields)) - 1)
+
+def check_fields(fields, image_shape) -> None:
+  """ArgumentError naming the first field (of `fields`: this network's config fields) that
+  cannot build a U-Net for images of `image_shape` (H, W, C)."""
+  validation.whole("ch", fields["ch"], 1)
+  validation.whole_tuple("ch_mult", fields["ch_mult"], 1)
+  validation.whole("num_res_blocks", fields["num_res_blocks"], 0)
+  validation.whole_tuple("attn_resolutions", fields["attn_resolutions"], 1, non_empty=False)
+  validation.real("dropout", fields["dropout"], 0.0, 1.0)
+  validation.whole("out_channels", fields["out_channels"], 1)
+  validation.whole("num_classes", fields["num_classes"], 0)
+  validation.one_of("dtype", fields["dtype"], validation.COMPUTE_DTYPES, "compute dtype")
+  validation.boolean("resamp_with_conv", fields["resamp_with_conv"])
+  validation.boolean("remat", fields["remat"])
+  heads = validation.whole("num_heads", fields["num_heads"], 1)
+  if fields["level_channels"] is not None:
+    validation.whole_tuple("level_channels", fields["level_channels"], 1)
+  validation.real("norm_eps", fields["norm_eps"], 0.0, low_included=False)
+  validation.boolean("flip_sin_to_cos", fields["flip_sin_to_cos"])
+  # The time frequencies 10000^(−i/(ch/2 − freq_shift)) fall from 1 where freq_shift < ch/2.
+  validation.real("freq_shift", fields["freq_shift"], 0.0, fields["ch"] // 2)
+  validation.one_of("downsample_padding", fields["downsample_padding"], DOWNSAMPLE_PADDINGS,
+                    "padding")
+  widths = level_widths(fields)
+  if fields["norm_groups"] is not None:
+    groups = validation.whole("norm_groups", fields["norm_groups"], 1)
+    if any(width % groups for width in (fields["ch"], *widths)):
+      raise ArgumentError("norm_groups", groups, f"every GroupNorm's channels (ch = "
+                          f"{fields['ch']} and the level widths {widths}, and sums of them) "
+                          f"must split into {groups} groups; choose a common divisor")
+  factor = size_multiple(fields)
+  if image_shape[0] % factor or image_shape[1] % factor:
+    name, value = (("level_channels", tuple(widths)) if fields["level_channels"] is not None
+                   else ("ch_mult", tuple(fields["ch_mult"])))
+    raise ArgumentError(name, value,
+                        f"{len(widths)} levels halve the image {len(widths) - 1} times, which "
+                        f"a {image_shape[0]}×{image_shape[1]} image cannot take; use a size "
+                        f"that is a multiple of {factor} or fewer levels")
+  if fields["head_dim"] is not None:
+    head_dim = validation.whole("head_dim", fields["head_dim"], 1)
+    if heads != 1:
+      raise ArgumentError("num_heads", heads, "head_dim sets the heads' width; leave num_heads "
+                          "at 1 or head_dim unset")
+    attention = sorted(attention_widths(fields, image_shape))
+    if any(width % head_dim for width in attention):
+      raise ArgumentError("head_dim", head_dim, f"the attention layers' widths "
+                          f"{attention} must split into heads of {head_dim} channels; "
+                          "choose a common divisor")
+  elif widths[-1] % heads:
+    raise ArgumentError("num_heads", heads, f"the middle attention's {widths[-1]} channels (the "
+                        f"last level's width) do not split into {heads} heads; choose a divisor")
+
+
 class UNet(nn.Module):
   """The DDPM noise-prediction network.
 
@@ -281,84 +356,11 @@ class UNet(nn.Module):
   # with other values.
   FREE_FIELDS = ("dropout", "remat", "dtype")
 
-  @staticmethod
-  def level_widths(fields) -> tuple[int, ...]:
-    """Each level's number of channels: `level_channels` where set, else ch × ch_mult."""
-    if fields["level_channels"] is not None:
-      return tuple(fields["level_channels"])
-    return tuple(fields["ch"] * mult for mult in fields["ch_mult"])
-
-  @staticmethod
-  def attention_levels(fields, height: int) -> tuple[bool, ...]:
-    """Whether each level has attention for images `height` high: whether its feature maps'
-    height H / 2^level is in attn_resolutions."""
-    return tuple(height // 2**level in fields["attn_resolutions"]
-                 for level in range(len(UNet.level_widths(fields))))
-
-  @staticmethod
-  def attention_widths(fields, image_shape) -> set[int]:
-    """The channel counts of the attention layers for images of `image_shape` (H, W, C): the
-    middle one's and those of the levels with attention."""
-    widths = UNet.level_widths(fields)
-    levels = UNet.attention_levels(fields, image_shape[0])
-    return {widths[-1]} | {width for width, attention in zip(widths, levels) if attention}
-
-  @staticmethod
-  def size_multiple(fields) -> int:
-    """The image height and width must be multiples of this: 2 per downsampling level."""
-    return 2**(len(UNet.level_widths(fields)) - 1)
-
-  @staticmethod
-  def check_fields(fields, image_shape) -> None:
-    """ArgumentError naming the first field (of `fields`: this network's config fields) that
-    cannot build a U-Net for images of `image_shape` (H, W, C)."""
-    validation.whole("ch", fields["ch"], 1)
-    validation.whole_tuple("ch_mult", fields["ch_mult"], 1)
-    validation.whole("num_res_blocks", fields["num_res_blocks"], 0)
-    validation.whole_tuple("attn_resolutions", fields["attn_resolutions"], 1, non_empty=False)
-    validation.real("dropout", fields["dropout"], 0.0, 1.0)
-    validation.whole("out_channels", fields["out_channels"], 1)
-    validation.whole("num_classes", fields["num_classes"], 0)
-    validation.one_of("dtype", fields["dtype"], validation.COMPUTE_DTYPES, "compute dtype")
-    validation.boolean("resamp_with_conv", fields["resamp_with_conv"])
-    validation.boolean("remat", fields["remat"])
-    heads = validation.whole("num_heads", fields["num_heads"], 1)
-    if fields["level_channels"] is not None:
-      validation.whole_tuple("level_channels", fields["level_channels"], 1)
-    validation.real("norm_eps", fields["norm_eps"], 0.0, low_included=False)
-    validation.boolean("flip_sin_to_cos", fields["flip_sin_to_cos"])
-    # The time frequencies 10000^(−i/(ch/2 − freq_shift)) fall from 1 where freq_shift < ch/2.
-    validation.real("freq_shift", fields["freq_shift"], 0.0, fields["ch"] // 2)
-    validation.one_of("downsample_padding", fields["downsample_padding"], DOWNSAMPLE_PADDINGS,
-                      "padding")
-    widths = UNet.level_widths(fields)
-    if fields["norm_groups"] is not None:
-      groups = validation.whole("norm_groups", fields["norm_groups"], 1)
-      if any(width % groups for width in (fields["ch"], *widths)):
-        raise ArgumentError("norm_groups", groups, f"every GroupNorm's channels (ch = "
-                            f"{fields['ch']} and the level widths {widths}, and sums of them) "
-                            f"must split into {groups} groups; choose a common divisor")
-    factor = UNet.size_multiple(fields)
-    if image_shape[0] % factor or image_shape[1] % factor:
-      name, value = (("level_channels", tuple(widths)) if fields["level_channels"] is not None
-                     else ("ch_mult", tuple(fields["ch_mult"])))
-      raise ArgumentError(name, value,
-                          f"{len(widths)} levels halve the image {len(widths) - 1} times, which "
-                          f"a {image_shape[0]}×{image_shape[1]} image cannot take; use a size "
-                          f"that is a multiple of {factor} or fewer levels")
-    if fields["head_dim"] is not None:
-      head_dim = validation.whole("head_dim", fields["head_dim"], 1)
-      if heads != 1:
-        raise ArgumentError("num_heads", heads, "head_dim sets the heads' width; leave num_heads "
-                            "at 1 or head_dim unset")
-      attention_widths = sorted(UNet.attention_widths(fields, image_shape))
-      if any(width % head_dim for width in attention_widths):
-        raise ArgumentError("head_dim", head_dim, f"the attention layers' widths "
-                            f"{attention_widths} must split into heads of {head_dim} channels; "
-                            "choose a common divisor")
-    elif widths[-1] % heads:
-      raise ArgumentError("num_heads", heads, f"the middle attention's {widths[-1]} channels (the "
-                          f"last level's width) do not split into {heads} heads; choose a divisor")
+  level_widths = staticmethod(level_widths)
+  attention_levels = staticmethod(attention_levels)
+  attention_widths = staticmethod(attention_widths)
+  size_multiple = staticmethod(size_multiple)
+  check_fields = staticmethod(check_fields)
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
@@ -367,7 +369,7 @@ class UNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"UNet expects NHWC images of rank 4, got shape {x.shape}")
     batch, height, width, _ = x.shape
-    widths = UNet.level_widths(dict(ch=self.ch, ch_mult=self.ch_mult,
+    widths = level_widths(dict(ch=self.ch, ch_mult=self.ch_mult,
                                     level_channels=self.level_channels))
     factor = 2**(len(widths) - 1)
     if height % factor or width % factor:
