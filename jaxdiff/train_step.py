@@ -125,9 +125,9 @@ def make_loss_fn(denoiser: Denoiser, diffusion_config) -> Callable:
     return denoiser.output(params, x_t, t, labels, train=True, rngs={"dropout": key})
 
   def loss_fn(params, batch, draws, dropout_key):
-    return losses.loss_from_draws(denoise_fn, params, denoiser.schedule, batch, draws,
-                                  dropout_key, denoiser.prediction,
-                                  diffusion_config.loss_weighting, diffusion_config.min_snr_gamma)
+    return losses.loss_from_draws(denoise_fn, params, denoiser.process, batch, draws,
+                                  dropout_key, diffusion_config.loss_weighting,
+                                  diffusion_config.min_snr_gamma)
 
   return loss_fn
 
@@ -182,7 +182,7 @@ def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Cal
 
 def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable,
                optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               ema_decay_fn: Callable, num_timesteps: int, loss_bins: int,
+               ema_decay_fn: Callable, time_bins: Callable, loss_bins: int,
                grad_accum_steps: int = 1):
   """One optimizer step on a global batch; returns (new state, metrics).
 
@@ -218,15 +218,14 @@ def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable
       "relative_update": optax.tree.norm(updates) / optax.tree.norm(state.params),
       "learning_rate": learning_rate_fn(state.step),
       "finite": finite,
-      **loss_by_timestep(aux["per_example_loss"], aux["t"], num_timesteps, loss_bins),
+      **loss_by_timestep(aux["per_example_loss"], time_bins(aux["t"], loss_bins), loss_bins),
   }
   return new_state, metrics
 
 
-def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
-  """Sums and counts of the per-example loss (as optimized: weighted where the loss is) in
-  `num_bins` equal bins of t."""
-  bins = t * num_bins // num_timesteps
+def loss_by_timestep(per_example_loss, bins, num_bins: int):
+  """Sums and counts of the per-example loss (as optimized: weighted where the loss is) in the
+  `num_bins` bins of the process's time (`process.time_bin`) that `bins` [B] give."""
   return {
       "loss_bin_sum": jax.ops.segment_sum(per_example_loss, bins, num_bins),
       "loss_bin_count": jax.ops.segment_sum(jnp.ones_like(per_example_loss), bins, num_bins),
@@ -244,16 +243,16 @@ def make_train_step(denoiser: Denoiser, config, mesh: Mesh):
   `lax.scan` of the step): it takes K stacked batches [K, B, ...] and returns the state after
   the K-th step and the metrics of each step stacked [K, ...], as K calls would.
   """
-  train_config, num_timesteps = config.train, denoiser.schedule.num_timesteps
+  train_config, process = config.train, denoiser.process
   parallel.check_divisible(train_config.batch_size, mesh, train_config.grad_accum_steps)
   step = functools.partial(
       train_step,
-      draw_fn=functools.partial(losses.draw_noise, num_timesteps=num_timesteps,
+      draw_fn=functools.partial(losses.draw_noise, process=process,
                                 num_classes=denoiser.num_classes, p_uncond=train_config.p_uncond),
       loss_fn=parallel.split_loss_fn(make_loss_fn(denoiser, config.diffusion), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
-      ema_decay_fn=ema_decay_fn(train_config), num_timesteps=num_timesteps,
+      ema_decay_fn=ema_decay_fn(train_config), time_bins=process.time_bin,
       loss_bins=train_config.loss_bins, grad_accum_steps=train_config.grad_accum_steps)
   batch_sharding = parallel.batch_sharding(mesh)
   if train_config.steps_per_call > 1:
