@@ -89,6 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.0
   train.ema_decay = 0.999
   train.ema_warmup = True      # decay min(ema_decay, (1+step)/(10+step)) for short runs
+  # Post-hoc EMA (Karras et al. 2024): with phema_every > 0, training also tracks a power-
+  # function EMA per σ_rel here and saves their snapshots every phema_every steps (and at the
+  # end) to WORKDIR/phema/, keeping the newest phema_keep (0: all); `python -m jaxdiff.phema`
+  # then makes the EMA of any σ_rel. Each profile costs one copy of the params, in memory and
+  # in each snapshot.
+  train.phema_every = 0
+  train.phema_sigma_rels = (0.05, 0.10)
+  train.phema_keep = 0
   train.p_uncond = 0.0         # label dropout for classifier-free guidance
   train.log_every = 50
   train.checkpoint_every = 500

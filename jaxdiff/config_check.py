@@ -14,8 +14,8 @@ import contextlib
 import math
 
 from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses,
-                     metric_writer, models, parallel, processes, samplers, schedules, train_step,
-                     validation)
+                     metric_writer, models, parallel, phema, processes, samplers, schedules,
+                     train_step, validation)
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -34,7 +34,7 @@ BPD_WHOLE_NUMBERS = {"eval.bpd_images": 1, "eval.timestep_chunk": 1}
 # Step intervals: log_every ≥ 1; the others ≥ 0, where 0 means never (checkpoint_every = 0: only
 # at the end and on a stop signal). Configs without one get its smallest value.
 INTERVALS = {"train.log_every": 1, "train.checkpoint_every": 0, "train.sample_every": 0,
-             "train.eval_every": 0}
+             "train.eval_every": 0, "train.phema_every": 0}
 # Real-number fields: the interval each must lie in, as (low, high, low included, high included).
 REAL_NUMBERS = {
     "train.learning_rate": (0.0, math.inf, False, False),
@@ -109,6 +109,17 @@ def check_sizes(config) -> None:
     raise usage_error("train.resume_step", resume_step,
                       "expected the step number of a checkpoint in the workdir (≥ 1), or None "
                       "for the newest good one")
+  if get(config, "train.phema_every", 0):
+    check_whole_numbers(config, {"train.phema_keep": 0})
+    sigma_rels = get(config, "train.phema_sigma_rels")
+    try:
+      if not isinstance(sigma_rels, (tuple, list)) or not sigma_rels:
+        raise errors.ArgumentError("phema_sigma_rels", sigma_rels, "expected a tuple of σ_rel "
+                                   "values, e.g. (0.05, 0.1)")
+      for sigma_rel in sigma_rels:
+        phema.gamma_from_sigma_rel(sigma_rel)
+    except errors.ArgumentError as error:
+      raise usage_error("train.phema_sigma_rels", sigma_rels, error.problem) from error
   if get(config, "train.sample_every", 0):
     check_whole_numbers(config, SAMPLE_WHOLE_NUMBERS)
   if get(config, "train.eval_every", 0):

@@ -11,7 +11,7 @@ import json
 
 import ml_collections
 
-from jaxdiff import errors, models, processes
+from jaxdiff import errors, models, processes, train_step
 
 # The data's fields that fix the shapes of what the network learned.
 _DATA_FIXED_FIELDS = ("data.image_size", "data.num_channels")
@@ -64,16 +64,21 @@ def _fixed_values(config) -> dict:
   process = {"process": processes.process_name(config.diffusion)}
   values.update({f"diffusion.{name}": _as_tuples(process.get(name, lookup(config.diffusion, name)))
                  for name in processes.fixed_fields(config.diffusion)})
+  profiles = train_step.phema_profiles(config.train)
+  if profiles:  # a run that did not track them, or will not, starts or drops them freely
+    values["train.phema_sigma_rels"] = _as_tuples(profiles)
   return values
 
 
 def config_differences(saved_config, config) -> list[str]:
   """'FIELD NEW (config) vs OLD (checkpoint)' for every field in which `config` cannot continue
   `saved_config`: the network's name and fields (but those it declares free to change), the
-  image size and channels, and the noise process and what its network learned depends on
-  (DDPM: schedule, step count and prediction target; EDM: σ_data). Empty when compatible."""
+  image size and channels, the noise process and what its network learned depends on (DDPM:
+  schedule, step count and prediction target; EDM: σ_data), and the post-hoc EMA profiles
+  where both track them. Empty when compatible."""
   saved, current = _fixed_values(saved_config), _fixed_values(config)
-  fields = dict.fromkeys([*current, *saved])
+  fields = dict.fromkeys([field for field in [*current, *saved]
+                          if field in saved and field in current or not field.startswith("train.")])
   if saved["diffusion.process"] != current["diffusion.process"]:  # the others are not comparable
     fields = [field for field in fields
               if not field.startswith("diffusion.") or field == "diffusion.process"]

@@ -470,11 +470,11 @@ def run(sampler: Sampler, denoiser: Denoiser, params, grid: Grid, key, options: 
 
 
 class Registered(NamedTuple):
-  """A sampler's factory, the spacing of its timesteps by default (on DDPM's chain; the
-  continuous processes have their own default), whether it clips x̂0 to [−1, 1] by default,
-  which `SamplingOptions` fields are its factory's keywords, whether it integrates the
-  process's own ODE (`ode`: it takes the process's `ode_slopes`), and the processes it is
-  defined for (None: every one)."""
+  """A sampler's factory, the spacing of its timesteps by default on DDPM's chain and on the
+  continuous processes (None there: the process's own, `spacings[0]`), whether it clips x̂0 to
+  [−1, 1] by default, which `SamplingOptions` fields are its factory's keywords, whether it
+  integrates the process's own ODE (`ode`: it takes the process's `ode_slopes`), and the
+  processes it is defined for (None: every one)."""
 
   make: Callable[..., Sampler]
   spacing: str
@@ -482,16 +482,19 @@ class Registered(NamedTuple):
   options: tuple[str, ...] = ()
   ode: bool = False
   processes: tuple[str, ...] | None = None
+  continuous_spacing: str | None = None
 
 
 SAMPLERS = {
     "ddpm": Registered(ddpm, spacing="uniform", clip_x0=True, options=("variance",)),
     "ddim": Registered(ddim, spacing="uniform", clip_x0=True, options=("eta",)),
-    "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False),
-    "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False),
+    "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False,
+                             continuous_spacing="logsnr"),
+    "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False,
+                                continuous_spacing="logsnr"),
     "dpm_solver_sde": Registered(functools.partial(dpm_solver, eta=1.0), spacing="logsnr",
-                                 clip_x0=False),
-    "unipc": Registered(unipc, spacing="logsnr", clip_x0=False),
+                                 clip_x0=False, continuous_spacing="logsnr"),
+    "unipc": Registered(unipc, spacing="logsnr", clip_x0=False, continuous_spacing="logsnr"),
     "euler": Registered(euler, spacing="karras", clip_x0=False, ode=True),
     "heun": Registered(heun, spacing="karras", clip_x0=False, ode=True),
     "edm_stochastic": Registered(edm_stochastic, spacing="karras", clip_x0=False,
@@ -589,10 +592,12 @@ class SamplingOptions:
 
   def resolved(self, process) -> "SamplingOptions":
     """These options with every default made explicit for `process`: its default step count
-    (DDPM: all T), the spacing (on DDPM's chain the sampler's, else the process's own) and the
-    sampler's x̂0 clipping where they are None."""
+    (DDPM: all T), the sampler's spacing for the process (logsnr for the DPM-Solvers and UniPC;
+    else on DDPM's chain the sampler's own, on the others the process's) and the sampler's x̂0
+    clipping where they are None."""
     registered = SAMPLERS[self.sampler]
-    spacing = registered.spacing if not process.continuous else process.spacings[0]
+    spacing = (registered.spacing if not process.continuous
+               else registered.continuous_spacing or process.spacings[0])
     return dataclasses.replace(
         self, num_steps=process.default_steps() if self.num_steps is None else self.num_steps,
         spacing=self.spacing or spacing,

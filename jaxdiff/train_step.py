@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff import losses, parallel, validation
+from jaxdiff import losses, parallel, phema, validation
 from jaxdiff.denoiser import Denoiser
 
 
@@ -27,6 +27,7 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
   opt_state: Any
   rng: jax.Array           # typed key; step s uses fold_in(rng, s)
+  phema: tuple = ()        # post-hoc EMA: one average of params per tracked profile, or none
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -76,12 +77,37 @@ def ema_update(ema_params, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def phema_profiles(train_config) -> tuple[float, ...]:
+  """The σ_rel of each post-hoc EMA profile training tracks: `train.phema_sigma_rels` when
+  `train.phema_every` > 0 (snapshots are saved), else none."""
+  if not train_config.get("phema_every", 0):
+    return ()
+  return tuple(train_config.phema_sigma_rels)
+
+
+def averages_fn(train_config) -> Callable:
+  """(ema_params, phema, params, step) ↦ the averages after optimizer step number `step` + 1
+  made `params`: the EMA (`ema_update` at `ema_decay_fn`'s decay) and each tracked post-hoc EMA
+  profile (`phema.update`)."""
+  decay_fn, sigma_rels = ema_decay_fn(train_config), phema_profiles(train_config)
+
+  def averages(ema_params, phema_averages, params, step):
+    ema_params = ema_update(ema_params, params, decay_fn(step))
+    if sigma_rels:
+      phema_averages = phema.update(phema_averages, params, step + 1, sigma_rels)
+    return ema_params, phema_averages
+
+  return averages
+
+
 def init_state(denoiser: Denoiser, train_config, key) -> TrainState:
-  """A fresh TrainState: params initialised from `key`, EMA equal to them, step 0."""
+  """A fresh TrainState: params initialised from `key`, EMA and post-hoc EMA profiles equal to
+  them, step 0."""
   init_key, rng = jax.random.split(key)
   params = denoiser.init(init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=make_optimizer(train_config).init(params), rng=rng)
+                    opt_state=make_optimizer(train_config).init(params), rng=rng,
+                    phema=phema.init(params, phema_profiles(train_config)))
 
 
 def abstract_state(denoiser: Denoiser, train_config, mesh: Mesh | None = None) -> TrainState:
@@ -182,16 +208,18 @@ def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Cal
 
 def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable,
                optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               ema_decay_fn: Callable, time_bins: Callable, loss_bins: int,
+               averages_fn: Callable, time_bins: Callable, loss_bins: int,
                grad_accum_steps: int = 1):
   """One optimizer step on a global batch; returns (new state, metrics).
 
   key = fold_in(rng, step); (draws, dropout key) = `draw_fn(key, batch)` for the whole batch;
   (loss, grads) of `loss_fn(params, batch, draws, dropout_key)`, accumulated over
   `grad_accum_steps` micro-batches (`accumulated_value_and_grad`); params ← optimizer update;
-  θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or gradient
-  is not finite leaves params, EMA and optimizer state as they were (only `step` advances, so
-  the next step draws fresh noise) and reports `finite = False`.
+  the averages of the params after it, `averages_fn` (the EMA θ_ema ← d·θ_ema + (1 − d)·θ, and
+  the post-hoc EMA profiles). A step whose loss or gradient is not finite leaves params, EMA and
+  optimizer state as they were (only `step` advances, so the next step draws fresh noise; the
+  post-hoc profiles average the kept params, staying exact power-function averages) and reports
+  `finite = False`.
   The metrics also give ‖Δθ‖/‖θ‖ (`relative_update`), which shows an exploding but still
   finite update.
   """
@@ -203,15 +231,14 @@ def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = ema_update(state.ema_params, params, ema_decay_fn(state.step))
   keep_if_finite = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
+  params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+  ema_params, phema_averages = averages_fn(state.ema_params, state.phema, params, state.step)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_finite(params, state.params),
+      step=state.step + 1, params=params,
       ema_params=keep_if_finite(ema_params, state.ema_params),
-      opt_state=keep_if_finite(opt_state, state.opt_state))
+      opt_state=keep_if_finite(opt_state, state.opt_state), phema=phema_averages)
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -252,7 +279,7 @@ def make_train_step(denoiser: Denoiser, config, mesh: Mesh):
       loss_fn=parallel.split_loss_fn(make_loss_fn(denoiser, config.diffusion), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
-      ema_decay_fn=ema_decay_fn(train_config), time_bins=process.time_bin,
+      averages_fn=averages_fn(train_config), time_bins=process.time_bin,
       loss_bins=train_config.loss_bins, grad_accum_steps=train_config.grad_accum_steps)
   batch_sharding = parallel.batch_sharding(mesh)
   if train_config.steps_per_call > 1:
