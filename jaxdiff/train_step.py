@@ -104,10 +104,10 @@ def init_state(denoiser: Denoiser, train_config, key) -> TrainState:
   """A fresh TrainState: params initialised from `key`, EMA and post-hoc EMA profiles equal to
   them, step 0."""
   init_key, rng = jax.random.split(key)
-  params = denoiser.init(init_key)
+  params, profiles = denoiser.init(init_key), phema_profiles(train_config)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=make_optimizer(train_config).init(params), rng=rng,
-                    phema=phema.init(params, phema_profiles(train_config)))
+                    phema=phema.init(params, profiles) if profiles else ())
 
 
 def abstract_state(denoiser: Denoiser, train_config, mesh: Mesh | None = None) -> TrainState:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from jaxdiff import denoiser as denoiser_lib, parallel, train_step
+from jaxdiff import denoiser as denoiser_lib, parallel, processes, schedules, train_step
 from tests.helpers import tiny_config
 
 
@@ -161,7 +161,8 @@ def test_non_finite_step_leaves_the_state_untouched():
 def test_loss_by_timestep_bins_cover_every_example():
   per_example = jnp.arange(10.0)
   t = jnp.array([0, 9, 10, 19, 50, 55, 90, 99, 99, 0])
-  result = train_step.loss_by_timestep(per_example, t, 100, 10)
+  bins = processes.DDPM(schedules.linear(100)).time_bin(t, 10)
+  result = train_step.loss_by_timestep(per_example, bins, 10)
   np.testing.assert_array_equal(result["loss_bin_count"], [3, 2, 0, 0, 0, 2, 0, 0, 0, 3])
   np.testing.assert_allclose(result["loss_bin_sum"], [0 + 1 + 9, 2 + 3, 0, 0, 0, 4 + 5, 0, 0, 0,
                                                       6 + 7 + 8])
