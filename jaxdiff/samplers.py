@@ -347,15 +347,18 @@ def edm_stochastic(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = ma
   """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), on EDM's process (σ̃ = σ):
   at step i, with γ_i = min(S_churn/K, √2 − 1) where S_tmin ≤ σ_i ≤ S_tmax (else 0),
   σ̂ = (1 + γ_i) σ_i and x̂ = x_i + √(σ̂² − σ_i²) S_noise z, z ~ N(0, I); then Heun's step from
-  (x̂, σ̂) to σ_{i−1} with dx/dσ = (x̂ − D(x̂; σ̂))/σ̂ = ε̂. S_churn = 0 is `heun`."""
+  (x̂, σ̂) to σ_{i−1} with dx/dσ = (x̂ − D(x̂; σ̂))/σ̂ = ε̂. S_churn = 0 is `heun`.
+  √(σ̂² − σ_i²) is taken as σ_i √(γ_i(2 + γ_i)), exactly 0 where γ_i = 0 (a fused σ̂·σ̂ − σ·σ
+  can round below 0, and its square root to NaN)."""
 
   def update(x, inputs, schedule):
     alpha_bar = schedule.alpha_bars[inputs.index]
     sigma = jnp.sqrt(1 / alpha_bar - 1)
     churn = min(s_churn / schedule.num_timesteps, math.sqrt(2) - 1)
-    sigma_hat = sigma * (1 + jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), churn, 0.0))
+    gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), churn, 0.0)
+    sigma_hat = sigma * (1 + gamma)
     noise = jax.random.normal(inputs.key, x.shape, x.dtype)
-    x_hat = x / jnp.sqrt(alpha_bar) + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise
+    x_hat = x / jnp.sqrt(alpha_bar) + sigma * jnp.sqrt(gamma * (2 + gamma)) * s_noise * noise
     alpha_bar_hat = 1 / (1 + sigma_hat**2)
     eps, _ = inputs.denoise_between(x_hat * jnp.sqrt(alpha_bar_hat), alpha_bar_hat)
     tau_next, n_next = _ode_point(schedule.alpha_bars_prev[inputs.index], (0.0, 1.0))
