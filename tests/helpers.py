@@ -46,11 +46,11 @@ TRAINED_STEPS = 300
 
 
 def trained_config(data_dir):
-  """`job_config` for TRAINED_STEPS steps with cosine decay, one checkpoint at the end: the
-  session's `trained_workdir` (tests/conftest.py), a model that beats the uniform bits/dim
-  baseline."""
+  """`job_config` for TRAINED_STEPS steps with cosine decay, one checkpoint at the end and
+  post-hoc EMA snapshots of the default profiles every 100 steps: the session's
+  `trained_workdir` (tests/conftest.py), a model that beats the uniform bits/dim baseline."""
   return job_config(data_dir, num_steps=TRAINED_STEPS, checkpoint_every=TRAINED_STEPS,
-                    log_every=50, lr_decay="cosine")
+                    log_every=50, lr_decay="cosine", phema_every=100)
 
 
 # Runs PROGRAM's `main` through `cli.run` once per command line, all in one interpreter: each with

@@ -37,6 +37,7 @@ def test_benchmark_reports_throughput_flops_and_mfu(tmp_path):
   assert "jaxdiff" in benchmark.format_table(result)
 
 
+@pytest.mark.slow
 def test_trainer_mode_reports_the_loop_next_to_the_bare_step(tmp_path, monkeypatch):
   workdirs = []
   real_run = benchmark.train.run

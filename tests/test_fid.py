@@ -85,6 +85,7 @@ def test_reference_stats_are_cached_and_fid_behaves(params, judged_data_dir, mon
     assert fid.fid_of_samples(noise, config.data, mesh=mesh, params=params)["fid"] > darker["fid"]
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 def test_non_uint8_samples_are_refused(judged_data_dir):
   config = default.get_config()
   config.data.data_dir = judged_data_dir

@@ -209,6 +209,7 @@ def test_padding_is_left_out():
 # Bits/dim of real models on the digits (the session's judged_data_dir and trained_workdir).
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 @pytest.mark.parametrize("num_images, batch_size", [(5, 128), (11, 8)])
 def test_bits_per_dim_counts_exactly_the_images_asked_for(judged_data_dir, num_images,
                                                           batch_size):

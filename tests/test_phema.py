@@ -233,3 +233,48 @@ def test_refusals(call, name):
   with pytest.raises(ArgumentError) as refusal:
     call()
   assert refusal.value.name == name
+
+
+@pytest.mark.slow
+def test_the_phema_program_makes_exports_from_a_runs_snapshots_and_sample_py_reads_them(
+    trained_workdir, tmp_path):
+  """The session's trained run tracked σ_rel 0.05 and 0.10 with snapshots every 100 steps
+  (`helpers.trained_config`). Asked for a tracked σ_rel, the program gives that profile's
+  average exactly; asked for another, a new average; bad requests are one line, exit code 2."""
+  from jaxdiff import checkpoint
+  from jaxdiff.jobs import workdir as workdir_lib
+  from tests.helpers import TRAINED_STEPS, run_program
+
+  tracked, between = str(tmp_path / "tracked"), str(tmp_path / "between")
+  made = run_program("jaxdiff/phema/__main__.py", [
+      [f"--workdir={trained_workdir}", "--sigma_rel=0.05", f"--output={tracked}"],
+      [f"--workdir={trained_workdir}", "--sigma_rel=0.07", f"--output={between}"],
+      [f"--workdir={trained_workdir}", "--sigma_rel=0.4", f"--output={tmp_path}/no"],
+      [f"--workdir={trained_workdir}", "--sigma_rel=0.07", "--step=150",
+       f"--output={tmp_path}/no"],
+      [f"--workdir={trained_workdir}", "--sigma_rel=0.07", f"--output={tracked}"]])
+  for exit_code, stdout, stderr in made[:2]:
+    assert exit_code == 0 and "from 3 snapshots" in stdout, stderr
+  for (exit_code, _, stderr), flag in zip(made[2:], ("--sigma_rel=0.4", "--step=150",
+                                                     f"{tracked}")):
+    assert exit_code == 2 and flag in stderr and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+  assert not (tmp_path / "no").exists()
+
+  exported = workdir_lib.load_model(tracked)
+  assert exported.step == TRAINED_STEPS
+  with checkpoint.PhemaSnapshots(trained_workdir) as snapshots:
+    assert snapshots.steps() == [100, 200, TRAINED_STEPS]
+    averages, sigma_rels = snapshots.read(TRAINED_STEPS, (exported.params,) * 2)
+  assert sigma_rels == [0.05, 0.1]
+  np.testing.assert_allclose(flat(exported.params), flat(averages[0]), rtol=1e-4, atol=1e-6)
+  other = flat(workdir_lib.load_model(between).params)
+  assert not np.allclose(other, flat(averages[0]), atol=1e-6)
+  assert not np.allclose(other, flat(averages[1]), atol=1e-6)
+
+  exit_code, _, stderr = run_program("sample.py", [[
+      f"--workdir={between}", "--num_samples=4", "--batch_size=4", "--num_steps=4",
+      f"--output_dir={tmp_path}/samples"]])[0]
+  assert exit_code == 0, stderr
+  images = np.load(tmp_path / "samples" / "samples.npz")["images"]
+  assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))

@@ -18,6 +18,7 @@ def digits_config(data_dir):
   return config.data
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 def test_digits_classifier_is_accurate_and_cached(judged_data_dir, monkeypatch):
   data_config = digits_config(judged_data_dir)
   params, info = classifier.load_or_train(data_config)
@@ -63,6 +64,7 @@ def real_images(judged_data_dir):
   return images[pick], labels[pick]
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 def test_real_digits_score_like_real_and_noise_scores_far_worse(judged_data_dir, real_images):
   images, labels = real_images
   result = quality.quality_score(images, digits_config(judged_data_dir), seed=1)
@@ -78,6 +80,7 @@ def test_real_digits_score_like_real_and_noise_scores_far_worse(judged_data_dir,
   assert wrong["class_accuracy"] < 0.05
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 def test_one_repeated_digit_scores_badly(judged_data_dir, real_images):
   images, _ = real_images
   result = quality.quality_score(np.repeat(images[:1], 300, axis=0),
@@ -86,6 +89,7 @@ def test_one_repeated_digit_scores_badly(judged_data_dir, real_images):
   assert result["frechet"] > 5 * result["frechet_real_vs_real"]
 
 
+@pytest.mark.slow  # trains the digits classifier (judged_data_dir)
 def test_samples_of_the_wrong_shape_are_refused(judged_data_dir):
   with pytest.raises(ValueError, match=r"\[N, 8, 8, 1\] uint8"):
     quality.quality_score(np.zeros((4, 28, 28, 1), np.uint8), digits_config(judged_data_dir))

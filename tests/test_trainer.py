@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from configs import default
 from jaxdiff import checkpoint, denoiser, errors, parallel, train_step
 from jaxdiff.jobs import train
+from jaxdiff.jobs import workdir as workdir_lib
 from tests.helpers import REPO, job_config, logged
 
 
@@ -26,16 +27,23 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, data_dir):
+def test_resume_gives_the_losses_and_post_hoc_averages_of_an_uninterrupted_run(tmp_path,
+                                                                                 data_dir):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.run(job_config(data_dir, num_steps=6), straight)
-  train.run(job_config(data_dir, num_steps=3), resumed)
-  summary = train.run(job_config(data_dir, num_steps=6), resumed)
+  train.run(job_config(data_dir, num_steps=6, phema_every=2), straight)
+  train.run(job_config(data_dir, num_steps=3, phema_every=2), resumed)
+  summary = train.run(job_config(data_dir, num_steps=6, phema_every=2), resumed)
   assert (summary.first_step, summary.last_step) == (3, 6)
   expected, actual = logged(straight), logged(resumed)
   assert sorted(actual) == list(range(1, 7))
   np.testing.assert_allclose([actual[s] for s in range(1, 7)],
                              [expected[s] for s in range(1, 7)], rtol=1e-5)
+  abstract = (workdir_lib.load_model(straight).params,) * 2
+  with checkpoint.PhemaSnapshots(straight) as a, checkpoint.PhemaSnapshots(resumed) as b:
+    assert (a.steps(), b.steps()) == ([2, 4, 6], [2, 3, 4, 6])  # every 2, and where runs end
+    for left, right in zip(a.read(6, abstract)[0], b.read(6, abstract)[0]):
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), left,
+                   right)
 
 
 @pytest.mark.slow
