@@ -232,3 +232,16 @@ def test_process_from_config_and_what_a_checkpoint_fixes():
     processes.EDM(sigma_min=1.0, sigma_max=0.5)
   with pytest.raises(errors.ArgumentError, match="spacing"):
     processes.EDM().sampling_grid(10, "trailing")
+
+
+@pytest.mark.parametrize("name", ["flow", "edm"])
+def test_euler_is_ddim_on_the_equivalent_vp_process(name):
+  """x_{t'} = x_t + (t' − t) v̂ on the flow (dx/dσ = ε̂ on EDM) is DDIM with η = 0 on the VP
+  chain of the same grid: both keep x̂0 and ε̂ and move ᾱ."""
+  process = PROCESSES[name]
+  x_T = np.linspace(-2.0, 2.0, 8).reshape(8, 1, 1, 1) * (1.0 if name == "flow" else 80.0)
+  euler, _ = _sample(process, samplers.SamplingOptions(sampler="euler", num_steps=10), x_T)
+  ddim, _ = _sample(process, samplers.SamplingOptions(sampler="ddim", num_steps=10,
+                                                      spacing=process.spacings[0],
+                                                      clip_x0=False), x_T)
+  np.testing.assert_allclose(euler, ddim, rtol=1e-4, atol=1e-4)
