@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import convert, models, parallel, samplers, schedules
+from jaxdiff import convert, models, parallel, processes, samplers, schedules
+from jaxdiff import denoiser as denoiser_lib
 from jaxdiff.errors import ArgumentError
 from jaxdiff.jobs import cli
 from jaxdiff.jobs import convert as convert_job
@@ -119,7 +120,8 @@ def test_ddpm_sampler_equals_diffusers_ddpm_scheduler_over_50_steps():
                                          clip_x0=True, variance="beta")
   options = dataclasses.replace(own, num_steps=num_steps, batch_size=batch)
   np.testing.assert_array_equal(
-      samplers.spaced_timesteps(trained.denoiser.schedule, num_steps, options.spacing),
+      schedules.spaced_timesteps(trained.denoiser.process.schedule, num_steps,
+                                 options.spacing),
       ddpm["timesteps"][::-1])
   sample = jax.jit(lambda params: samplers.sample(
       trained.denoiser, params, jax.random.key(int(ddpm["seed"])), options).images,
@@ -335,6 +337,8 @@ def test_what_diffusers_cannot_express_is_refused_naming_the_setting(model, sett
     ({}, dict(sampler="dpm_solver"), "sampler", "dpm_solver"),
     ({}, dict(variance="learned"), "variance", "learned"),
     (dict(schedule="sigmoid"), {}, "schedule", "sigmoid"),
+    (dict(process="edm"), {}, "process", "edm"),
+    (dict(process="flow"), dict(sampler="ddim"), "process", "flow"),
 ])
 def test_schedules_diffusers_cannot_express_are_refused(diffusion, sampling, setting, value):
   diffusion = {**dict(schedule="cosine", num_timesteps=1000, schedule_kwargs={}), **diffusion}
@@ -407,7 +411,7 @@ def test_spaced_timesteps_are_diffusers_timesteps(spacing, jaxdiff_spacing):
     schedule = schedules.from_config(ml_collections.ConfigDict(dict(
         schedule="linear", num_timesteps=num_timesteps)))
     np.testing.assert_array_equal(
-        samplers.spaced_timesteps(schedule, num_steps, jaxdiff_spacing)[::-1],
+        schedules.spaced_timesteps(schedule, num_steps, jaxdiff_spacing)[::-1],
         diffusers_timesteps, err_msg=steps)
   assert convert.TIMESTEP_SPACINGS[spacing] == jaxdiff_spacing
 
@@ -444,6 +448,34 @@ def test_a_pipelines_config_is_complete_and_samples_as_the_pipeline(sampler_sett
     convert.to_config(convert.Pipeline(model, (32, 16, 3), diffusion, sampler_settings, None),
                       base)
   assert_one_line_naming(error, "sample_size", [32, 16])
+
+
+def test_a_pipelines_config_is_ddpm_on_the_unet_whatever_the_base():
+  """A base config of another process and network (--config) still gives DDPM's chain on the
+  U-Net, as the folder holds: its Denoiser (`denoiser.from_config`) is that."""
+  model, image_shape = convert.from_unet_config(CIFAR10)
+  base = default.get_config()
+  base.diffusion.process, base.model.name = "edm", "dit"
+  config = convert.to_config(convert.Pipeline(model, image_shape, SCHEDULES[0][0],
+                                               dict(sampler="ddpm"), None), base)
+  assert (config.diffusion.process, config.model.name) == ("ddpm", "unet")
+  built = denoiser_lib.from_config(config)
+  assert isinstance(built.process, processes.DDPM) and isinstance(built.network, UNet)
+
+
+def test_to_diffusers_refuses_another_process_before_writing(tmp_path):
+  """An export of the U-Net whose config.diffusion.process is EDM: one line naming the process,
+  and no folder."""
+  export = convert_job.export_diffusers(fixture("digits_ddpm"), str(tmp_path / "export"))
+  with open(os.path.join(export, "config.json")) as f:
+    config = json.load(f)
+  config["diffusion"]["process"] = "edm"
+  with open(os.path.join(export, "config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ArgumentError) as error:
+    convert_job.to_diffusers(export, str(tmp_path / "pipeline"))
+  assert_one_line_naming(error, "process", "edm")
+  assert not os.path.exists(tmp_path / "pipeline")
 
 
 @pytest.mark.parametrize("sample, scheduler", [

@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff import models, samplers, schedules, storage, validation
+from jaxdiff import models, processes, samplers, schedules, storage, validation
 from jaxdiff.denoiser import image_shape as data_image_shape
 from jaxdiff.errors import ArgumentError
 from jaxdiff.models.unet import UNet, num_groups
@@ -305,7 +305,7 @@ def _unet_fields(model_fields: Mapping) -> dict:
   ArgumentError for a network other than the U-Net."""
   if models.network_class(model_fields) is not UNet:
     raise ArgumentError("name", models.network_name(model_fields), "diffusers' UNet2DModel "
-                        "holds jaxdiff's U-Net only")
+                        "holds jaxdiff's U-Net only (config.model.name = 'unet')")
   return {name: tuple(value) if isinstance(value, list) else value
           for name, value in models.network_fields(model_fields).items()}
 
@@ -400,6 +400,10 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
   Settings left out or None take the sampler's defaults (`samplers.SAMPLERS`, `samplers.ddpm`).
   ArgumentError naming the jaxdiff setting for what diffusers cannot express.
   """
+  process = processes.process_name(diffusion)
+  if process != "ddpm":
+    raise ArgumentError("process", process, "diffusers' DDPMScheduler and DDIMScheduler hold "
+                        "DDPM's discrete chain only (config.diffusion.process = 'ddpm')")
   sampler = sampling.get("sampler", "ddpm")
   class_name = _mapped("sampler", sampler, _inverse(SCHEDULERS))
   registered = samplers.SAMPLERS[sampler]
@@ -688,8 +692,9 @@ def sampling_fields(sampling: Mapping, num_timesteps: int) -> dict:
 
 def to_config(pipeline: Pipeline, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The complete jaxdiff config of `pipeline`: a copy of `base` (every field a folder does not
-  set: the data set, training, evaluation) with config.model the U-Net's fields,
-  config.diffusion the scheduler's process, config.data.image_size and num_channels the
+  set: the data set, training, evaluation) with config.model the U-Net's fields (name
+  'unet'), config.diffusion DDPM's chain (process 'ddpm') on the scheduler's schedule and
+  prediction, config.data.image_size and num_channels the
   image's, and config.sample and config.eval sampling as the pipeline does by default
   (`sampling_fields`). ArgumentError for images that are not square."""
   height, width, channels = pipeline.image_shape
@@ -699,8 +704,9 @@ def to_config(pipeline: Pipeline, base: ml_collections.ConfigDict) -> ml_collect
   config = copy.deepcopy(base)
   with config.unlocked():  # a config from a flag is locked: no new fields
     config.model.update(name="unet", **pipeline.model)
-    config.diffusion.update({name: value for name, value in pipeline.diffusion.items()
-                             if name != "schedule_kwargs"})
+    config.diffusion.update(process="ddpm", **{name: value for name, value
+                                               in pipeline.diffusion.items()
+                                               if name != "schedule_kwargs"})
     config.diffusion.schedule_kwargs = ml_collections.ConfigDict(
         pipeline.diffusion["schedule_kwargs"])
     config.data.update(image_size=height, num_channels=channels)

@@ -276,6 +276,29 @@ class _Outputs:
     self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
 
+class PhemaSnapshotsDue:
+  """The post-hoc EMA snapshots of a run (`checkpoint.PhemaSnapshots`), saved every
+  `train.phema_every` steps and at the last one, of healthy states only; nothing when the run
+  tracks no profiles."""
+
+  def __init__(self, workdir: str, train_config):
+    self.every, self.last_step = train_config.get("phema_every", 0), train_config.num_steps
+    self.sigma_rels = train_step.phema_profiles(train_config)
+    self.snapshots = (checkpoint.PhemaSnapshots(workdir, train_config.phema_keep or None)
+                      if self.every else None)
+
+  def save_if_due(self, step: int, averages, window: "MetricsWindow") -> None:
+    if self.snapshots and is_due(step, self.every, self.last_step):
+      window.flush()  # the health of `step` itself
+      if window.health.healthy:
+        with window.paused():
+          self.snapshots.save(step, averages, self.sigma_rels)
+
+  def close(self) -> None:
+    if self.snapshots:
+      self.snapshots.close()
+
+
 class Profiler:
   """A `jax.profiler` trace of steps first..last (inclusive; with several steps per call, of the
   calls that hold them) into WORKDIR/profile, which TensorBoard's profile tab reads
@@ -385,6 +408,7 @@ def run(config, workdir: str) -> TrainSummary:
                       train_config.max_relative_update)
   step_fn, window = _metrics_window(config, denoiser, mesh, writer, health, first_step)
   start_time, step, stop = time.perf_counter(), first_step, StopSignal()
+  snapshots = PhemaSnapshotsDue(workdir, train_config)
 
   def save_if_healthy(step: int, *, wait: bool = False) -> None:
     window.flush()  # the health of `step` itself
@@ -407,6 +431,7 @@ def run(config, workdir: str) -> TrainSummary:
         final = step == last_step or stopping
         if final or is_due(step, train_config.checkpoint_every, last_step):
           save_if_healthy(step, wait=final)
+        snapshots.save_if_due(step, state.phema, window)
         if stopping:
           logging.warning("received %s: stopped at step %d", stop.received, step)
           break
@@ -422,6 +447,7 @@ def run(config, workdir: str) -> TrainSummary:
     profiler.close()
     window.progress.close()
     checkpointer.close()
+    snapshots.close()
     writer.close()
   if is_chief:
     visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
