@@ -82,7 +82,7 @@ def assert_one_line_naming(error: pytest.ExceptionInfo, name: str, value) -> Non
 
 
 @pytest.mark.parametrize("name", ["cifar10", "church256", "class_conditional",
-                                  "diffusers_defaults"])
+                                  "diffusers_defaults", "digits_ddpm"])
 def test_outputs_equal_diffusers(name):
   """from_diffusers(path).network.apply({'params': params}, x_nhwc, t[, y]) = diffusers'
   unet(x_nchw, t[, y]).sample, transposed."""
