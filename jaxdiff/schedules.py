@@ -160,7 +160,7 @@ def from_config(diffusion_config) -> Schedule:
   return from_betas(betas)
 
 
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+SPACINGS = ("uniform", "trailing", "leading", "quadratic", "logsnr", "karras")
 KARRAS_RHO = 7.0
 KARRAS_LOG_SNR_FLOOR = -5.0
 
@@ -170,6 +170,8 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
 
   uniform:   round(linspace(0, T−1, K))       — even steps, first 0 and last T−1 (iDDPM, DDIM);
   trailing:  round(i·T/K) − 1, i = 1 … K      — even steps ending at T−1 (Lin et al. 2024);
+  leading:   i·⌊T/K⌋, i = 0 … K−1             — even whole steps from 0, so the last is
+                                                 T−⌊T/K⌋ at most (diffusers' default);
   quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
   logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice); where
              ᾱ_{T−1} = 0 (zero terminal SNR, λ = −∞), T−1 and then the steps as from T−2.
@@ -187,6 +189,8 @@ def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform
     steps = np.linspace(0, num_timesteps - 1, num_steps)
   elif spacing == "trailing":
     steps = np.arange(1, num_steps + 1) * num_timesteps / num_steps - 1
+  elif spacing == "leading":
+    steps = np.arange(num_steps) * (num_timesteps // num_steps)
   elif spacing == "quadratic":
     steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
   elif spacing in ("logsnr", "karras"):

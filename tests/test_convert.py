@@ -1,10 +1,13 @@
-"""Tests for jaxdiff/convert.py: diffusers UNet2DModel folders ↔ jaxdiff, without torch.
+"""Tests for jaxdiff/convert/ and jaxdiff/jobs/convert.py: diffusers folders ↔ jaxdiff, without
+torch.
 
 The fixtures (tests/fixtures/diffusers/, written by make_diffusers_fixtures.py with torch and
 diffusers) hold small random UNet2DModels laid out as the published DDPM models, their inputs and
-diffusers' outputs, and 50 DDPM steps of diffusers' DDPMScheduler.
+diffusers' outputs, 50 DDPM steps of diffusers' DDPMScheduler, the images DDPMPipeline makes by
+default, and diffusers' timesteps.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,11 +18,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import convert, models, processes, samplers, schedules
-from jaxdiff.denoiser import Denoiser
+from configs import default
+from jaxdiff import convert, models, parallel, processes, samplers, schedules
+from jaxdiff import denoiser as denoiser_lib
 from jaxdiff.errors import ArgumentError
+from jaxdiff.jobs import cli
+from jaxdiff.jobs import convert as convert_job
+from jaxdiff.jobs import workdir as workdir_lib
 from jaxdiff.models import count_params
 from jaxdiff.models.unet import UNet
+from tests.helpers import run_program
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "diffusers")
 DDPM_FIELDS = dict(
@@ -50,6 +58,11 @@ def fixture(name: str) -> str:
   return os.path.join(FIXTURES, name)
 
 
+def from_diffusers(name: str) -> workdir_lib.TrainedModel:
+  """The fixture `name` as `convert.from_diffusers` loads it, on one device."""
+  return convert_job.from_diffusers(fixture(name), parallel.make_mesh(jax.local_devices()[:1]))
+
+
 def relative_error(got, expected) -> float:
   """max |got − expected| / max |expected|."""
   return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
@@ -69,14 +82,15 @@ def assert_one_line_naming(error: pytest.ExceptionInfo, name: str, value) -> Non
 
 
 @pytest.mark.parametrize("name", ["cifar10", "church256", "class_conditional",
-                                  "diffusers_defaults"])
+                                  "diffusers_defaults", "digits_ddpm"])
 def test_outputs_equal_diffusers(name):
-  """network.apply on the converted params = diffusers' unet(x, t[, y]).sample, transposed."""
-  pipeline = convert.read(fixture(name))
+  """from_diffusers(path).network.apply({'params': params}, x_nhwc, t[, y]) = diffusers'
+  unet(x_nchw, t[, y]).sample, transposed."""
+  trained = from_diffusers(name)
   io = np.load(os.path.join(fixture(name), "io.npz"))
-  assert pipeline.image_shape == io["x"].shape[2:] + io["x"].shape[1:2]
-  apply = jax.jit(UNet(**pipeline.model).apply, compiler_options=QUICK_COMPILE)
-  out = apply({"params": pipeline.params}, io["x"].transpose(0, 2, 3, 1), io["t"],
+  assert trained.denoiser.image_shape == io["x"].shape[2:] + io["x"].shape[1:2]
+  apply = jax.jit(trained.network.apply, compiler_options=QUICK_COMPILE)
+  out = apply({"params": trained.params}, io["x"].transpose(0, 2, 3, 1), io["t"],
               io["y"] if "y" in io else None)
   assert relative_error(np.asarray(out).transpose(0, 3, 1, 2), io["out"]) <= 1e-5
 
@@ -92,29 +106,27 @@ def ddpm_draws(seed: int, shape_nhwc, num_steps: int):
 def test_ddpm_sampler_equals_diffusers_ddpm_scheduler_over_50_steps():
   """From the same x_T and per-step noise, jaxdiff's DDPM sampler on 50 uniformly spaced steps
   and diffusers' DDPMScheduler (linspace spacing, fixed_large, clip_sample) give the same
-  images; the fixture's noise is what jaxdiff draws from its key."""
-  pipeline = convert.read(fixture("cifar10"))
+  images; the fixture's noise is what jaxdiff draws from its key. The sampling settings are
+  the model's own config.sample, which from_diffusers read from the scheduler."""
+  trained = from_diffusers("cifar10")
   ddpm = np.load(os.path.join(fixture("cifar10"), "ddpm.npz"))
   num_steps, batch = ddpm["noise"].shape[:2]
-  shape = (batch, *pipeline.image_shape)
+  shape = (batch, *trained.denoiser.image_shape)
   x_T, noise = ddpm_draws(int(ddpm["seed"]), shape, num_steps)
   np.testing.assert_allclose(ddpm["x_T"].transpose(0, 2, 3, 1), x_T, atol=1e-6)
   np.testing.assert_allclose(ddpm["noise"].transpose(0, 1, 3, 4, 2), noise, atol=1e-6)
-  assert pipeline.sampling == dict(sampler="ddpm", clip_x0=True, spacing="uniform",
-                                   variance="beta")
-  schedule = schedules.from_config(ml_collections.ConfigDict(pipeline.diffusion))
+  own = samplers.SamplingOptions.from_config(trained.config.sample)
+  assert own == samplers.SamplingOptions(sampler="ddpm", num_steps=1000, spacing="uniform",
+                                         clip_x0=True, variance="beta")
+  options = dataclasses.replace(own, num_steps=num_steps, batch_size=batch)
   np.testing.assert_array_equal(
-      schedules.spaced_timesteps(schedule, num_steps, pipeline.sampling["spacing"]),
+      schedules.spaced_timesteps(trained.denoiser.process.schedule, num_steps,
+                                 options.spacing),
       ddpm["timesteps"][::-1])
-  network = UNet(**pipeline.model)
-  ddpm_denoiser = Denoiser(network=network,
-                           process=processes.DDPM(schedule, pipeline.diffusion["prediction"]),
-                           num_classes=network.num_classes, image_shape=pipeline.image_shape)
-  options = samplers.SamplingOptions(num_steps=num_steps, batch_size=batch, **pipeline.sampling)
   sample = jax.jit(lambda params: samplers.sample(
-      ddpm_denoiser, params, jax.random.key(int(ddpm["seed"])), options).images,
+      trained.denoiser, params, jax.random.key(int(ddpm["seed"])), options).images,
       compiler_options=QUICK_COMPILE)
-  images = np.asarray(sample(pipeline.params)).transpose(0, 3, 1, 2)
+  images = np.asarray(sample(trained.params)).transpose(0, 3, 1, 2)
   np.testing.assert_allclose(images, ddpm["images"], rtol=0, atol=1e-4)
 
 
@@ -257,7 +269,7 @@ def test_a_unet_folder_alone_samples_as_ddpm_schedulers_defaults():
   assert pipeline.diffusion == dict(schedule="linear", num_timesteps=1000,
                                     schedule_kwargs=dict(beta_start=1e-4, beta_end=0.02),
                                     prediction="eps", rescale_zero_terminal_snr=False)
-  assert pipeline.sampling == dict(sampler="ddpm", clip_x0=True, spacing=None,
+  assert pipeline.sampling == dict(sampler="ddpm", clip_x0=True, spacing="leading",
                                    variance="beta_tilde")
 
 
@@ -325,6 +337,8 @@ def test_what_diffusers_cannot_express_is_refused_naming_the_setting(model, sett
     ({}, dict(sampler="dpm_solver"), "sampler", "dpm_solver"),
     ({}, dict(variance="learned"), "variance", "learned"),
     (dict(schedule="sigmoid"), {}, "schedule", "sigmoid"),
+    (dict(process="edm"), {}, "process", "edm"),
+    (dict(process="flow"), dict(sampler="ddim"), "process", "flow"),
 ])
 def test_schedules_diffusers_cannot_express_are_refused(diffusion, sampling, setting, value):
   diffusion = {**dict(schedule="cosine", num_timesteps=1000, schedule_kwargs={}), **diffusion}
@@ -374,3 +388,274 @@ def test_timestep_embedding_flip_and_shift_match_float64():
   from jaxdiff.models import timestep_embedding
   got = timestep_embedding(jnp.asarray(t), 2 * half, flip_sin_to_cos=True, freq_shift=0)
   np.testing.assert_allclose(got, expected, atol=3e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines ↔ complete jaxdiff configs, the spacing diffusers uses by default
+
+
+def dotted_fields(config, prefix=""):
+  return {name for key, value in config.items()
+          for name in ([f"{prefix}{key}"] + sorted(dotted_fields(value, f"{prefix}{key}."))
+                       if hasattr(value, "items") else [f"{prefix}{key}"])}
+
+
+@pytest.mark.parametrize("spacing, jaxdiff_spacing", [
+    ("leading", "leading"), ("linspace", "uniform"), ("trailing", "trailing")])
+def test_spaced_timesteps_are_diffusers_timesteps(spacing, jaxdiff_spacing):
+  """timesteps.json: DDPMScheduler's (and DDIMScheduler's) timesteps at several T and K."""
+  with open(os.path.join(FIXTURES, "timesteps.json")) as f:
+    expected = json.load(f)[spacing]
+  for steps, diffusers_timesteps in expected.items():
+    num_timesteps, num_steps = map(int, steps.split("/"))
+    schedule = schedules.from_config(ml_collections.ConfigDict(dict(
+        schedule="linear", num_timesteps=num_timesteps)))
+    np.testing.assert_array_equal(
+        schedules.spaced_timesteps(schedule, num_steps, jaxdiff_spacing)[::-1],
+        diffusers_timesteps, err_msg=steps)
+  assert convert.TIMESTEP_SPACINGS[spacing] == jaxdiff_spacing
+
+
+@pytest.mark.parametrize("sampler_settings, own", [
+    (dict(sampler="ddpm", clip_x0=True, spacing="leading", variance="beta_tilde"),
+     samplers.SamplingOptions(sampler="ddpm", num_steps=1000, spacing="leading", clip_x0=True,
+                              variance="beta_tilde")),
+    (dict(sampler="ddim", clip_x0=False, spacing="trailing"),
+     samplers.SamplingOptions(sampler="ddim", num_steps=50, spacing="trailing", clip_x0=False)),
+])
+def test_a_pipelines_config_is_complete_and_samples_as_the_pipeline(sampler_settings, own):
+  """to_config: every field of the base config, the model's U-Net fields, the scheduler's
+  process, the image's size and channels, and config.sample and config.eval as the pipeline
+  samples by default (DDPMPipeline: all T steps; DDIMPipeline: 50, η = 0). A locked base (as
+  a --config flag gives) is not changed."""
+  model, image_shape = convert.from_unet_config(CIFAR10)
+  diffusion = SCHEDULES[0][0]
+  base = default.get_config()
+  base.lock()
+  config = convert.to_config(convert.Pipeline(model, image_shape, diffusion, sampler_settings,
+                                               None), base)
+  assert dotted_fields(config) >= dotted_fields(default.get_config())
+  assert base.to_dict() == default.get_config().to_dict()
+  assert models.network_fields(config.model) == convert._unet_fields(model)
+  assert {name: config.diffusion.to_dict()[name] for name in diffusion} == diffusion
+  assert (config.data.image_size, config.data.num_channels) == (32, 3)
+  assert config.data.dataset == base.data.dataset
+  assert config.train.to_dict() == base.train.to_dict()
+  for section in (config.sample, config.eval):
+    assert samplers.SamplingOptions.from_config(section) == dataclasses.replace(
+        own, batch_size=section.batch_size)
+  with pytest.raises(ArgumentError) as error:
+    convert.to_config(convert.Pipeline(model, (32, 16, 3), diffusion, sampler_settings, None),
+                      base)
+  assert_one_line_naming(error, "sample_size", [32, 16])
+
+
+def test_a_pipelines_config_is_ddpm_on_the_unet_whatever_the_base():
+  """A base config of another process and network (--config) still gives DDPM's chain on the
+  U-Net, as the folder holds: its Denoiser (`denoiser.from_config`) is that."""
+  model, image_shape = convert.from_unet_config(CIFAR10)
+  base = default.get_config()
+  base.diffusion.process, base.model.name = "edm", "dit"
+  config = convert.to_config(convert.Pipeline(model, image_shape, SCHEDULES[0][0],
+                                               dict(sampler="ddpm"), None), base)
+  assert (config.diffusion.process, config.model.name) == ("ddpm", "unet")
+  built = denoiser_lib.from_config(config)
+  assert isinstance(built.process, processes.DDPM) and isinstance(built.network, UNet)
+
+
+def test_to_diffusers_refuses_another_process_before_writing(tmp_path):
+  """An export of the U-Net whose config.diffusion.process is EDM: one line naming the process,
+  and no folder."""
+  export = convert_job.export_diffusers(fixture("digits_ddpm"), str(tmp_path / "export"))
+  with open(os.path.join(export, "config.json")) as f:
+    config = json.load(f)
+  config["diffusion"]["process"] = "edm"
+  with open(os.path.join(export, "config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ArgumentError) as error:
+    convert_job.to_diffusers(export, str(tmp_path / "pipeline"))
+  assert_one_line_naming(error, "process", "edm")
+  assert not os.path.exists(tmp_path / "pipeline")
+
+
+@pytest.mark.parametrize("sample, scheduler", [
+    (dict(), dict(_class_name="DDPMScheduler", timestep_spacing="linspace", clip_sample=True,
+                  variance_type="fixed_large")),
+    (dict(sampler="ddim", spacing="leading", clip_x0=False),
+     dict(_class_name="DDIMScheduler", timestep_spacing="leading", clip_sample=False)),
+    (dict(sampler="ddpm", variance="beta_tilde", spacing="trailing"),
+     dict(_class_name="DDPMScheduler", timestep_spacing="trailing",
+          variance_type="fixed_small")),
+    (dict(sampler="dpm_solver", spacing="karras", clip_x0=False),  # not a scheduler's: DDPM's
+     dict(_class_name="DDPMScheduler", timestep_spacing="linspace", clip_sample=True,
+          variance_type="fixed_large")),
+])
+def test_a_configs_scheduler_samples_as_its_config_sample(sample, scheduler):
+  config = default.get_config()
+  config.sample.update(sample)
+  pipeline = convert.pipeline_of(config, None)
+  assert (pipeline.model, pipeline.image_shape) == (config.model.to_dict(), (8, 8, 1))
+  written = convert.to_scheduler_config(pipeline.diffusion, pipeline.sampling)
+  assert {name: written[name] for name in scheduler} == scheduler
+
+
+def test_what_a_scheduler_cannot_hold_is_refused():
+  config = default.get_config()
+  config.sample.threshold_percentile = 0.995
+  with pytest.raises(ArgumentError) as error:
+    convert.pipeline_of(config, None)
+  assert_one_line_naming(error, "threshold_percentile", 0.995)
+  with pytest.raises(ArgumentError) as error:  # leading from t = 1: not jaxdiff's leading
+    convert.from_scheduler_config({"_class_name": "DDIMScheduler", "steps_offset": 1})
+  assert_one_line_naming(error, "steps_offset", 1)
+  with pytest.raises(ArgumentError, match="^timestep_values = '\\[…\\]': "):
+    convert.from_scheduler_config({"_class_name": "DDPMScheduler", "timestep_values": [3, 1]})
+  # Fields the published DDPM pipelines' diffusers (0.1) wrote, that diffusers ignores since.
+  assert convert.from_scheduler_config(
+      {"_class_name": "DDPMScheduler", "tensor_format": "pt", "timestep_values": None,
+       "steps_offset": 1, "timestep_spacing": "linspace"}) == \
+      convert.from_scheduler_config({"_class_name": "DDPMScheduler",
+                                     "timestep_spacing": "linspace"})
+
+
+def test_only_diffusers_folders_are_diffusers_folders():
+  assert all(convert.is_folder(fixture(name)) for name in ("cifar10", "church256"))
+  assert not convert.is_folder(FIXTURES) and not convert.is_folder(fixture("missing"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The programs: python -m jaxdiff.convert, sample.py and evaluate.py on diffusers folders
+
+CONVERT_PROGRAM = os.path.join("jaxdiff", "convert", "__main__.py")
+TWO_DEVICES = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def sampled(folder) -> np.ndarray:
+  return np.load(os.path.join(folder, "samples.npz"))["images"]
+
+
+def assert_pipeline_images(images_uint8, name: str) -> None:
+  """`images_uint8` are, to the rounding of a pixel, those the fixture's DDPMPipeline made."""
+  expected = np.round(np.load(os.path.join(fixture(name), "pipeline.npz"))["images"] * 255)
+  difference = np.abs(images_uint8.astype(np.int64) - expected)
+  assert difference.max() <= 1 and np.mean(difference > 0) < 0.02, np.mean(difference > 0)
+
+
+def regrouped_export(trained_workdir, folder) -> str:
+  """An export of the trained workdir with 16 groups in every GroupNorm: its params, in a U-Net
+  diffusers can express (the workdir's own has 16 and 32, as num_groups(C) gives)."""
+  workdir_lib.export_ema(trained_workdir, folder)
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  config["model"]["norm_groups"] = 16
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f)
+  return folder
+
+
+@pytest.mark.slow
+def test_the_cli_round_trip(trained_workdir, tmp_path):
+  """From the real programs, one process each: a trained model → a diffusers pipeline → an
+  export, with the params bit for bit and the model as they were, and sample.py's images the
+  same from all three; a pipeline diffusers wrote → an export with its params, and sample.py on
+  the pipeline itself samples as DDPMPipeline does by default; bad flags, paths and configs
+  (the trained workdir's per-layer GroupNorm groups among them): exit 2, one line."""
+  source = regrouped_export(trained_workdir, str(tmp_path / "source"))
+  pipeline, export, fixture_export, unwritten = (
+      str(tmp_path / name) for name in ("pipeline", "export", "fixture_export", "unwritten"))
+  os.mkdir(tmp_path / "empty")
+  karras = shutil.copytree(fixture("digits_ddpm"), tmp_path / "karras")
+  with open(karras / "scheduler" / "scheduler_config.json", "r+") as f:
+    scheduler_config = dict(json.load(f), timestep_spacing="karras")
+    f.seek(0), f.truncate(), json.dump(scheduler_config, f)
+  refused = {
+      "give --from_diffusers=DIR --output=EXPORT_DIR": [],
+      f"--from_diffusers={tmp_path}/missing: no such folder": [
+          f"--from_diffusers={tmp_path}/missing", f"--output={unwritten}"],
+      f"--output={export}: exists; choose a new folder": [
+          f"--from_diffusers={pipeline}", f"--output={export}"],
+      f"--to_diffusers={unwritten}: not a flag of --from_diffusers; it goes with --workdir": [
+          f"--from_diffusers={pipeline}", f"--to_diffusers={unwritten}"],
+      "--workdir needs --to_diffusers": [f"--workdir={source}"],
+      "holds neither model_index.json": [f"--from_diffusers={tmp_path}/empty",
+                                         f"--output={unwritten}"],
+      "timestep_spacing = 'karras': jaxdiff has linspace, trailing, leading": [
+          f"--from_diffusers={karras}", f"--output={unwritten}"],
+      "norm_groups = None: its GroupNorms have [16, 32] groups": [
+          f"--workdir={trained_workdir}", f"--to_diffusers={unwritten}"]}
+  base_config = tmp_path / "base.py"  # what the export keeps of --config
+  base_config.write_text("from configs import default\n\n\ndef get_config():\n"
+                         "  config = default.get_config()\n"
+                         "  config.data.data_dir = '/data/tensorflow_datasets'\n"
+                         "  return config\n")
+  written, exported, fixture_exported, *refusals = run_program(CONVERT_PROGRAM, [
+      [f"--workdir={source}", f"--to_diffusers={pipeline}"],
+      [f"--from_diffusers={pipeline}", f"--output={export}"],
+      [f"--from_diffusers={fixture('digits_ddpm')}", f"--output={fixture_export}",
+       f"--config={base_config}"],
+      *refused.values()])
+  for exit_code, stdout, stderr in (written, exported, fixture_exported):
+    assert exit_code == 0 and stdout.startswith("wrote "), stderr
+  for (exit_code, _, stderr), message in zip(refusals, refused):
+    assert exit_code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+  assert not os.path.exists(unwritten)
+  assert sorted(os.path.relpath(os.path.join(root, name), pipeline)
+                for root, _, names in os.walk(pipeline) for name in names) == [
+      "model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+      f"unet/{convert.WEIGHTS_NAME}"]
+  one_device = parallel.make_mesh(jax.local_devices()[:1])
+  for original, converted in ((source, export), (fixture("digits_ddpm"), fixture_export)):
+    trained, back = (workdir_lib.load_model(path, mesh=one_device)
+                     for path in (original, converted))
+    jax.tree.map(np.testing.assert_array_equal, back.params, trained.params)
+    assert models.network_fields(back.config.model) == \
+        models.network_fields(trained.config.model)
+    for name in ("schedule", "num_timesteps", "prediction", "rescale_zero_terminal_snr"):
+      assert back.config.diffusion[name] == trained.config.diffusion[name]
+    assert back.denoiser.image_shape == trained.denoiser.image_shape
+  assert back.config.data.data_dir == "/data/tensorflow_datasets"
+
+  outputs = {name: str(tmp_path / "samples" / name)
+             for name in ("source", "pipeline", "export", "diffusers")}
+  options = ["--sampler=dpm_solver", "--num_steps=4", "--num_samples=4", "--batch_size=4"]
+  *results, stepped = run_program("sample.py", [
+      *([f"--workdir={path}", *options, f"--output_dir={outputs[name]}"]
+        for name, path in (("source", source), ("pipeline", pipeline), ("export", export))),
+      [f"--workdir={fixture('digits_ddpm')}", "--num_samples=8", "--batch_size=8",
+       f"--output_dir={outputs['diffusers']}"],
+      [f"--workdir={fixture('digits_ddpm')}", "--checkpoint_step=3"]], TWO_DEVICES)
+  for exit_code, stdout, stderr in results:
+    assert exit_code == 0, stdout + stderr
+  np.testing.assert_array_equal(sampled(outputs["pipeline"]), sampled(outputs["source"]))
+  np.testing.assert_array_equal(sampled(outputs["export"]), sampled(outputs["source"]))
+  assert_pipeline_images(sampled(outputs["diffusers"]), "digits_ddpm")
+  with open(os.path.join(outputs["diffusers"], "settings.json")) as f:
+    settings = json.load(f)
+  assert {name: settings[name] for name in PIPELINE_SAMPLING} == PIPELINE_SAMPLING
+  assert stepped[0] == 2 and "is a diffusers folder, which holds one set of weights" in stepped[2]
+
+
+# How DDPMPipeline samples by default with DDPMScheduler's defaults, in SamplingOptions fields.
+PIPELINE_SAMPLING = dict(sampler="ddpm", num_steps=1000, spacing="leading", clip_x0=True,
+                         variance="beta_tilde", eta=0.0, guidance_scale=0.0,
+                         threshold_percentile=None)
+
+
+@pytest.mark.slow
+def test_evaluate_py_reads_a_diffusers_folder(judged_data_dir, tmp_path):
+  """evaluate.py on the pipeline folder diffusers wrote samples as the pipeline does (config.eval
+  from its scheduler). The folder has no data set: its config is configs/default.py's (the
+  digits in ~/tensorflow_datasets, here a home whose tensorflow_datasets are the session's)."""
+  home = tmp_path / "home"
+  home.mkdir()
+  os.symlink(judged_data_dir, home / "tensorflow_datasets")
+  (exit_code, stdout, stderr), = run_program("evaluate.py", [
+      [f"--workdir={fixture('digits_ddpm')}", "--metric=quality", "--num_samples=8",
+       "--batch_size=8", f"--output={tmp_path}/quality.json"]], dict(TWO_DEVICES, HOME=str(home)))
+  assert exit_code == 0, stdout + stderr
+  with open(tmp_path / "quality.json") as f:
+    result = json.load(f)
+  assert {name: result["sampling"][name] for name in PIPELINE_SAMPLING} == PIPELINE_SAMPLING
+  assert result["checkpoint_step"] == 0 and result["dataset"] == "digits"
+  assert np.isfinite(result["frechet"])

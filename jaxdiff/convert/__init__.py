@@ -29,14 +29,27 @@ google/ddpm-ema-church-256 are laid out), with these correspondences:
                                       the DDPM sampler's variance beta | beta_tilde
   clip_sample                         clip_x0
   timestep_spacing linspace | trailing | leading
-                                      spacing uniform | trailing | None (jaxdiff's default)
+                                      spacing uniform | trailing | leading
+  DDPMPipeline: all T steps; DDIMPipeline: 50 steps, η = 0
+                                      config.sample and config.eval (`to_config`)
+
+diffusers' DDIMScheduler steps from t to t − ⌊T/K⌋ whatever its spacing, so its sampler is
+jaxdiff's ddim step for step with leading spacing, and with trailing where K divides T; on
+linspace it evaluates the network at other timesteps than it steps between, and jaxdiff's
+uniform ddim is the consistent sampler of those timesteps. DDPMScheduler steps to the next
+timestep it visits on every spacing.
 
 Weights: torch's OIHW conv kernels are HWIO here, Linear weights [out, in] are Dense kernels
 [in, out], and the 1×1 `conv_shortcut` is the Dense `nin_shortcut`. Any other value of a
 diffusers field raises errors.ArgumentError naming the field and the value; so does a jaxdiff
 setting diffusers cannot express, on the way out.
+
+A whole folder is a `Pipeline` (`read`, `write`); `to_config` makes the complete jaxdiff config
+of one, and `pipeline_of` the Pipeline of a jaxdiff config and its params. Loading a folder as
+a trained model, and the programs, are in `jaxdiff.jobs.convert`.
 """
 
+import copy
 import functools
 import inspect
 import json
@@ -45,10 +58,12 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff import models, samplers, schedules, storage, validation
+from jaxdiff import models, processes, samplers, schedules, storage, validation
+from jaxdiff.denoiser import image_shape as data_image_shape
 from jaxdiff.errors import ArgumentError
 from jaxdiff.models.unet import UNet, num_groups
 
@@ -290,7 +305,7 @@ def _unet_fields(model_fields: Mapping) -> dict:
   ArgumentError for a network other than the U-Net."""
   if models.network_class(model_fields) is not UNet:
     raise ArgumentError("name", models.network_name(model_fields), "diffusers' UNet2DModel "
-                        "holds jaxdiff's U-Net only")
+                        "holds jaxdiff's U-Net only (config.model.name = 'unet')")
   return {name: tuple(value) if isinstance(value, list) else value
           for name, value in models.network_fields(model_fields).items()}
 
@@ -303,7 +318,7 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
                   "squaredcos_cap_v2": "cosine"}
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 VARIANCE_TYPES = {"fixed_large": "beta", "fixed_small": "beta_tilde"}
-TIMESTEP_SPACINGS = {"linspace": "uniform", "trailing": "trailing", "leading": None}
+TIMESTEP_SPACINGS = {"linspace": "uniform", "trailing": "trailing", "leading": "leading"}
 # The cosine schedule's options as squaredcos_cap_v2 fixes them.
 _SQUAREDCOS_OPTIONS = {"s": 0.008, "max_beta": 0.999}
 
@@ -315,6 +330,9 @@ _SCHEDULER_DEFAULTS = {
     "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
     "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
     "set_alpha_to_one": True,
+    # Written by diffusers 0.1-0.2 (the published DDPM pipelines'), ignored by diffusers since:
+    # which arrays the scheduler returned, and a list of timesteps that was never read.
+    "tensor_format": "pt", "timestep_values": None,
 }
 
 
@@ -338,6 +356,8 @@ def from_scheduler_config(scheduler_config: Mapping) -> tuple[dict, dict]:
   if config["trained_betas"] is not None:
     raise ArgumentError("trained_betas", "[…]", "jaxdiff makes its betas from a named schedule; "
                         "it has no field for a list of betas")
+  if config["timestep_values"] is not None:
+    raise ArgumentError("timestep_values", "[…]", "jaxdiff samples on spaced timesteps only")
   if config["thresholding"]:
     raise ArgumentError("thresholding", True, "diffusers caps the threshold at "
                         "sample_max_value, jaxdiff's dynamic thresholding does not")
@@ -346,6 +366,9 @@ def from_scheduler_config(scheduler_config: Mapping) -> tuple[dict, dict]:
                         "[−1, 1] only")
   if sampler == "ddim" and not config["set_alpha_to_one"]:
     raise ArgumentError("set_alpha_to_one", False, "jaxdiff's DDIM ends at ᾱ = 1 (True) only")
+  if config["timestep_spacing"] == "leading" and config["steps_offset"] != 0:
+    raise ArgumentError("steps_offset", config["steps_offset"], "jaxdiff's leading spacing "
+                        "starts at t = 0 (steps_offset 0)")
   schedule = _mapped("beta_schedule", config["beta_schedule"], BETA_SCHEDULES)
   options = ({} if schedule == "cosine" else
              {"beta_start": float(config["beta_start"]), "beta_end": float(config["beta_end"])})
@@ -377,6 +400,10 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
   Settings left out or None take the sampler's defaults (`samplers.SAMPLERS`, `samplers.ddpm`).
   ArgumentError naming the jaxdiff setting for what diffusers cannot express.
   """
+  process = processes.process_name(diffusion)
+  if process != "ddpm":
+    raise ArgumentError("process", process, "diffusers' DDPMScheduler and DDIMScheduler hold "
+                        "DDPM's discrete chain only (config.diffusion.process = 'ddpm')")
   sampler = sampling.get("sampler", "ddpm")
   class_name = _mapped("sampler", sampler, _inverse(SCHEDULERS))
   registered = samplers.SAMPLERS[sampler]
@@ -404,8 +431,7 @@ def to_scheduler_config(diffusion: Mapping, sampling: Mapping) -> dict:
                                  _inverse(PREDICTION_TYPES)),
       "thresholding": False,
       "timestep_spacing": _mapped("spacing", setting("spacing", registered.spacing),
-                                  _inverse({key: value for key, value in TIMESTEP_SPACINGS.items()
-                                            if value is not None})),
+                                  _inverse(TIMESTEP_SPACINGS)),
       "steps_offset": 0,
       "rescale_betas_zero_snr": bool(diffusion.get("rescale_zero_terminal_snr", False)),
   }
@@ -615,8 +641,8 @@ def read(path: str) -> Pipeline:
 def write(path: str, pipeline: Pipeline) -> None:
   """Write `pipeline` as a diffusers DDPM (or DDIM) pipeline folder `path`, which must not
   exist: model_index.json, unet/config.json, unet/diffusion_pytorch_model.safetensors and
-  scheduler/scheduler_config.json. ArgumentError naming the jaxdiff setting diffusers cannot
-  express (nothing is written then)."""
+  scheduler/scheduler_config.json, in one piece (`storage.staged`). ArgumentError naming the
+  jaxdiff setting diffusers cannot express (nothing is written then)."""
   if storage.exists(path):
     raise ArgumentError("path", path, "exists; choose a new folder for the diffusers pipeline")
   unet_config = to_unet_config(pipeline.model, pipeline.image_shape)
@@ -626,13 +652,82 @@ def write(path: str, pipeline: Pipeline) -> None:
       else "DDIMPipeline"
   index = {"_class_name": pipeline_class, "unet": ["diffusers", "UNet2DModel"],
            "scheduler": ["diffusers", scheduler_config["_class_name"]]}
-  storage.write_text(storage.join(path, "unet", UNET_CONFIG_NAME), _json(unet_config))
-  storage.write_bytes_atomically(storage.join(path, "unet", WEIGHTS_NAME),
-                                 safetensors.numpy.save(tensors, metadata={"format": "pt"}))
-  storage.write_text(storage.join(path, "scheduler", SCHEDULER_CONFIG_NAME),
-                     _json(scheduler_config))
-  storage.write_text(storage.join(path, PIPELINE_INDEX_NAME), _json(index))
+  with storage.staged(path) as staging:
+    storage.write_text(storage.join(staging, "unet", UNET_CONFIG_NAME), _json(unet_config))
+    with storage.open_file(storage.join(staging, "unet", WEIGHTS_NAME), "wb") as f:
+      f.write(safetensors.numpy.save(tensors, metadata={"format": "pt"}))
+    storage.write_text(storage.join(staging, "scheduler", SCHEDULER_CONFIG_NAME),
+                       _json(scheduler_config))
+    storage.write_text(storage.join(staging, PIPELINE_INDEX_NAME), _json(index))
 
 
 def _json(config: Mapping) -> str:
   return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def is_folder(path: str) -> bool:
+  """Whether `path` holds a diffusers pipeline (model_index.json) or UNet2DModel (its weights),
+  which a jaxdiff workdir or export never does."""
+  return any(storage.exists(storage.join(path, name))
+             for name in (PIPELINE_INDEX_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines ↔ jaxdiff configs
+
+# The steps each pipeline samples on by default (None: all T); DDIMPipeline's η is 0.
+PIPELINE_STEPS = {"ddpm": None, "ddim": 50}
+# The sampling settings a scheduler holds (`from_scheduler_config`).
+_SCHEDULER_SETTINGS = ("sampler", "clip_x0", "spacing", "variance")
+
+
+def sampling_fields(sampling: Mapping, num_timesteps: int) -> dict:
+  """The config.sample / config.eval fields (`samplers.SamplingOptions`) that sample as a
+  pipeline does by default: its scheduler's settings `sampling` on `PIPELINE_STEPS` (at most T),
+  η = 0, no thresholding and no guidance."""
+  steps = PIPELINE_STEPS[sampling["sampler"]]
+  return {"threshold_percentile": None, "guidance_scale": 0.0, "eta": 0.0, "variance": "beta",
+          **sampling, "num_steps": num_timesteps if steps is None else min(steps, num_timesteps)}
+
+
+def to_config(pipeline: Pipeline, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The complete jaxdiff config of `pipeline`: a copy of `base` (every field a folder does not
+  set: the data set, training, evaluation) with config.model the U-Net's fields (name
+  'unet'), config.diffusion DDPM's chain (process 'ddpm') on the scheduler's schedule and
+  prediction, config.data.image_size and num_channels the
+  image's, and config.sample and config.eval sampling as the pipeline does by default
+  (`sampling_fields`). ArgumentError for images that are not square."""
+  height, width, channels = pipeline.image_shape
+  if height != width:
+    raise ArgumentError("sample_size", [height, width], "jaxdiff's images are square "
+                        "(config.data.image_size)")
+  config = copy.deepcopy(base)
+  with config.unlocked():  # a config from a flag is locked: no new fields
+    config.model.update(name="unet", **pipeline.model)
+    config.diffusion.update(process="ddpm", **{name: value for name, value
+                                               in pipeline.diffusion.items()
+                                               if name != "schedule_kwargs"})
+    config.diffusion.schedule_kwargs = ml_collections.ConfigDict(
+        pipeline.diffusion["schedule_kwargs"])
+    config.data.update(image_size=height, num_channels=channels)
+    fields = sampling_fields(pipeline.sampling, pipeline.diffusion["num_timesteps"])
+    for section in (config.sample, config.eval):
+      section.update(fields)
+  return config
+
+
+def pipeline_of(config: ml_collections.ConfigDict, params) -> Pipeline:
+  """The `Pipeline` of a jaxdiff config and its params: its model, image shape and process, and
+  config.sample's sampler settings where that sampler is one a scheduler holds (ddpm, ddim;
+  another sampler: DDPMScheduler's jaxdiff defaults). ArgumentError naming config.sample's
+  threshold_percentile, which diffusers' thresholding does not express."""
+  sample = config.sample
+  sampling = {}
+  if sample.sampler in SCHEDULERS.values():
+    if sample.get("threshold_percentile") is not None:
+      raise ArgumentError("threshold_percentile", sample.threshold_percentile, "diffusers caps "
+                          "its threshold at sample_max_value, jaxdiff's dynamic thresholding "
+                          "does not; unset it to write a diffusers scheduler")
+    sampling = {name: sample[name] for name in _SCHEDULER_SETTINGS if name in sample}
+  return Pipeline(config.model.to_dict(), data_image_shape(config.data),
+                  config.diffusion.to_dict(), sampling, params)
