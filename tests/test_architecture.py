@@ -84,7 +84,8 @@ before = (dict(os.environ), json.dumps(fsspec.config.conf, sort_keys=True, defau
           matplotlib.get_backend(), absl.flags.FLAGS.is_parsed())
 import jaxdiff
 for module in pkgutil.walk_packages(jaxdiff.__path__, "jaxdiff."):
-  importlib.import_module(module.name)
+  if not module.name.endswith(".__main__"):  # programs: their flags are theirs to define
+    importlib.import_module(module.name)
 after = (dict(os.environ), json.dumps(fsspec.config.conf, sort_keys=True, default=str),
          matplotlib.get_backend(), absl.flags.FLAGS.is_parsed())
 changed = [name for name, b, a in zip(("environment", "fsspec config", "matplotlib backend",
