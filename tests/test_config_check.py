@@ -73,7 +73,7 @@ def test_the_shipped_configs_pass(data_dir):
                                   "ddpm, ddim, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc"),
     (dict(eval__sampler="eulr"), "--config.eval.sampler=eulr: unknown sampler"),
     (dict(sample__spacing="karas"), "--config.sample.spacing=karas: unknown spacing; choose one "
-                                    "of uniform, trailing, quadratic, logsnr, karras"),
+                                    "of uniform, trailing, leading, quadratic, logsnr, karras"),
     (dict(sample__num_steps=1001),
      "--config.sample.num_steps=1001: more than the model's T = 1000 diffusion steps; choose "
      "1 … 1000"),

@@ -122,8 +122,8 @@ def test_the_legacy_workdir_and_export_load_as_a_unet(folder):
   assert models.network_fields(trained.config.model) == models.network_fields(
       legacy_config().model)
   denoiser = trained.denoiser
-  assert (denoiser.num_classes, denoiser.image_shape, denoiser.prediction) == (0, IMAGE_SHAPE,
-                                                                                "eps")
+  assert (denoiser.num_classes, denoiser.image_shape, denoiser.process.name,
+          denoiser.process.prediction) == (0, IMAGE_SHAPE, "ddpm", "eps")
   for got, expected in zip(denoiser.process.schedule, schedules.linear(NUM_TIMESTEPS)):
     np.testing.assert_array_equal(got, expected)
   expected = legacy_params(0)

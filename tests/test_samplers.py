@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from configs import default, mnist5k_cpu
-from jaxdiff import errors, generate, parallel, samplers, schedules
+from jaxdiff import errors, generate, parallel, processes, samplers, schedules
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.models import UNet
 from tests import oracles
@@ -22,6 +22,9 @@ MEAN, STD = 0.3, 0.5
 
 
 OPTION_NAMES = {field.name for field in dataclasses.fields(samplers.SamplingOptions)}
+# The samplers defined on DDPM's chain (edm_stochastic is EDM's: tests/test_processes.py).
+DDPM_SAMPLERS = sorted(name for name, registered in samplers.SAMPLERS.items()
+                       if registered.processes is None or "ddpm" in registered.processes)
 
 
 def run(name, num_steps=1000, spacing=None, network=None, key=0, shape=(4096, 2, 2, 1),
@@ -39,8 +42,8 @@ def run(name, num_steps=1000, spacing=None, network=None, key=0, shape=(4096, 2,
   factory_keywords = {k: v for k, v in keywords.items() if k not in OPTION_NAMES}
   common = dict(labels=labels, trajectory_every=trajectory_every, x_init=x_init)
   if factory_keywords:
-    options = options.resolved(schedule.num_timesteps)
-    grid = samplers.sampling_grid(schedule, options.num_steps, options.spacing)
+    options = options.resolved(denoiser.process)
+    grid = denoiser.process.sampling_grid(options.num_steps, options.spacing)
     sampler = samplers.SAMPLERS[name].make(**factory_keywords)
     sample = lambda k: samplers.run(sampler, denoiser, None, grid, k, options, **common)
   else:
@@ -79,7 +82,7 @@ def flow_rms_error(name, num_steps, spacing, **options):
   """RMS distance, sample by sample from the same x_T, between `name` at `num_steps` and the
   exact probability-flow ODE solution (ending with the denoiser at the first kept timestep)."""
   x_init = jax.random.normal(jax.random.key(8), (1024, 2, 2, 1))
-  first_timestep = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
+  first_timestep = schedules.spaced_timesteps(SCHEDULE, num_steps, spacing)[0]
   exact = gaussian_flow_map(SCHEDULE, MEAN, STD, x_init, first_timestep)
   samples = run(name, num_steps, spacing, shape=x_init.shape, x_init=x_init, **options).images
   return float(np.sqrt(np.mean((np.asarray(samples, np.float64) - exact)**2)))
@@ -110,7 +113,7 @@ def test_dpm_solver_3m_converges_at_third_order_where_2m_does_at_second():
   assert errors_3m[0] < errors_2m[0] / 3 and errors_3m[1] < errors_2m[1] / 10
 
 
-@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("name", DDPM_SAMPLERS)
 def test_eps_x0_and_v_models_give_the_same_samples(name):
   outputs = [run(name, 20, "logsnr", shape=(64, 2, 2, 1),
                  network=gaussian_network(SCHEDULE, MEAN, STD, prediction),
@@ -126,15 +129,15 @@ def test_respace_matches_the_improved_ddpm_definition():
   alpha_bars = np.cumprod(1 - betas)
   kept = alpha_bars[timesteps]
   expected = 1 - kept / np.append(1.0, kept[:-1])
-  respaced = samplers.respace(SCHEDULE, timesteps)
+  respaced = schedules.respace(SCHEDULE, timesteps)
   np.testing.assert_allclose(respaced.betas, expected, rtol=1e-5)
   np.testing.assert_allclose(respaced.alpha_bars, kept, rtol=1e-5)
   with pytest.raises(ValueError, match="strictly increasing"):
-    samplers.respace(SCHEDULE, [5, 3])
+    schedules.respace(SCHEDULE, [5, 3])
 
 
 def test_respaced_ddpm_over_every_step_is_plain_ddpm():
-  full = samplers.respace(SCHEDULE, np.arange(1000))
+  full = schedules.respace(SCHEDULE, np.arange(1000))
   np.testing.assert_array_equal(full.betas, SCHEDULE.betas)
   options = samplers.SamplingOptions(sampler="ddpm", clip_x0=False, batch_size=8)
   sample = jax.jit(functools.partial(samplers.run, samplers.ddpm(),
@@ -190,7 +193,7 @@ def dpm_solver_reference(x_init, timesteps, lower_order_final, eta=0.0, noises=N
 @pytest.mark.parametrize("lower_order_final", [True, False])
 def test_dpm_solver_matches_a_float64_reference(lower_order_final):
   x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
-  timesteps = samplers.spaced_timesteps(SCHEDULE, 12, "logsnr")
+  timesteps = schedules.spaced_timesteps(SCHEDULE, 12, "logsnr")
   expected = dpm_solver_reference(np.asarray(x_init), timesteps, lower_order_final)
   actual = run("dpm_solver", 12, "logsnr", shape=x_init.shape, x_init=x_init,
                lower_order_final=lower_order_final).images
@@ -202,7 +205,7 @@ def test_dpm_solver_sde_matches_a_float64_reference_with_the_same_noise(num_step
   """`run` draws step k's noise (k = 0 … K−1, from x_T on) with key k of split(second half of
   split(key), K)."""
   x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
-  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  timesteps = schedules.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
   step_keys = jax.random.split(jax.random.split(jax.random.key(15))[1], num_steps)
   noises = [np.asarray(jax.random.normal(k, x_init.shape), np.float64) for k in step_keys]
   # The reference's lower_order_final has no 15-step limit: pass it only where it applies.
@@ -259,7 +262,7 @@ def dpm_solver_3m_reference(x_init, timesteps, lower_order_final):
 @pytest.mark.parametrize("lower_order_final", [True, False])
 def test_dpm_solver_3m_matches_a_float64_reference(num_steps, lower_order_final):
   x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
-  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  timesteps = schedules.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
   expected = dpm_solver_3m_reference(np.asarray(x_init), timesteps, lower_order_final)
   actual = run("dpm_solver_3m", num_steps, "logsnr", shape=x_init.shape, x_init=x_init,
                lower_order_final=lower_order_final).images
@@ -314,7 +317,7 @@ def unipc_reference(x_init, timesteps, order, lower_order_final):
     (1, 12, True), (2, 6, True), (2, 12, True), (3, 12, True), (3, 12, False)])
 def test_unipc_matches_a_float64_reference(order, num_steps, lower_order_final):
   x_init = jax.random.normal(jax.random.key(3), (32, 2, 2, 1))
-  timesteps = samplers.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
+  timesteps = schedules.spaced_timesteps(SCHEDULE, num_steps, "logsnr")
   expected = unipc_reference(np.asarray(x_init), timesteps, order, lower_order_final)
   actual = run("unipc", num_steps, "logsnr", shape=x_init.shape, x_init=x_init, order=order,
                lower_order_final=lower_order_final).images
@@ -354,7 +357,7 @@ def test_logsnr_spacing_of_a_zero_terminal_snr_schedule_starts_at_pure_noise():
   alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
   log_snr = 0.5 * np.log(alpha_bars[:-1] / (1 - alpha_bars[:-1]))
   for num_steps in (2, 10, 50):
-    steps = samplers.spaced_timesteps(schedule, num_steps, "logsnr")
+    steps = schedules.spaced_timesteps(schedule, num_steps, "logsnr")
     assert len(steps) == num_steps and np.all(np.diff(steps) > 0) and steps[-1] == 999
     # The others even in λ from λ_998 (the lowest finite one) to λ_0, to within one timestep.
     targets = np.linspace(log_snr[-1], log_snr[0], num_steps)[1:][::-1]
@@ -371,7 +374,7 @@ def test_karras_spacing_is_even_in_sigma_to_the_one_over_rho(schedule):
   sigma = np.sqrt((1 - alpha_bars) / alpha_bars)
   sigma_max = min(sigma[-1], np.exp(5.0))
   for num_steps in (5, 10, 20):
-    steps = samplers.spaced_timesteps(schedule, num_steps, "karras")
+    steps = schedules.spaced_timesteps(schedule, num_steps, "karras")
     assert len(steps) == num_steps and np.all(np.diff(steps) > 0) and steps[-1] == 999
     ramp = np.arange(num_steps) / (num_steps - 1)
     targets = (sigma_max**(1 / 7) + ramp * (sigma[0]**(1 / 7) - sigma_max**(1 / 7)))**7
@@ -419,7 +422,7 @@ def test_the_first_step_from_zero_terminal_snr_is_the_ddim_step():
   with ε̂ = x_T, as DDIM; here with a one-step-of-two run stopped after that step."""
   schedule = zero_terminal_snr_schedule()
   x_init = jax.random.normal(jax.random.key(16), (8, 2, 2, 1))
-  timesteps = samplers.spaced_timesteps(schedule, 4, "logsnr")
+  timesteps = schedules.spaced_timesteps(schedule, 4, "logsnr")
   alpha_bar = float(schedule.alpha_bars[timesteps[-2]])
   x0 = MEAN  # E[x0 | x_T] at ᾱ = 0
   expected = np.sqrt(alpha_bar) * x0 + np.sqrt(1 - alpha_bar) * np.asarray(x_init)
@@ -444,7 +447,7 @@ def test_dynamic_threshold_rescales_only_samples_beyond_one():
   assert float(plain.max()) > 1.5 and float(jnp.abs(thresholded).max()) <= 1.0
 
 
-@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("name", DDPM_SAMPLERS)
 def test_trajectory_frames(name):
   x_init = jax.random.normal(jax.random.key(4), (2, 2, 2, 1))
   final, frames = run(name, 10, shape=x_init.shape, x_init=x_init, trajectory_every=4)
@@ -467,7 +470,7 @@ def test_ddim_trajectory_of_a_single_image_is_the_forward_process_in_reverse():
   _, frames = run("ddim", 9, "quadratic", network=gaussian_network(SCHEDULE, image, 0.0),
                   shape=x_init.shape, x_init=x_init, trajectory_every=3)
   alpha_bars = np.asarray(SCHEDULE.alpha_bars, np.float64)
-  reached = samplers.spaced_timesteps(SCHEDULE, 9, "quadratic")[::-1]
+  reached = schedules.spaced_timesteps(SCHEDULE, 9, "quadratic")[::-1]
   start = alpha_bars[reached[0]]  # x_T is taken to be at the last kept timestep, 800
   eps = (x_init - np.sqrt(start) * image) / np.sqrt(1 - start)
   expected = [np.sqrt(a) * image + np.sqrt(1 - a) * eps
@@ -475,7 +478,7 @@ def test_ddim_trajectory_of_a_single_image_is_the_forward_process_in_reverse():
   np.testing.assert_allclose(frames, np.stack(expected), atol=2e-5)
 
 
-@pytest.mark.parametrize("name", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("name", DDPM_SAMPLERS)
 @pytest.mark.parametrize("trajectory_every", [None, 3])
 def test_program_size_does_not_grow_with_the_number_of_steps(name, trajectory_every):
   """The scan compiles one step: the program for 1000 steps is the program for 10."""
@@ -483,10 +486,10 @@ def test_program_size_does_not_grow_with_the_number_of_steps(name, trajectory_ev
   def hlo_ops(num_steps):
     options = samplers.SamplingOptions(sampler=name, clip_x0=False, batch_size=2)
     sample = jax.jit(functools.partial(
-        samplers.run, options.make_sampler(),
+        samplers.run, options.make_sampler(processes.DDPM(SCHEDULE)),
         oracles.gaussian_denoiser(SCHEDULE, 0.0, 1.0, image_shape=(4, 4, 1)), None,
         options=options, trajectory_every=trajectory_every))
-    grid = samplers.sampling_grid(SCHEDULE, num_steps, "uniform")
+    grid = processes.DDPM(SCHEDULE).sampling_grid(num_steps, "uniform")
     text = sample.lower(grid, jax.random.key(0)).as_text()
     return len([line for line in text.splitlines() if "=" in line])
 
@@ -494,25 +497,25 @@ def test_program_size_does_not_grow_with_the_number_of_steps(name, trajectory_ev
 
 
 def test_spacings_and_their_errors():
-  for spacing in samplers.SPACINGS:
+  for spacing in schedules.SPACINGS:
     for num_steps in (1, 7, 50, 1000):
-      steps = samplers.spaced_timesteps(SCHEDULE, num_steps, spacing)
+      steps = schedules.spaced_timesteps(SCHEDULE, num_steps, spacing)
       assert len(steps) == num_steps and np.all(np.diff(steps) > 0)
       assert steps[0] >= 0 and steps[-1] <= 999
-  np.testing.assert_array_equal(samplers.spaced_timesteps(SCHEDULE, 4, "uniform"),
+  np.testing.assert_array_equal(schedules.spaced_timesteps(SCHEDULE, 4, "uniform"),
                                 [0, 333, 666, 999])
-  np.testing.assert_array_equal(samplers.spaced_timesteps(SCHEDULE, 4, "trailing"),
+  np.testing.assert_array_equal(schedules.spaced_timesteps(SCHEDULE, 4, "trailing"),
                                 [249, 499, 749, 999])
-  np.testing.assert_array_equal(samplers.spaced_timesteps(SCHEDULE, 4, "quadratic"),
+  np.testing.assert_array_equal(schedules.spaced_timesteps(SCHEDULE, 4, "quadratic"),
                                 [0, 89, 356, 800])
   for bad in (0, 1001):
     with pytest.raises(errors.ArgumentError, match=f"^num_steps = {bad}: expected 1 … T = 1000$"):
-      samplers.spaced_timesteps(SCHEDULE, bad)
+      schedules.spaced_timesteps(SCHEDULE, bad)
   with pytest.raises(errors.ArgumentError, match="^spacing = 'cubic': unknown spacing"):
-    samplers.spaced_timesteps(SCHEDULE, 10, "cubic")
+    schedules.spaced_timesteps(SCHEDULE, 10, "cubic")
   with pytest.raises(errors.ArgumentError,
-                     match="^sampler = 'euler': unknown sampler; .*ddpm, ddim, dpm_solver"):
-    samplers.SamplingOptions(sampler="euler")
+                     match="^sampler = 'plms': unknown sampler; .*ddpm, ddim, dpm_solver"):
+    samplers.SamplingOptions(sampler="plms")
   with pytest.raises(errors.ArgumentError,
                      match="^trajectory_every = 0: expected a whole number ≥ 1"):
     run("ddim", 10, shape=(1, 2, 2, 1), trajectory_every=0)
@@ -630,7 +633,7 @@ def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
   is shown exactly the int32 timesteps 999 … 0 of the spacing."""
   network = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
                  out_channels=1)
-  float32 = Denoiser(network=network, schedule=SCHEDULE, prediction="eps", num_classes=0,
+  float32 = Denoiser(network=network, process=processes.DDPM(SCHEDULE, "eps"), num_classes=0,
                      image_shape=(8, 8, 1))
   params = float32.init(jax.random.key(0))
   flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -646,13 +649,13 @@ def test_bfloat16_sampling_stays_close_to_float32_with_time_in_float32():
              for name, denoiser in (("float32", float32), ("bfloat16", recording))}
   images = {name: result["images"] for name, result in results.items()}
   assert results["bfloat16"]["trajectory"].dtype == np.float32  # x after every step
-  respaced = samplers.respace(SCHEDULE, samplers.spaced_timesteps(SCHEDULE, 10, "uniform"))
+  respaced = schedules.respace(SCHEDULE, schedules.spaced_timesteps(SCHEDULE, 10, "uniform"))
   assert all(np.asarray(coefficients).dtype == np.float32 for coefficients in respaced)
   assert not np.array_equal(images["bfloat16"], images["float32"])
   relative_error = (np.linalg.norm(images["bfloat16"] - images["float32"])
                     / np.linalg.norm(images["float32"]))
   assert relative_error < 0.02, relative_error
-  expected = samplers.spaced_timesteps(SCHEDULE, 10, "uniform")[::-1]
+  expected = schedules.spaced_timesteps(SCHEDULE, 10, "uniform")[::-1]
   assert seen == [(np.int32, int(t)) for t in expected] and 999 in expected
 
 
@@ -698,7 +701,7 @@ def test_the_driver_guides_labelled_samples_like_the_guided_network():
   labels, x_init = jnp.arange(4) % 5, jax.random.normal(jax.random.key(12), (4, 2, 2, 1))
   conditional = oracles.denoiser(class_oracle(), SCHEDULE)
   guided = oracles.Network(lambda x, t, y: conditional.output(None, x, t, labels, 1.5))
-  for name in sorted(samplers.SAMPLERS):
+  for name in DDPM_SAMPLERS:
     by_driver = run(name, 10, shape=x_init.shape, x_init=x_init, network=class_oracle(),
                     labels=labels, guidance_scale=1.5).images
     by_network = run(name, 10, shape=x_init.shape, x_init=x_init, network=guided).images
@@ -733,8 +736,8 @@ def test_dpm_solver_clipping_and_thresholding_options_reach_the_sampler():
   respaced schedule with the key generate gives batch 0; the default clips nothing."""
   far = oracles.gaussian_denoiser(SCHEDULE, 2.0, STD)
   key = jax.random.key(14)
-  timesteps = samplers.spaced_timesteps(SCHEDULE, 10, "logsnr")
-  grid = samplers.Grid(samplers.respace(SCHEDULE, timesteps), jnp.asarray(timesteps))
+  timesteps = schedules.spaced_timesteps(SCHEDULE, 10, "logsnr")
+  grid = samplers.Grid(schedules.respace(SCHEDULE, timesteps), jnp.asarray(timesteps))
   direct = jax.jit(lambda options: samplers.run(
       samplers.dpm_solver(), far, None, grid, jax.random.fold_in(key, 0), options).images,
       static_argnums=0)
@@ -762,18 +765,19 @@ def test_sampling_options_from_config_sections():
   assert samplers.SamplingOptions.from_config(mnist5k_cpu.get_config().eval) == (
       samplers.SamplingOptions(sampler="dpm_solver_sde", num_steps=20, spacing="karras",
                                batch_size=250))
-  config.sample.sampler = "euler"
-  with pytest.raises(errors.ArgumentError, match="^sampler = 'euler': unknown sampler; choose "
-                     "one of ddpm, ddim, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc$"):
+  config.sample.sampler = "plms"
+  with pytest.raises(errors.ArgumentError, match="^sampler = 'plms': unknown sampler; choose "
+                     "one of ddpm, ddim, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc, euler, "
+                     "heun, edm_stochastic$"):
     samplers.SamplingOptions.from_config(config.sample)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("sampler", "euler", "sampler = 'euler': unknown sampler; choose one of ddpm, ddim, "
+    ("sampler", "plms", "sampler = 'plms': unknown sampler; choose one of ddpm, ddim, "
      "dpm_solver"),
     ("num_steps", 0, "num_steps = 0: expected a whole number ≥ 1"),
     ("spacing", "cubic", "spacing = 'cubic': unknown spacing; choose one of uniform, trailing, "
-     "quadratic, logsnr"),
+     "leading, quadratic, logsnr, karras"),
     ("threshold_percentile", 0.0, "threshold_percentile = 0.0: expected a number in (0, 1]"),
     ("threshold_percentile", 1.5, "threshold_percentile = 1.5: expected a number in (0, 1]"),
     ("eta", 0.5, "eta = 0.5: an option of sampler ddim, not of ddpm"),
