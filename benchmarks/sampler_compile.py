@@ -17,7 +17,7 @@ import time
 import flax
 import jax
 
-from jaxdiff import models, samplers, schedules
+from jaxdiff import models, processes, samplers, schedules
 from jaxdiff.denoiser import Denoiser
 
 STEP_COUNTS = (10, 100, 1000)
@@ -47,7 +47,7 @@ def main():
   jax.config.update("jax_enable_compilation_cache", False)
   network = models.UNet(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,),
                         dropout=0.0, out_channels=3)
-  denoiser = Denoiser(network=network, schedule=schedules.linear(1000), prediction="eps",
+  denoiser = Denoiser(network=network, process=processes.DDPM(schedules.linear(1000), "eps"),
                       num_classes=0, image_shape=(32, 32, 3))
   params, batch_size = jax.jit(denoiser.init)(jax.random.key(0)), 16
   rows = []

@@ -54,7 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.width = 96
   model.mlp_ratio = 4.0
 
+  # The noise process (jaxdiff.processes): ddpm (DDPM's discrete chain, the fields up to
+  # rescale_zero_terminal_snr), edm (Karras et al. 2022) or flow (rectified flow).
   config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.process = "ddpm"
   diffusion.schedule = "linear"
   diffusion.num_timesteps = 1000
   diffusion.schedule_kwargs = ml_collections.ConfigDict(dict(beta_start=1e-4, beta_end=0.02))
@@ -62,6 +65,16 @@ def get_config() -> ml_collections.ConfigDict:
   diffusion.loss_weighting = "none"  # none | min_snr: min(SNR, γ) on the x0 error (Hang et al.)
   diffusion.min_snr_gamma = 5.0      # γ of min_snr
   diffusion.rescale_zero_terminal_snr = False  # ᾱ_T = 0 (Lin et al. 2024); needs prediction=v
+  diffusion.sigma_data = 0.5   # edm: the data's standard deviation, in its preconditioning
+  diffusion.sigma_min = 0.002  # edm: the sampling range of σ, ρ-spaced by default
+  diffusion.sigma_max = 80.0
+  diffusion.rho = 7.0
+  diffusion.p_mean = -1.2      # edm: training ln σ ~ N(p_mean, p_std²)
+  diffusion.p_std = 1.2
+  diffusion.time_distribution = "logit_normal"  # flow: training t, uniform or logit_normal
+  diffusion.logit_mean = 0.0   # flow: logit-normal t = sigmoid(N(logit_mean, logit_std²))
+  diffusion.logit_std = 1.0
+  diffusion.t_min = 0.001      # flow: the sampling grid's smallest t
 
   config.train = train = ml_collections.ConfigDict()
   train.num_steps = 1500
@@ -76,6 +89,14 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 0.0
   train.ema_decay = 0.999
   train.ema_warmup = True      # decay min(ema_decay, (1+step)/(10+step)) for short runs
+  # Post-hoc EMA (Karras et al. 2024): with phema_every > 0, training also tracks a power-
+  # function EMA per σ_rel here and saves their snapshots every phema_every steps (and at the
+  # end) to WORKDIR/phema/, keeping the newest phema_keep (0: all); `python -m jaxdiff.phema`
+  # then makes the EMA of any σ_rel. Each profile costs one copy of the params, in memory and
+  # in each snapshot.
+  train.phema_every = 0
+  train.phema_sigma_rels = (0.05, 0.10)
+  train.phema_keep = 0
   train.p_uncond = 0.0         # label dropout for classifier-free guidance
   train.log_every = 50
   train.checkpoint_every = 500

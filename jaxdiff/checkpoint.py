@@ -1,10 +1,14 @@
 """Orbax checkpoints of the whole train state, restorable on any topology, and EMA exports.
 
-A checkpoint is WORKDIR/checkpoints/STEP/ with four items:
+A checkpoint is WORKDIR/checkpoints/STEP/ with four items, and a fifth when training tracks
+post-hoc EMA profiles:
   train       step, params, optimizer state and RNG key (as key data)
   ema_params  the EMA params alone, so sampling reads nothing else
   data        the input iterator's state (JSON)
   config      the resolved config (JSON)
+  phema       the post-hoc EMA profiles' averages (`phema`), to resume tracking them exactly
+The profiles' snapshots, from which `phema.reconstruct` makes any EMA length after training,
+are kept apart, in WORKDIR/phema/STEP/ (`PhemaSnapshots`).
 (Checkpoints written before 2026-12 may also hold `health`, {"good": bool}; a step marked
 {"good": false} is never resumed from.)
 
@@ -48,8 +52,9 @@ from jax.experimental import multihost_utils
 
 from jaxdiff import config_io, errors, storage, train_step
 
-ITEM_NAMES = ("train", "ema_params", "data", "config", "health")
+ITEM_NAMES = ("train", "ema_params", "data", "config", "health", "phema")
 EXPORT_MARKER = "export.json"
+PHEMA_FOLDER = "phema"
 BROKEN_FOLDER = "checkpoints_broken"
 SUPERSEDED_FOLDER = "checkpoints_superseded"
 
@@ -138,6 +143,26 @@ def _read_newest(workdir: str, step: int | None, read: Callable[[int], _Read],
       f"no readable checkpoint in {directory}: steps {sorted(broken)} all fail to restore "
       f"(step {newest}: {_describe(broken[newest])}). They are left as they are; restore a "
       f"copy or start a fresh --workdir.")
+
+
+def _restore_args(directory: str, step: int, abstract_state) -> ocp.args.Composite:
+  """What to restore of a step: the train item, the EMA params and, where training tracks
+  post-hoc EMA profiles and the step holds them, their averages; onto `abstract_state`."""
+  arrays = {"train": _train_item(abstract_state, _abstract_key_data(abstract_state.rng)),
+            "ema_params": abstract_state.ema_params}
+  if abstract_state.phema and storage.isdir(storage.join(directory, str(step), "phema")):
+    arrays["phema"] = abstract_state.phema
+  return ocp.args.Composite(**{name: ocp.args.StandardRestore(item)
+                               for name, item in arrays.items()})
+
+
+def _phema_of(arrays: dict, abstract_state, params) -> tuple:
+  """The restored post-hoc EMA averages; where training tracks them but the checkpoint has none
+  (written before it did), every profile starts at the restored params (said in the log)."""
+  if "phema" in arrays or not abstract_state.phema:
+    return tuple(arrays.get("phema", ()))
+  logging.warning("the checkpoint holds no post-hoc EMA profiles: they start at its params")
+  return tuple(params for _ in abstract_state.phema)
 
 
 @jax.jit
@@ -316,12 +341,13 @@ class Checkpointer:
     if step not in list_steps(self.workdir):
       self._retention.good_steps.add(step)
       self._pending_step = step
+      phema_item = {"phema": ocp.args.StandardSave(state.phema)} if state.phema else {}
       try:  # force: otherwise Orbax silently skips a step older than the newest on disk
         self._manager.save(step, force=True, args=ocp.args.Composite(
             train=ocp.args.StandardSave(_train_item(state, jax.random.key_data(state.rng))),
             ema_params=ocp.args.StandardSave(state.ema_params),
             data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_io.config_to_json(config))))
+            config=ocp.args.JsonSave(config_io.config_to_json(config)), **phema_item))
       except (OSError, ValueError, RuntimeError) as error:
         self._save_failed(error)
     if wait:
@@ -375,11 +401,9 @@ class Checkpointer:
       config_io.check_config_compatible(saved_config, config, self.workdir)
     if marked_bad:
       raise refusal("was saved marked bad (during a non-finite streak or a loss spike)")
-    abstract_train = _train_item(abstract_state, _abstract_key_data(abstract_state.rng))
     try:
-      arrays = self._manager.restore(step, args=ocp.args.Composite(
-          train=ocp.args.StandardRestore(abstract_train),
-          ema_params=ocp.args.StandardRestore(abstract_state.ema_params)))
+      arrays = self._manager.restore(step, args=_restore_args(self.directory, step,
+                                                              abstract_state))
     except Exception as error:  # whatever the cause, this step cannot be used
       raise _UnreadableStep() from error
     train = arrays["train"]
@@ -388,7 +412,8 @@ class Checkpointer:
     state = train_step.TrainState(
         step=train["step"], params=train["params"], ema_params=arrays["ema_params"],
         opt_state=train["opt_state"],
-        rng=jax.random.wrap_key_data(train["rng"], impl=_key_impl(abstract_state.rng)))
+        rng=jax.random.wrap_key_data(train["rng"], impl=_key_impl(abstract_state.rng)),
+        phema=_phema_of(arrays, abstract_state, train["params"]))
     return Restored(state=state, data_state=saved["data"], config=saved_config, step=step)
 
   def close(self) -> None:
@@ -440,16 +465,18 @@ def _load_export(path: str, abstract_ema_params: AbstractEmaParams) -> EmaCheckp
   return EmaCheckpoint(params=params, config=config, step=step)
 
 
-def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaParams,
-               step: int | None = None) -> str:
-  """Write the EMA params of `workdir`'s newest readable step (or `step`) and their config to a
-  new folder `export_dir`, all sampling needs; returns its path. One process only.
-  `abstract_ema_params`: as for `load_ema` (one device is enough). Written in one piece
-  (`storage.staged`)."""
-  export_dir = storage.resolve(export_dir)
+def _refuse_existing(export_dir: str) -> None:
   if storage.exists(export_dir):
-    raise CheckpointError(f"{export_dir} already exists; choose a new export folder")
-  ema = load_ema(workdir, abstract_ema_params, step)
+    raise CheckpointError(f"{storage.resolve(export_dir)} already exists; choose a new export "
+                          f"folder")
+
+
+def write_export(export_dir: str, params, config, source: dict) -> str:
+  """A new export folder `export_dir` holding `params` as the EMA params, `config`, and in
+  export.json `source` (where they came from: at least the "step"); written in one piece
+  (`storage.staged`). One process only."""
+  export_dir = storage.resolve(export_dir)
+  _refuse_existing(export_dir)
   parent = os.path.dirname(export_dir)
   try:
     storage.check_writable(parent)
@@ -460,14 +487,66 @@ def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaPa
   try:
     with storage.staged(export_dir) as staging:
       with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(storage.join(staging, "ema_params"), ema.params)
+        checkpointer.save(storage.join(staging, "ema_params"), params)
         checkpointer.wait_until_finished()
-      storage.write_text(storage.join(staging, "config.json"),
-                         ema.config.to_json_best_effort(indent=2))
-      storage.write_text(storage.join(staging, EXPORT_MARKER),
-                         json.dumps({"step": ema.step, "workdir": storage.resolve(workdir)},
-                                    indent=2))
+      storage.write_text(storage.join(staging, "config.json"), config.to_json_best_effort(indent=2))
+      storage.write_text(storage.join(staging, EXPORT_MARKER), json.dumps(source, indent=2))
   except Exception as error:  # OSError locally; each GCS client has its own errors
     raise CheckpointError(
         f"could not write the export {export_dir} ({_describe(error)})") from error
   return export_dir
+
+
+def export_ema(workdir: str, export_dir: str, abstract_ema_params: AbstractEmaParams,
+               step: int | None = None) -> str:
+  """Write the EMA params of `workdir`'s newest readable step (or `step`) and their config to a
+  new folder `export_dir` (`write_export`), all sampling needs; returns its path. One process
+  only. `abstract_ema_params`: as for `load_ema` (one device is enough)."""
+  _refuse_existing(export_dir)
+  ema = load_ema(workdir, abstract_ema_params, step)
+  return write_export(export_dir, ema.params, ema.config,
+                      {"step": ema.step, "workdir": storage.resolve(workdir)})
+
+
+class PhemaSnapshots:
+  """The post-hoc EMA profiles' snapshots of a workdir: WORKDIR/phema/STEP/ holds the averages
+  of every tracked profile at that step and their σ_rel (Orbax, written asynchronously, in a
+  bucket too), kept all (`max_to_keep` None) or the newest `max_to_keep`. Every process of a
+  multi-host job makes the same calls. Usable as a context manager."""
+
+  def __init__(self, workdir: str, max_to_keep: int | None = None):
+    self.directory = storage.join(storage.resolve(workdir), PHEMA_FOLDER)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("averages", "profiles"))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, averages: tuple, sigma_rels) -> None:
+    """Start writing the averages at `step` (a step already there is left as it is)."""
+    if step not in self.steps():
+      self._manager.save(step, args=ocp.args.Composite(
+          averages=ocp.args.StandardSave(tuple(averages)),
+          profiles=ocp.args.JsonSave({"sigma_rels": list(sigma_rels)})))
+
+  def read(self, step: int, abstract_averages) -> tuple[tuple, list[float]]:
+    """(the averages of `step` onto `abstract_averages`, their σ_rel)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        averages=ocp.args.StandardRestore(tuple(abstract_averages)),
+        profiles=ocp.args.JsonRestore()))
+    return tuple(restored["averages"]), restored["profiles"]["sigma_rels"]
+
+  def close(self) -> None:
+    """Wait for the pending write, then release Orbax's threads."""
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()

@@ -14,8 +14,8 @@ import contextlib
 import math
 
 from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses,
-                     metric_writer, models, parallel, samplers, schedules, storage, train_step,
-                     validation)
+                     metric_writer, models, parallel, phema, processes, samplers, schedules,
+                     storage, train_step, validation)
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -34,7 +34,7 @@ BPD_WHOLE_NUMBERS = {"eval.bpd_images": 1, "eval.timestep_chunk": 1}
 # Step intervals: log_every ≥ 1; the others ≥ 0, where 0 means never (checkpoint_every = 0: only
 # at the end and on a stop signal). Configs without one get its smallest value.
 INTERVALS = {"train.log_every": 1, "train.checkpoint_every": 0, "train.sample_every": 0,
-             "train.eval_every": 0}
+             "train.eval_every": 0, "train.phema_every": 0}
 # Real-number fields: the interval each must lie in, as (low, high, low included, high included).
 REAL_NUMBERS = {
     "train.learning_rate": (0.0, math.inf, False, False),
@@ -109,6 +109,17 @@ def check_sizes(config) -> None:
     raise usage_error("train.resume_step", resume_step,
                       "expected the step number of a checkpoint in the workdir (≥ 1), or None "
                       "for the newest good one")
+  if get(config, "train.phema_every", 0):
+    check_whole_numbers(config, {"train.phema_keep": 0})
+    sigma_rels = get(config, "train.phema_sigma_rels")
+    try:
+      if not isinstance(sigma_rels, (tuple, list)) or not sigma_rels:
+        raise errors.ArgumentError("phema_sigma_rels", sigma_rels, "expected a tuple of σ_rel "
+                                   "values, e.g. (0.05, 0.1)")
+      for sigma_rel in sigma_rels:
+        phema.gamma_from_sigma_rel(sigma_rel)
+    except errors.ArgumentError as error:
+      raise usage_error("train.phema_sigma_rels", sigma_rels, error.problem) from error
   if get(config, "train.sample_every", 0):
     check_whole_numbers(config, SAMPLE_WHOLE_NUMBERS)
   if get(config, "train.eval_every", 0):
@@ -134,16 +145,21 @@ def check_sampling(config, section: str, denoiser) -> None:
     options.check_model(denoiser)
 
 
-def check_loss_and_terminal_snr(config) -> None:
-  """The loss weighting (its γ when it is min_snr), and the zero-terminal-SNR rescale: a bool,
-  and only with v-prediction (Lin et al. 2024)."""
+def check_loss_and_terminal_snr(config, process: str) -> None:
+  """The loss weighting (min_snr only on DDPM's chain, with its γ), and the zero-terminal-SNR
+  rescale: a bool, and only with v-prediction (Lin et al. 2024)."""
   with refusing("diffusion."):
     weighting = get(config, "diffusion.loss_weighting")
     losses.check_loss_weighting(weighting)
     if weighting == "min_snr":
       check_real_numbers(config, MIN_SNR_REAL_NUMBERS)
     rescale = validation.boolean("rescale_zero_terminal_snr",
-                                 get(config, "diffusion.rescale_zero_terminal_snr"))
+                                 get(config, "diffusion.rescale_zero_terminal_snr", False))
+  if process != "ddpm" and (weighting != "none" or rescale):
+    field, value = (("diffusion.loss_weighting", weighting) if weighting != "none"
+                    else ("diffusion.rescale_zero_terminal_snr", rescale))
+    raise usage_error(field, value, f"DDPM's chain only, not the {process} process (whose "
+                      f"loss weighting is its own)")
   prediction = get(config, "diffusion.prediction")
   if rescale and prediction != "v":
     raise usage_error("diffusion.rescale_zero_terminal_snr", rescale,
@@ -152,19 +168,31 @@ def check_loss_and_terminal_snr(config) -> None:
                       f"{flag('diffusion.prediction', 'v')} (Lin et al. 2024)")
 
 
-def check_names(config) -> None:
-  """Prediction, loss weighting, schedule, learning-rate decay and network, by their
-  constructors; then the sampling sections and metrics the run uses, against the model."""
+def check_process(config) -> None:
+  """The noise process (`config.diffusion.process`): DDPM's prediction target, loss and
+  schedule, or EDM's and the flow's own fields, by their constructors."""
   with refusing("diffusion."):
-    diffusion.check_prediction(get(config, "diffusion.prediction"))
-  check_loss_and_terminal_snr(config)
-  schedule_name = get(config, "diffusion.schedule")
-  if schedule_name in schedules.SCHEDULES:
+    process = validation.one_of("process", processes.process_name(config.diffusion),
+                                processes.PROCESSES, "process")
+  if process == "ddpm":
+    with refusing("diffusion."):
+      diffusion.check_prediction(get(config, "diffusion.prediction"))
+  check_loss_and_terminal_snr(config, process)
+  schedule_name = get(config, "diffusion.schedule", None)
+  if process != "ddpm":
+    field, value = "diffusion.process", process
+  elif schedule_name in schedules.SCHEDULES:
     field, value = "diffusion.schedule_kwargs", dict(config.diffusion.get("schedule_kwargs", {}))
   else:
     field, value = "diffusion.schedule", schedule_name
   with refusing("diffusion.", field, value):
-    schedules.from_config(config.diffusion)
+    processes.from_config(config.diffusion)
+
+
+def check_names(config) -> None:
+  """The process, learning-rate decay, metric sinks and network, by their constructors; then
+  the sampling sections and metrics the run uses, against the model."""
+  check_process(config)
   with refusing("train."):
     train_step.learning_rate_schedule(config.train)
     metric_writer.check_sinks(get(config, "train.metric_sinks", metric_writer.DEFAULT_SINKS))
@@ -256,7 +284,7 @@ def check_metrics(config) -> None:
   chosen = eval_metrics(config)
   for name in chosen:
     try:
-      metrics.check_metric(name, config.data)
+      metrics.check_metric(name, config.data, processes.process_name(config.diffusion))
     except errors.ArgumentError as error:
       raise usage_error("eval.metrics", chosen, f"{name}: {error.problem}") from error
 

@@ -11,11 +11,10 @@ import json
 
 import ml_collections
 
-from jaxdiff import errors, models
+from jaxdiff import errors, models, processes, train_step
 
-# Fields besides the network's own that fix the shapes or the meaning of what it learned.
-_OTHER_FIXED_FIELDS = ("data.image_size", "data.num_channels", "diffusion.num_timesteps",
-                       "diffusion.schedule", "diffusion.prediction")
+# The data's fields that fix the shapes of what the network learned.
+_DATA_FIXED_FIELDS = ("data.image_size", "data.num_channels")
 ABSENT = "(absent)"
 
 
@@ -54,22 +53,37 @@ def lookup(config, dotted_name: str, default=ABSENT):
 
 
 def _fixed_values(config) -> dict:
-  """{field: value} of every field a checkpoint of `config` fixes (the network's, by
-  `models.fixed_fields`, with its class defaults where the config is older than a field)."""
+  """{field: value} of every field a checkpoint of `config` fixes: the network's
+  (`models.fixed_fields`, with its class defaults where the config is older than a field), the
+  image's and the noise process's (`processes.fixed_fields`; configs older than processes are
+  DDPM's)."""
   fields = models.network_fields(config.model)
   values = {f"model.{name}": _as_tuples(fields.get(name, models.network_name(config.model)))
             for name in models.fixed_fields(config.model)}
-  return {**values, **{field: _as_tuples(lookup(config, field)) for field in _OTHER_FIXED_FIELDS}}
+  values.update({field: _as_tuples(lookup(config, field)) for field in _DATA_FIXED_FIELDS})
+  process = {"process": processes.process_name(config.diffusion)}
+  values.update({f"diffusion.{name}": _as_tuples(process.get(name, lookup(config.diffusion, name)))
+                 for name in processes.fixed_fields(config.diffusion)})
+  profiles = train_step.phema_profiles(config.train)
+  if profiles:  # a run that did not track them, or will not, starts or drops them freely
+    values["train.phema_sigma_rels"] = _as_tuples(profiles)
+  return values
 
 
 def config_differences(saved_config, config) -> list[str]:
   """'FIELD NEW (config) vs OLD (checkpoint)' for every field in which `config` cannot continue
   `saved_config`: the network's name and fields (but those it declares free to change), the
-  image size and channels, and the diffusion's schedule, step count and prediction target.
-  Empty when compatible."""
+  image size and channels, the noise process and what its network learned depends on (DDPM:
+  schedule, step count and prediction target; EDM: σ_data), and the post-hoc EMA profiles
+  where both track them. Empty when compatible."""
   saved, current = _fixed_values(saved_config), _fixed_values(config)
+  fields = dict.fromkeys([field for field in [*current, *saved]
+                          if field in saved and field in current or not field.startswith("train.")])
+  if saved["diffusion.process"] != current["diffusion.process"]:  # the others are not comparable
+    fields = [field for field in fields
+              if not field.startswith("diffusion.") or field == "diffusion.process"]
   return [f"{field} {current.get(field, ABSENT)!r} (config) vs {saved.get(field, ABSENT)!r} "
-          f"(checkpoint)" for field in dict.fromkeys([*current, *saved])
+          f"(checkpoint)" for field in fields
           if current.get(field, ABSENT) != saved.get(field, ABSENT)]
 
 

@@ -1,13 +1,14 @@
 """The model as one value: a network and what its output means.
 
-A `Denoiser` holds the network (a Flax module from `models`), the noise schedule, what the
-network predicts (ε, x0 or v), the number of classes (0: unconditional; the label
-`num_classes` means "no label") and the image shape (H, W, C); the compute dtype is the
-network's. Its methods are pure functions of the params:
+A `Denoiser` holds the network (a Flax module from `models`), the noise process (`processes`:
+DDPM's chain with its schedule and prediction target, EDM or flow matching), the number of
+classes (0: unconditional; the label `num_classes` means "no label") and the image shape
+(H, W, C); the compute dtype is the network's. Its methods are pure functions of the params:
 
-  output(params, x_t, t, y, w)      the network's raw output f(x_t, t[, y]); with classifier-free
-                                    guidance w ≠ 0, (1 + w) f(x_t, t, y) − w f(x_t, t, ∅)
-  eps_and_x0(params, x_t, t, y, w)  the (ε̂, x̂0) that output means at timestep t
+  output(params, x_t, t, y, w)      the network's raw output F on what the process shows it,
+                                    F(c_in(t) x_t, c_noise(t)[, y]); with classifier-free
+                                    guidance w ≠ 0, (1 + w) F(…, y) − w F(…, ∅)
+  eps_and_x0(params, x_t, t, y, w)  the (ε̂, x̂0) that output means at time t
 
 Samplers, generation, likelihood, metrics, panels and the programs take a Denoiser and params;
 `from_config` is the one place that reads the model's meaning out of a config.
@@ -20,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import diffusion, models, schedules, validation
+from jaxdiff import models, processes, validation
 from jaxdiff.errors import ArgumentError
-from jaxdiff.schedules import Schedule
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -30,13 +30,9 @@ class Denoiser:
   """A network and the meaning of its output (see the module doc). Immutable."""
 
   network: nn.Module
-  schedule: Schedule
-  prediction: str
+  process: processes.Process
   num_classes: int
   image_shape: tuple[int, int, int]
-
-  def __post_init__(self):
-    diffusion.check_prediction(self.prediction)
 
   @property
   def dtype(self) -> str:
@@ -72,10 +68,11 @@ class Denoiser:
 
   def output(self, params, x_t, t, labels=None, guidance_scale: float = 0.0, *,
              train: bool = False, rngs=None) -> jax.Array:
-    """f(x_t, t[, y]) [B, H, W, C] float32, t [B]; with `guidance_scale` w ≠ 0 (labels needed)
-    classifier-free guidance (Ho & Salimans 2022) f̃ = (1 + w) f(x_t, t, y) − w f(x_t, t, ∅),
-    both branches one network call on a batch twice the size. ε, x0 and v are affine in each
-    other at fixed (x_t, t), so mixing outputs equals mixing ε̂ (or x̂0)."""
+    """F [B, H, W, C] float32 at x_t and t [B] (the process's inputs to the network); with
+    `guidance_scale` w ≠ 0 (labels needed) classifier-free guidance (Ho & Salimans 2022)
+    F̃ = (1 + w) F(·, y) − w F(·, ∅), both branches one network call on a batch twice the size.
+    (ε̂, x̂0) are affine in F at fixed (x_t, t), so mixing outputs equals mixing ε̂ (or x̂0)."""
+    x_t, t = self.process.network_inputs(x_t, t)
     apply = lambda x, t, y: self.network.apply({"params": params}, x, t, y, train=train,
                                                rngs=rngs)
     if guidance_scale == 0:
@@ -90,9 +87,8 @@ class Denoiser:
     return (1 + guidance_scale) * conditional - guidance_scale * unconditional
 
   def eps_and_x0(self, params, x_t, t, labels=None, guidance_scale: float = 0.0):
-    """(ε̂, x̂0) of `output` at timesteps t [B] of the full schedule (`diffusion.eps_and_x0`)."""
-    return diffusion.eps_and_x0(self.schedule, self.prediction, x_t, t,
-                                self.output(params, x_t, t, labels, guidance_scale))
+    """(ε̂, x̂0) of `output` at times t [B] (`process.eps_and_x0`)."""
+    return self.process.eps_and_x0(x_t, t, self.output(params, x_t, t, labels, guidance_scale))
 
 
 def image_shape(data_config) -> tuple[int, int, int]:
@@ -102,8 +98,7 @@ def image_shape(data_config) -> tuple[int, int, int]:
 
 def from_config(config) -> Denoiser:
   """The Denoiser a config describes: `config.model` (network by name), `config.diffusion`
-  (schedule, prediction) and `config.data` (image shape)."""
+  (the process) and `config.data` (image shape)."""
   network = models.create(config.model)
-  return Denoiser(network=network, schedule=schedules.from_config(config.diffusion),
-                  prediction=config.diffusion.prediction, num_classes=network.num_classes,
-                  image_shape=image_shape(config.data))
+  return Denoiser(network=network, process=processes.from_config(config.diffusion),
+                  num_classes=network.num_classes, image_shape=image_shape(config.data))

@@ -1,4 +1,5 @@
-"""Training objectives."""
+"""Training objectives: the denoising loss of any noise process (`processes`), and the VLB
+terms of DDPM's chain (bits/dim)."""
 
 from typing import Callable
 
@@ -19,14 +20,15 @@ def drop_labels(key, labels, num_classes: int, p_uncond: float):
   return jnp.where(drop, num_classes, labels)
 
 
-def draw_noise(key, batch, *, num_timesteps: int, num_classes: int = 0, p_uncond: float = 0.0):
-  """The per-example randomness of L_simple for a whole batch: ({'t': t ~ U{0, …, T−1} [B],
-  'noise': ε ~ N(0, I) like the images, and with classes 'label': the labels after
-  classifier-free label dropout}, the network's dropout key). Drawn for the whole global batch at
-  once, so that splitting it into micro-batches afterwards leaves every example's draw as it was."""
+def draw_noise(key, batch, *, process, num_classes: int = 0, p_uncond: float = 0.0):
+  """The per-example randomness of the loss for a whole batch: ({'t': t from the process's
+  training distribution [B] (DDPM: U{0, …, T−1}), 'noise': ε ~ N(0, I) like the images, and with
+  classes 'label': the labels after classifier-free label dropout}, the network's dropout key).
+  Drawn for the whole global batch at once, so that splitting it into micro-batches afterwards
+  leaves every example's draw as it was."""
   x0 = batch["image"]
   t_key, noise_key, label_key, dropout_key = jax.random.split(key, 4)
-  draws = {"t": jax.random.randint(t_key, x0.shape[:1], 0, num_timesteps),
+  draws = {"t": process.sample_time(t_key, x0.shape[0]),
            "noise": jax.random.normal(noise_key, x0.shape, x0.dtype)}
   if num_classes:
     draws["label"] = drop_labels(label_key, batch["label"], num_classes, p_uncond)
@@ -58,33 +60,36 @@ def min_snr_weight(schedule: Schedule, t, prediction: str, gamma: float):
   return clipped if prediction == "x0" else clipped / (snr_t + 1.0)
 
 
-def loss_from_draws(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, draws, dropout_key,
-                    prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0):
-  """L_simple = mean over the batch of w_t ‖target − f_θ(x_t, t)‖² (DDPM eq. 14) at the given
-  draws: x_t = q_sample(x0, t, ε), the target ε, x0 or v by `prediction`, and w_t = 1 (weighting
-  "none") or `min_snr_weight` with γ = min_snr_gamma ("min_snr"). Returns (mean loss, aux) where
-  aux holds the per-example weighted losses (mean over pixels, then w_t) and their timesteps."""
+def loss_from_draws(denoise_fn: DenoiseFn, params, process, batch, draws, dropout_key,
+                    weighting: str = "none", min_snr_gamma: float = 5.0):
+  """The mean over the batch of w_t ‖F_target − F_θ(x_t, t)‖² at the given draws: x_t =
+  process.q_sample(x0, t, ε) and the output that is exactly right for (x0, ε) at t,
+  `process.training_target` (DDPM eq. 14 with an ε, x0 or v target; EDM's preconditioned
+  target, whose weight λ(σ) is folded in; the flow's velocity ε − x0); w_t = 1 (weighting
+  "none") or, on DDPM's chain, `min_snr_weight` with γ = min_snr_gamma ("min_snr"). Returns
+  (mean loss, aux) where aux holds the per-example weighted losses (mean over pixels, then w_t)
+  and their times."""
   check_loss_weighting(weighting)
   x0, t, noise = batch["image"], draws["t"], draws["noise"]
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  x_t = process.q_sample(x0, t, noise)
   output = denoise_fn(params, x_t, t, draws.get("label"), dropout_key)
-  target = diffusion.training_target(schedule, prediction, x0, t, noise)
+  target = process.training_target(x0, noise, x_t, t)
   per_example = jnp.mean(jnp.square(output.astype(jnp.float32) - target),
                          axis=tuple(range(1, x0.ndim)))
   if weighting == "min_snr":
-    per_example = per_example * min_snr_weight(schedule, t, prediction, min_snr_gamma)
+    per_example = per_example * min_snr_weight(process.schedule, t, process.prediction,
+                                               min_snr_gamma)
   return jnp.mean(per_example), {"per_example_loss": per_example, "t": t}
 
 
-def diffusion_loss(denoise_fn: DenoiseFn, params, schedule: Schedule, batch, key,
-                   prediction: str = "eps", num_classes: int = 0, p_uncond: float = 0.0,
-                   weighting: str = "none", min_snr_gamma: float = 5.0):
-  """L_simple = E_{t, ε} w_t ‖target − f_θ(x_t, t)‖² with t ~ U{0, …, T−1}, ε ~ N(0, I) (DDPM
-  eq. 14): `loss_from_draws` at `draw_noise(key, batch)`."""
-  draws, dropout_key = draw_noise(key, batch, num_timesteps=schedule.num_timesteps,
-                                  num_classes=num_classes, p_uncond=p_uncond)
-  return loss_from_draws(denoise_fn, params, schedule, batch, draws, dropout_key, prediction,
-                         weighting, min_snr_gamma)
+def diffusion_loss(denoise_fn: DenoiseFn, params, process, batch, key, num_classes: int = 0,
+                   p_uncond: float = 0.0, weighting: str = "none", min_snr_gamma: float = 5.0):
+  """E_{t, ε} w_t ‖F_target − F_θ(x_t, t)‖² with t from the process's training distribution and
+  ε ~ N(0, I): `loss_from_draws` at `draw_noise(key, batch)`."""
+  draws, dropout_key = draw_noise(key, batch, process=process, num_classes=num_classes,
+                                  p_uncond=p_uncond)
+  return loss_from_draws(denoise_fn, params, process, batch, draws, dropout_key, weighting,
+                         min_snr_gamma)
 
 
 # The variational bound (DDPM eq. 5), per example, in nats:

@@ -70,7 +70,94 @@ def rho_spaced(low: float, high: float, num_steps: int, rho: float) -> np.ndarra
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class EDM:
+class DDPM:
+  """DDPM's discrete variance-preserving chain (Ho et al. 2020): t = 0 … T−1 indexes `schedule`,
+  α = √ᾱ_t, σ = √(1−ᾱ_t); the network sees (x_t, t) and predicts `prediction` (ε, x0 or v);
+  training t ~ U{0 … T−1}. Sampling steps are timesteps of the chain (`schedules.
+  spaced_timesteps`) and the grid is the respaced chain (`schedules.respace`). Heun and Euler
+  integrate in EDM's variables for VP processes, x̃ = x/√ᾱ and σ̃ = √(1/ᾱ − 1)."""
+
+  schedule: Schedule
+  prediction: str = "eps"
+
+  name = "ddpm"
+  spacings = schedules.SPACINGS
+  ode_slopes = (0.0, 1.0)
+  continuous = False
+  FIXED_FIELDS = ("num_timesteps", "schedule", "prediction")
+
+  def __post_init__(self):
+    diffusion.check_prediction(self.prediction)
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.schedule.num_timesteps
+
+  def alpha_sigma(self, t):
+    return self.schedule.sqrt_alpha_bars[t], self.schedule.sqrt_one_minus_alpha_bars[t]
+
+  def q_sample(self, x0, t, noise):
+    return diffusion.q_sample(self.schedule, x0, t, noise)
+
+  def network_inputs(self, x_t, t):
+    return x_t, t
+
+  def eps_and_x0(self, x_t, t, output):
+    return diffusion.eps_and_x0(self.schedule, self.prediction, x_t, t, output)
+
+  def eps_and_x0_on_grid(self, grid: Grid, index, x, output):
+    """`eps_and_x0` on the respaced chain at step `index` [B] (its coefficients as sampling has
+    always used them)."""
+    return diffusion.eps_and_x0(grid.schedule, self.prediction, x, index, output)
+
+  def sample_time(self, key, num):
+    return jax.random.randint(key, (num,), 0, self.num_timesteps)
+
+  def time_bin(self, t, num_bins: int):
+    """Which of `num_bins` equal bins of 0 … T−1 each t [B] falls in: ⌊t·bins/T⌋."""
+    return t * num_bins // self.num_timesteps
+
+  def training_target(self, x0, noise, x_t, t):
+    del x_t
+    return diffusion.training_target(self.schedule, self.prediction, x0, t, noise)
+
+  def default_steps(self) -> int:
+    """All T steps."""
+    return self.num_timesteps
+
+  def sampling_grid(self, num_steps: int, spacing: str) -> Grid:
+    timesteps = schedules.spaced_timesteps(self.schedule, num_steps, spacing)
+    return Grid(schedules.respace(self.schedule, timesteps), jnp.asarray(timesteps))
+
+  def panel_times(self) -> tuple[int, ...]:
+    """DDPM's t = 50, 250, 500, 750, 950 of T = 1000, scaled to the schedule's T."""
+    return tuple(t * self.num_timesteps // 1000 for t in (50, 250, 500, 750, 950))
+
+
+class _Continuous:
+  """What EDM and Flow share: a continuous time, sampled on grids of their own."""
+
+  continuous = True
+
+  def default_steps(self) -> int:
+    return self.DEFAULT_STEPS
+
+  def time_bin(self, t, num_bins: int):
+    """Which of `num_bins` bins of equal training probability each t [B] falls in:
+    ⌊time_fraction(t)·bins⌋ (for logging the loss by noise level)."""
+    bins = jnp.floor(self.time_fraction(t) * num_bins).astype(jnp.int32)
+    return jnp.clip(bins, 0, num_bins - 1)
+
+  def panel_times(self) -> tuple[float, ...]:
+    return self.PANEL_TIMES
+
+  def eps_and_x0_on_grid(self, grid: Grid, index, x, output):
+    """`eps_and_x0` at grid step `index` [B], x being the step's VP variable."""
+    return self.eps_and_x0(_expand(grid.scales[index], x) * x, grid.timesteps[index], output)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EDM(_Continuous):
   """Karras et al. 2022 ("Elucidating the design space", Table 1): α = 1, σ(t) = t;
 
       c_skip = σ_d²/(σ² + σ_d²),  c_out = σ σ_d/√(σ² + σ_d²),  c_in = 1/√(σ² + σ_d²),
@@ -89,6 +176,18 @@ class EDM:
 
   name = "edm"
   spacings = ("karras", "logsnr", "uniform")
+  ode_slopes = (0.0, 1.0)  # Heun and Euler in x and σ themselves (EDM's Algorithm 1)
+  FIXED_FIELDS = ("sigma_data",)  # what the network learned depends on it
+  PANEL_TIMES = (0.1, 0.5, 1.0, 3.0, 10.0)
+  DEFAULT_STEPS = 18  # Heun: 35 network calls, EDM's CIFAR-10 setting
+
+  def __post_init__(self):
+    for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
+      validation.real(name, getattr(self, name), 0.0, low_included=False)
+    validation.real("p_mean", self.p_mean, -math.inf)
+    if self.sigma_min >= self.sigma_max:
+      raise ArgumentError("sigma_min", self.sigma_min, f"must be below sigma_max = "
+                          f"{self.sigma_max}")
 
   def preconditioning(self, sigma):
     """(c_skip, c_out, c_in, c_noise) at σ."""
@@ -114,6 +213,10 @@ class EDM:
   def sample_time(self, key, num):
     return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, (num,)))
 
+  def time_fraction(self, sigma):
+    """Where σ lies in the training distribution, in [0, 1]: Φ((ln σ − P_mean)/P_std)."""
+    return jax.scipy.stats.norm.cdf((jnp.log(sigma) - self.p_mean) / self.p_std)
+
   def training_target(self, x0, noise, x_t, t):
     del noise
     c_skip, c_out, _, _ = self.preconditioning(t)
@@ -136,7 +239,7 @@ class EDM:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Flow:
+class Flow(_Continuous):
   """Rectified flow / flow matching: x_t = (1 − t) x0 + t ε, t ∈ [0, 1]; the network predicts the
   velocity v = dx_t/dt = ε − x0, so x̂0 = x_t − t v̂ and ε̂ = x_t + (1 − t) v̂. Training t is
   uniform, or logit-normal: t = sigmoid(N(logit_mean, logit_std²)) (Esser et al. 2024). The
@@ -150,12 +253,19 @@ class Flow:
 
   name = "flow"
   spacings = ("uniform", "logsnr", "karras")
+  ode_slopes = (-1.0, 1.0)  # Heun and Euler in x and t themselves: dx/dt = v = ε − x0
+  FIXED_FIELDS = ()
+  PANEL_TIMES = (0.05, 0.25, 0.5, 0.75, 0.95)
+  DEFAULT_STEPS = 50
   TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
   NETWORK_TIME_SCALE = 1000.0
 
   def __post_init__(self):
     validation.one_of("time_distribution", self.time_distribution, self.TIME_DISTRIBUTIONS,
                       "time distribution")
+    validation.real("logit_mean", self.logit_mean, -math.inf)
+    validation.real("logit_std", self.logit_std, 0.0, low_included=False)
+    validation.real("t_min", self.t_min, 0.0, 1.0, low_included=False)
 
   def alpha_sigma(self, t):
     return 1 - t, t
@@ -175,6 +285,10 @@ class Flow:
     if self.time_distribution == "uniform":
       return jax.random.uniform(key, (num,))
     return jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(key, (num,)))
+
+  def time_fraction(self, t):
+    """Where t lies in [0, 1]: t itself."""
+    return t
 
   def training_target(self, x0, noise, x_t, t):
     del x_t, t
@@ -204,3 +318,34 @@ class Flow:
     """t at a VP ᾱ: σ_VP/(α_VP + σ_VP)."""
     alpha, sigma = jnp.sqrt(alpha_bar), jnp.sqrt(1 - alpha_bar)
     return sigma / (alpha + sigma)
+
+
+Process = DDPM | EDM | Flow
+PROCESSES = {"ddpm": DDPM, "edm": EDM, "flow": Flow}
+DEFAULT_PROCESS = "ddpm"
+
+
+def process_name(diffusion_config) -> str:
+  """`config.diffusion.process`; configs and checkpoints without it are DDPM's."""
+  return diffusion_config.get("process", DEFAULT_PROCESS)
+
+
+def _own_fields(process_class) -> list[str]:
+  return [field.name for field in dataclasses.fields(process_class)]
+
+
+def from_config(diffusion_config):
+  """The process `config.diffusion` describes: DDPM from its schedule fields and prediction,
+  EDM and Flow from their own fields (class defaults for those the config leaves out)."""
+  name = validation.one_of("process", process_name(diffusion_config), PROCESSES, "process")
+  if name == "ddpm":
+    return DDPM(schedules.from_config(diffusion_config), diffusion_config.prediction)
+  process_class = PROCESSES[name]
+  return process_class(**{field: diffusion_config[field] for field in _own_fields(process_class)
+                          if field in diffusion_config})
+
+
+def fixed_fields(diffusion_config) -> list[str]:
+  """The `config.diffusion` fields a checkpoint fixes: the process and what its network learned
+  depends on (DDPM: T, the schedule and the prediction target; EDM: σ_data)."""
+  return ["process", *PROCESSES[process_name(diffusion_config)].FIXED_FIELDS]

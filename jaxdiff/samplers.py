@@ -34,90 +34,37 @@ import numpy as np
 from jaxdiff import diffusion, schedules, validation
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import ArgumentError
-from jaxdiff.schedules import Schedule
+from jaxdiff.processes import Grid
+from jaxdiff.schedules import SPACINGS, Schedule
 
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
-KARRAS_RHO = 7.0
-KARRAS_LOG_SNR_FLOOR = -5.0
-
-
-def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-  """`num_steps` distinct timesteps of 0 … T−1, increasing.
-
-  uniform:   round(linspace(0, T−1, K))       — even steps, first 0 and last T−1 (iDDPM, DDIM);
-  trailing:  round(i·T/K) − 1, i = 1 … K      — even steps ending at T−1 (Lin et al. 2024);
-  quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
-  logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice); where
-             ᾱ_{T−1} = 0 (zero terminal SNR, λ = −∞), T−1 and then the steps as from T−2.
-  karras:    even steps in σ^{1/ρ}, σ = e^{−λ}, ρ = 7 (Karras et al. 2022, eq. 5), from σ_max to
-             σ_min = σ_0; a step is Δλ ∝ σ^{−1/ρ}, so against logsnr, short steps at high noise
-             and long ones at low noise. σ_max is σ_{T−1}, but at most e^5 (λ ≥ −5, where
-             DPM-Solver ends its cosine schedule), so that a schedule that lingers at pure noise
-             (cosine: λ_{T−1} ≈ −10) spends no steps there; T−1 stays the first step.
-  Rounding collisions are pushed apart so that the K timesteps are distinct.
-  """
-  num_timesteps = schedule.num_timesteps
-  if not 1 <= num_steps <= num_timesteps:
-    raise ArgumentError("num_steps", num_steps, f"expected 1 … T = {num_timesteps}")
-  if spacing == "uniform":
-    steps = np.linspace(0, num_timesteps - 1, num_steps)
-  elif spacing == "trailing":
-    steps = np.arange(1, num_steps + 1) * num_timesteps / num_steps - 1
-  elif spacing == "quadratic":
-    steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
-  elif spacing in ("logsnr", "karras"):
-    alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
-    with np.errstate(divide="ignore"):
-      log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
-    finite = np.isfinite(log_snr)  # all but λ_{T−1} = −∞ of a zero-terminal-SNR schedule
-    lowest, highest = log_snr[finite][-1], log_snr[0]
-    if spacing == "logsnr":
-      targets = np.linspace(lowest, highest, num_steps)
-    else:  # σ^{1/ρ} = e^{−λ/ρ}, even from σ_max^{1/ρ} to σ_min^{1/ρ}
-      lowest = max(lowest, KARRAS_LOG_SNR_FLOOR)
-      targets = -KARRAS_RHO * np.log(np.linspace(
-          np.exp(-lowest / KARRAS_RHO), np.exp(-highest / KARRAS_RHO), num_steps))
-    steps = np.interp(targets, log_snr[finite][::-1], np.flatnonzero(finite)[::-1])[::-1]
-    steps[-1] = num_timesteps - 1
-  else:
-    validation.one_of("spacing", spacing, SPACINGS, "spacing")
-  steps = np.clip(np.round(steps).astype(np.int64), 0, num_timesteps - 1)
-  for i in range(1, num_steps):
-    steps[i] = max(steps[i], steps[i - 1] + 1)
-  for i in range(num_steps - 1, -1, -1):
-    steps[i] = min(steps[i], num_timesteps - num_steps + i)
-  return steps
-
-
-def respace(schedule: Schedule, timesteps) -> Schedule:
-  """The process that visits only `timesteps` (Improved DDPM §4): ᾱ'_i = ᾱ_{timesteps[i]}, so
-  β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}} = 1 − ∏_{S_{i−1} < s ≤ S_i} (1 − β_s), computed in float64."""
-  timesteps = np.asarray(timesteps)
-  if timesteps.ndim != 1 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 \
-      or timesteps[-1] >= schedule.num_timesteps:
-    raise ValueError("timesteps must be strictly increasing indices into the schedule")
-  alphas = 1.0 - np.asarray(schedule.betas, np.float64)
-  bounds = np.append(-1, timesteps)
-  betas = [1.0 - np.prod(alphas[lo + 1:hi + 1]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-  return schedules.from_betas(betas)
+# (ε̂, x̂0) of the denoiser at a point, with the run's guidance and x̂0 policy (see `run`).
+Denoise = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 class StepInputs(NamedTuple):
-  """What a step sees besides x_i: the step index i into the (respaced) schedule (a scalar), a
-  key of its own, and the denoiser's estimates ε̂ and x̂0 at x_i (x̂0 clipped or thresholded)."""
+  """What a step sees besides x_i: the step index i into the grid (a scalar), a key of its own,
+  the denoiser's estimates ε̂ and x̂0 at x_i (x̂0 clipped or thresholded; None for a sampler that
+  does not want them), and, for samplers that call the denoiser more than once a step,
+  `denoise(x, j)` at grid step j and `denoise_between(x, ᾱ)` at any ᾱ of a continuous process
+  (x the VP variable, as the step's own)."""
 
   index: jax.Array
   key: jax.Array
-  eps: jax.Array
-  x0: jax.Array
+  eps: jax.Array | None
+  x0: jax.Array | None
+  denoise: Denoise | None = None
+  denoise_between: Denoise | None = None
 
 
 class Sampler(NamedTuple):
   """`init(x_T) -> state`; `step(x_i, state, inputs, schedule) -> (x_{i−1}, state)`. Both pure;
-  `state` is any pytree the sampler carries from step to step (() for one-step methods)."""
+  `state` is any pytree the sampler carries from step to step (() for one-step methods).
+  `evaluated`: the driver calls the denoiser at x_i for the step (False for a sampler that
+  calls it itself, elsewhere)."""
 
   init: Callable[[jax.Array], Any]
   step: Callable[[jax.Array, Any, StepInputs, Schedule], tuple[jax.Array, Any]]
+  evaluated: bool = True
 
 
 class Samples(NamedTuple):
@@ -344,6 +291,80 @@ def unipc(order: int = 2, lower_order_final: bool = True) -> Sampler:
   return Sampler(init, step)
 
 
+def _ode_point(alpha_bar, ode_slopes):
+  """(τ, n) at a VP ᾱ of the process's own ODE variable x_ode = n·x = a(τ) x0 + b(τ) ε, where
+  a = 1 + a'τ, b = b'τ (`ode_slopes` = (a', b'): (0, 1) for x̃ = x/√ᾱ and σ̃, EDM's; (−1, 1) for
+  rectified flow's x and t). With α = √ᾱ, σ = √(1−ᾱ): τ = σ/(b'α − a'σ), n = b'/(b'α − a'σ)."""
+  slope_a, slope_b = ode_slopes
+  alpha, sigma = jnp.sqrt(alpha_bar), jnp.sqrt(1 - alpha_bar)
+  denominator = slope_b * alpha - slope_a * sigma
+  return sigma / denominator, slope_b / denominator
+
+
+def _heun_step(x_ode, tau, slope, tau_next, n_next, inputs: StepInputs, ode_slopes):
+  """x at τ_next by Heun's method from x_ode at τ, where dx_ode/dτ = `slope`: the Euler step,
+  then the average of the slopes at both ends (the one at τ_next from the denoiser at grid step
+  i − 1, dx_ode/dτ = a' x̂0 + b' ε̂); at the last step, which lands on the clean end, Euler alone
+  (EDM, Algorithm 1). Returns the VP variable."""
+  euler = x_ode + (tau_next - tau) * slope
+
+  def corrected():
+    eps, x0 = inputs.denoise(euler / n_next, inputs.index - 1)
+    return x_ode + (tau_next - tau) * 0.5 * (slope + ode_slopes[0] * x0 + ode_slopes[1] * eps)
+
+  return jax.lax.cond(inputs.index > 0, corrected, lambda: euler) / n_next
+
+
+def euler(ode_slopes=(0.0, 1.0)) -> Sampler:
+  """Euler's method on the probability-flow ODE in the process's own variables (`_ode_point`),
+  dx_ode/dτ = a' x̂0 + b' ε̂: x_ode(τ_{i−1}) = x_ode(τ_i) + (τ_{i−1} − τ_i)(a' x̂0_i + b' ε̂_i).
+  On rectified flow that is x_{t'} = x_t + (t' − t) v̂; for every process it equals DDIM (η = 0)."""
+
+  def update(x, inputs, schedule):
+    tau, n = _ode_point(schedule.alpha_bars[inputs.index], ode_slopes)
+    tau_next, n_next = _ode_point(schedule.alpha_bars_prev[inputs.index], ode_slopes)
+    slope = ode_slopes[0] * inputs.x0 + ode_slopes[1] * inputs.eps
+    return (n * x + (tau_next - tau) * slope) / n_next
+
+  return _stateless(update)
+
+
+def heun(ode_slopes=(0.0, 1.0)) -> Sampler:
+  """Heun's second-order method on the same ODE as `euler` (EDM, Algorithm 1: σ(t) = t, s = 1
+  for EDM; t and v for rectified flow): 2K − 1 network calls for K steps."""
+
+  def update(x, inputs, schedule):
+    tau, n = _ode_point(schedule.alpha_bars[inputs.index], ode_slopes)
+    tau_next, n_next = _ode_point(schedule.alpha_bars_prev[inputs.index], ode_slopes)
+    slope = ode_slopes[0] * inputs.x0 + ode_slopes[1] * inputs.eps
+    return _heun_step(n * x, tau, slope, tau_next, n_next, inputs, ode_slopes)
+
+  return _stateless(update)
+
+
+def edm_stochastic(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                   s_noise: float = 1.0) -> Sampler:
+  """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), on EDM's process (σ̃ = σ):
+  at step i, with γ_i = min(S_churn/K, √2 − 1) where S_tmin ≤ σ_i ≤ S_tmax (else 0),
+  σ̂ = (1 + γ_i) σ_i and x̂ = x_i + √(σ̂² − σ_i²) S_noise z, z ~ N(0, I); then Heun's step from
+  (x̂, σ̂) to σ_{i−1} with dx/dσ = (x̂ − D(x̂; σ̂))/σ̂ = ε̂. S_churn = 0 is `heun`."""
+
+  def update(x, inputs, schedule):
+    alpha_bar = schedule.alpha_bars[inputs.index]
+    sigma = jnp.sqrt(1 / alpha_bar - 1)
+    churn = min(s_churn / schedule.num_timesteps, math.sqrt(2) - 1)
+    sigma_hat = sigma * (1 + jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), churn, 0.0))
+    noise = jax.random.normal(inputs.key, x.shape, x.dtype)
+    x_hat = x / jnp.sqrt(alpha_bar) + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * noise
+    alpha_bar_hat = 1 / (1 + sigma_hat**2)
+    eps, _ = inputs.denoise_between(x_hat * jnp.sqrt(alpha_bar_hat), alpha_bar_hat)
+    tau_next, n_next = _ode_point(schedule.alpha_bars_prev[inputs.index], (0.0, 1.0))
+    return _heun_step(x_hat, sigma_hat, eps, tau_next, n_next, inputs, (0.0, 1.0))
+
+  sampler = _stateless(update)
+  return sampler._replace(evaluated=False)
+
+
 def dynamic_threshold(x0, percentile: float):
   """Imagen's dynamic thresholding (Saharia et al. 2022): per sample s = max(q_p(|x̂0|), 1),
   x̂0 ← clip(x̂0, −s, s)/s, so x̂0 ∈ [−1, 1] without flattening everything beyond ±1."""
@@ -353,33 +374,61 @@ def dynamic_threshold(x0, percentile: float):
   return jnp.clip(x0, -scale, scale) / scale
 
 
-class Grid(NamedTuple):
-  """The K steps a sampler visits: `schedule` indexed by step i = 0 … K−1 (the respaced chain,
-  ᾱ'_i = ᾱ_{t_i}) and `timesteps` [K], the network's timestep t_i at each step."""
+def _x0_policy(x, eps, x0, clip_x0: bool, threshold_percentile: float | None, predict_eps):
+  """x̂0 clipped to [−1, 1] (`clip_x0`), then dynamically thresholded, and ε̂ recomputed from it
+  by `predict_eps(x, x̂0)`; (ε̂, x̂0) unchanged when neither applies."""
+  if clip_x0:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = predict_eps(x, x0)
+  if threshold_percentile is not None:
+    x0 = dynamic_threshold(x0, threshold_percentile)
+    eps = predict_eps(x, x0)
+  return eps, x0
 
-  schedule: Schedule
-  timesteps: jax.Array
 
+def _denoisers(denoiser: Denoiser, params, grid: Grid, options: "SamplingOptions", labels):
+  """(denoise(x, j), denoise_between(x, ᾱ)): (ε̂, x̂0) at grid step j [scalar], and at a VP ᾱ
+  off the grid (continuous processes), x the VP variable; the network under guidance, x̂0 under
+  the options' policy."""
+  process = denoiser.process
+  policy = functools.partial(_x0_policy, clip_x0=options.clip_x0,
+                             threshold_percentile=options.threshold_percentile)
 
-def sampling_grid(schedule: Schedule, num_steps: int, spacing: str) -> Grid:
-  """The grid of `num_steps` timesteps spaced by `spacing` (`spaced_timesteps`) on `schedule`.
-  NumPy on the host: `schedule` must be concrete (under `jax.jit`, close over it)."""
-  timesteps = spaced_timesteps(schedule, num_steps, spacing)
-  return Grid(respace(schedule, timesteps), jnp.asarray(timesteps))
+  def output_at(x_t, t):
+    return denoiser.output(params, x_t, jnp.full(x_t.shape[:1], t, t.dtype), labels,
+                           options.guidance_scale)
+
+  def denoise(x, j):
+    t, index = grid.timesteps[j], jnp.full(x.shape[:1], j, jnp.int32)
+    x_t = x if grid.scales is None else grid.scales[j] * x
+    eps, x0 = process.eps_and_x0_on_grid(grid, index, x, output_at(x_t, t))
+    return policy(x, eps, x0, predict_eps=lambda x, x0: diffusion.predict_eps(
+        grid.schedule, x, index, x0))
+
+  def denoise_between(x, alpha_bar):
+    t = process.time_at(alpha_bar)
+    alpha, sigma = process.alpha_sigma(t)
+    x_t = jnp.sqrt(alpha**2 + sigma**2) * x
+    eps, x0 = process.eps_and_x0(x_t, t, output_at(x_t, t))
+    return policy(x, eps, x0, predict_eps=lambda x, x0: (x - jnp.sqrt(alpha_bar) * x0)
+                  / jnp.sqrt(1 - alpha_bar))
+
+  return denoise, denoise_between
 
 
 def run(sampler: Sampler, denoiser: Denoiser, params, grid: Grid, key, options: "SamplingOptions",
         *, labels=None, trajectory_every: int | None = None, x_init=None) -> Samples:
   """`sampler` from x_T to x0 in one `lax.scan` over the grid's steps i = K−1 … 0.
 
-  x_T is `x_init`, or N(0, I) [options.batch_size, *image shape] drawn with the first key of
-  split(key); step i gets key i of split(second key, K). The network sees t = grid.timesteps[i]
-  (with `labels`, under classifier-free guidance `options.guidance_scale`: `Denoiser.output`);
-  its output becomes (ε̂, x̂0) on the grid's schedule; x̂0 is clipped to [−1, 1] by
-  `options.clip_x0` (a bool here: see `SamplingOptions.resolved`), then dynamically
+  x_T is `x_init`, or N(0, (1 − ᾱ_{K−1}) I) [options.batch_size, *image shape] (N(0, I) on
+  DDPM's chain, as DDPM draws it) drawn with the first key of split(key); step i gets key
+  K−1−i of split(second key, K) (the scan's i-th). The network sees the process's time
+  grid.timesteps[i] (with `labels`, under classifier-free guidance `options.guidance_scale`:
+  `Denoiser.output`); its output becomes (ε̂, x̂0) of the grid's VP variable; x̂0 is clipped to
+  [−1, 1] by `options.clip_x0` (a bool here: see `SamplingOptions.resolved`), then dynamically
   thresholded at `options.threshold_percentile` if given, with ε̂ recomputed from it.
   """
-  schedule, timesteps = grid
+  schedule, timesteps = grid.schedule, grid.timesteps
   num_steps = schedule.num_timesteps
   if trajectory_every is not None and trajectory_every < 1:
     raise ArgumentError("trajectory_every", trajectory_every, "expected a whole number ≥ 1")
@@ -387,29 +436,27 @@ def run(sampler: Sampler, denoiser: Denoiser, params, grid: Grid, key, options: 
     denoiser.check_labels(labels)
   init_key, noise_key = jax.random.split(key)
   shape = (options.batch_size, *denoiser.image_shape)
-  x = jax.random.normal(init_key, shape, jnp.float32) if x_init is None else x_init
+  if x_init is None:
+    x_init = jax.random.normal(init_key, shape, jnp.float32)
+    if grid.scales is not None:
+      x_init = jnp.sqrt(1 - schedule.alpha_bars[-1]) * x_init
   indices = jnp.arange(num_steps - 1, -1, -1)
-  xs = (indices, timesteps[indices], jax.random.split(noise_key, num_steps))
+  xs = (indices, jax.random.split(noise_key, num_steps))
+  denoise, denoise_between = _denoisers(denoiser, params, grid, options, labels)
 
   def step(carry, xs):
     x, state = carry
-    i, t, step_key = xs
-    index = jnp.full(x.shape[:1], i, jnp.int32)
-    output = denoiser.output(params, x, jnp.full(x.shape[:1], t, jnp.int32), labels,
-                             options.guidance_scale)
-    eps, x0 = diffusion.eps_and_x0(schedule, denoiser.prediction, x, index, output,
-                                   options.clip_x0)
-    if options.threshold_percentile is not None:
-      x0 = dynamic_threshold(x0, options.threshold_percentile)
-      eps = diffusion.predict_eps(schedule, x, index, x0)
-    return sampler.step(x, state, StepInputs(i, step_key, eps, x0), schedule)
+    i, step_key = xs
+    eps, x0 = denoise(x, i) if sampler.evaluated else (None, None)
+    inputs = StepInputs(i, step_key, eps, x0, denoise, denoise_between)
+    return sampler.step(x, state, inputs, schedule)
 
-  carry = (x, sampler.init(x))
+  carry = (x_init, sampler.init(x_init))
   if trajectory_every is None:
     (x, _), _ = jax.lax.scan(lambda carry, xs: (step(carry, xs), None), carry, xs)
     return Samples(x)
   num_frames = 1 + -(-num_steps // trajectory_every)
-  frames = jnp.zeros((num_frames, *x.shape), x.dtype).at[0].set(x)
+  frames = jnp.zeros((num_frames, *x_init.shape), x_init.dtype).at[0].set(x_init)
 
   def step_and_record(carry_and_frames, xs):
     carry, frames = carry_and_frames
@@ -423,34 +470,77 @@ def run(sampler: Sampler, denoiser: Denoiser, params, grid: Grid, key, options: 
 
 
 class Registered(NamedTuple):
-  """A sampler's factory, the spacing of its timesteps by default, whether it clips x̂0 to
-  [−1, 1] by default, and which `SamplingOptions` fields are its factory's keywords."""
+  """A sampler's factory, the spacing of its timesteps by default on DDPM's chain and on the
+  continuous processes (None there: the process's own, `spacings[0]`), whether it clips x̂0 to
+  [−1, 1] by default, which `SamplingOptions` fields are its factory's keywords, whether it
+  integrates the process's own ODE (`ode`: it takes the process's `ode_slopes`), and the
+  processes it is defined for (None: every one)."""
 
   make: Callable[..., Sampler]
   spacing: str
   clip_x0: bool
   options: tuple[str, ...] = ()
+  ode: bool = False
+  processes: tuple[str, ...] | None = None
+  continuous_spacing: str | None = None
 
 
 SAMPLERS = {
     "ddpm": Registered(ddpm, spacing="uniform", clip_x0=True, options=("variance",)),
     "ddim": Registered(ddim, spacing="uniform", clip_x0=True, options=("eta",)),
-    "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False),
-    "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False),
+    "dpm_solver": Registered(dpm_solver, spacing="logsnr", clip_x0=False,
+                             continuous_spacing="logsnr"),
+    "dpm_solver_3m": Registered(dpm_solver_3m, spacing="logsnr", clip_x0=False,
+                                continuous_spacing="logsnr"),
     "dpm_solver_sde": Registered(functools.partial(dpm_solver, eta=1.0), spacing="logsnr",
-                                 clip_x0=False),
-    "unipc": Registered(unipc, spacing="logsnr", clip_x0=False),
+                                 clip_x0=False, continuous_spacing="logsnr"),
+    "unipc": Registered(unipc, spacing="logsnr", clip_x0=False, continuous_spacing="logsnr"),
+    "euler": Registered(euler, spacing="karras", clip_x0=False, ode=True),
+    "heun": Registered(heun, spacing="karras", clip_x0=False, ode=True),
+    "edm_stochastic": Registered(edm_stochastic, spacing="karras", clip_x0=False,
+                                 options=("s_churn", "s_tmin", "s_tmax", "s_noise"),
+                                 processes=("edm",)),
 }
+
+
+def _check_fields(options: "SamplingOptions") -> None:
+  """ArgumentError naming the first field of `options` out of its range, or a sampler's own
+  option given to another sampler."""
+  validation.one_of("sampler", options.sampler, SAMPLERS, "sampler")
+  if options.num_steps is not None:
+    validation.whole("num_steps", options.num_steps, 1)
+  if options.spacing is not None:
+    validation.one_of("spacing", options.spacing, SPACINGS, "spacing")
+  validation.boolean("clip_x0", options.clip_x0, optional=True)
+  if options.threshold_percentile is not None:
+    validation.real("threshold_percentile", options.threshold_percentile, 0.0, 1.0,
+                    low_included=False, high_included=True)
+  validation.real("eta", options.eta, 0.0)
+  validation.one_of("variance", options.variance, diffusion.VARIANCES, "variance")
+  for name in ("s_churn", "s_tmin", "s_noise"):
+    validation.real(name, getattr(options, name), 0.0)
+  if not options.s_tmax > options.s_tmin:
+    raise ArgumentError("s_tmax", options.s_tmax, f"must exceed s_tmin = {options.s_tmin}")
+  validation.real("guidance_scale", options.guidance_scale, 0.0)
+  validation.whole("batch_size", options.batch_size, 1)
+  defaults = {field.name: field.default for field in dataclasses.fields(options)}
+  own = SAMPLERS[options.sampler].options
+  for name in {option for registered in SAMPLERS.values() for option in registered.options}:
+    if name not in own and getattr(options, name) != defaults[name]:
+      takers = [sampler for sampler, registered in SAMPLERS.items() if name in registered.options]
+      raise ArgumentError(name, getattr(options, name), f"an option of sampler "
+                          f"{' or '.join(takers)}, not of {options.sampler}")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-  """How to sample, as one value: `sampler` on `num_steps` timesteps (None: all T) spaced by
-  `spacing`, x̂0 clipped to [−1, 1] by `clip_x0` and/or dynamically thresholded at
-  `threshold_percentile`, the sampler's own options (`eta` of ddim, `variance` of ddpm),
+  """How to sample, as one value: `sampler` on `num_steps` steps (None: the process's default,
+  all T on DDPM's chain) spaced by `spacing`, x̂0 clipped to [−1, 1] by `clip_x0` and/or
+  dynamically thresholded at `threshold_percentile`, the sampler's own options (`eta` of ddim,
+  `variance` of ddpm, EDM's S_churn, S_tmin, S_tmax and S_noise of edm_stochastic),
   classifier-free guidance `guidance_scale`, and `batch_size` images per compiled call.
-  `spacing` and `clip_x0` None: the sampler's registered defaults (`resolved`). Checked on
-  creation: errors.ArgumentError naming the field and its value."""
+  `spacing` and `clip_x0` None: the defaults (`resolved`). Checked on creation:
+  errors.ArgumentError naming the field and its value."""
 
   sampler: str = "ddpm"
   num_steps: int | None = None
@@ -459,30 +549,15 @@ class SamplingOptions:
   threshold_percentile: float | None = None
   eta: float = 0.0
   variance: str = "beta"
+  s_churn: float = 0.0
+  s_tmin: float = 0.0
+  s_tmax: float = math.inf
+  s_noise: float = 1.0
   guidance_scale: float = 0.0
   batch_size: int = 64
 
   def __post_init__(self):
-    validation.one_of("sampler", self.sampler, SAMPLERS, "sampler")
-    if self.num_steps is not None:
-      validation.whole("num_steps", self.num_steps, 1)
-    if self.spacing is not None:
-      validation.one_of("spacing", self.spacing, SPACINGS, "spacing")
-    validation.boolean("clip_x0", self.clip_x0, optional=True)
-    if self.threshold_percentile is not None:
-      validation.real("threshold_percentile", self.threshold_percentile, 0.0, 1.0,
-                      low_included=False, high_included=True)
-    validation.real("eta", self.eta, 0.0)
-    validation.one_of("variance", self.variance, diffusion.VARIANCES, "variance")
-    validation.real("guidance_scale", self.guidance_scale, 0.0)
-    validation.whole("batch_size", self.batch_size, 1)
-    defaults = {field.name: field.default for field in dataclasses.fields(self)}
-    own = SAMPLERS[self.sampler].options
-    for name in {option for registered in SAMPLERS.values() for option in registered.options}:
-      if name not in own and getattr(self, name) != defaults[name]:
-        takers = [sampler for sampler, registered in SAMPLERS.items() if name in registered.options]
-        raise ArgumentError(name, getattr(self, name), f"an option of sampler "
-                            f"{' or '.join(takers)}, not of {self.sampler}")
+    _check_fields(self)
 
   @classmethod
   def from_config(cls, section) -> "SamplingOptions":
@@ -492,39 +567,59 @@ class SamplingOptions:
     return cls(**{name: section[name] for name in names if name in section})
 
   def check_model(self, denoiser: Denoiser) -> None:
-    """ArgumentError where these options cannot sample `denoiser`: more steps than its T, or
-    guidance for an unconditional model."""
-    num_timesteps = denoiser.schedule.num_timesteps
-    if self.num_steps is not None and self.num_steps > num_timesteps:
-      raise ArgumentError("num_steps", self.num_steps, f"more than the model's T = "
-                          f"{num_timesteps} diffusion steps; choose 1 … {num_timesteps}")
+    """ArgumentError where these options cannot sample `denoiser`: a sampler not defined for
+    its process, a spacing its process has not, more steps than DDPM's T, the ODE samplers at
+    zero terminal SNR, or guidance for an unconditional model."""
+    process, registered = denoiser.process, SAMPLERS[self.sampler]
+    if registered.processes is not None and process.name not in registered.processes:
+      raise ArgumentError("sampler", self.sampler, f"defined for the process "
+                          f"{' or '.join(registered.processes)} only; this model's is "
+                          f"{process.name}")
+    if self.spacing is not None:
+      validation.one_of("spacing", self.spacing, process.spacings,
+                        f"spacing for the {process.name} process")
+    if not process.continuous:
+      num_timesteps = process.num_timesteps
+      if self.num_steps is not None and self.num_steps > num_timesteps:
+        raise ArgumentError("num_steps", self.num_steps, f"more than the model's T = "
+                            f"{num_timesteps} diffusion steps; choose 1 … {num_timesteps}")
+      if registered.ode and np.asarray(process.schedule.alpha_bars)[-1] == 0:
+        raise ArgumentError("sampler", self.sampler, "integrates in σ̃ = √(1/ᾱ − 1), which is "
+                            "infinite at zero terminal SNR; use ddim or a DPM-Solver")
     if self.guidance_scale and denoiser.num_classes < 1:
       raise ArgumentError("guidance_scale", self.guidance_scale, "this model is unconditional "
                           "(num_classes = 0): guidance needs a class-conditional model")
 
-  def resolved(self, num_timesteps: int) -> "SamplingOptions":
-    """These options with every default made explicit: all T steps, and the sampler's spacing
-    and x̂0 clipping where they are None."""
+  def resolved(self, process) -> "SamplingOptions":
+    """These options with every default made explicit for `process`: its default step count
+    (DDPM: all T), the sampler's spacing for the process (logsnr for the DPM-Solvers and UniPC;
+    else on DDPM's chain the sampler's own, on the others the process's) and the sampler's x̂0
+    clipping where they are None."""
     registered = SAMPLERS[self.sampler]
+    spacing = (registered.spacing if not process.continuous
+               else registered.continuous_spacing or process.spacings[0])
     return dataclasses.replace(
-        self, num_steps=num_timesteps if self.num_steps is None else self.num_steps,
-        spacing=self.spacing or registered.spacing,
+        self, num_steps=process.default_steps() if self.num_steps is None else self.num_steps,
+        spacing=self.spacing or spacing,
         clip_x0=registered.clip_x0 if self.clip_x0 is None else self.clip_x0)
 
-  def make_sampler(self) -> Sampler:
-    """The sampler, made with its own options."""
+  def make_sampler(self, process) -> Sampler:
+    """The sampler, made with its own options (and `process`'s ODE where it integrates it)."""
     registered = SAMPLERS[self.sampler]
-    return registered.make(**{name: getattr(self, name) for name in registered.options})
+    keywords = {name: getattr(self, name) for name in registered.options}
+    if registered.ode:
+      keywords["ode_slopes"] = process.ode_slopes
+    return registered.make(**keywords)
 
 
 def sample(denoiser: Denoiser, params, key, options: SamplingOptions, *, labels=None,
            trajectory_every: int | None = None, x_init=None) -> Samples:
-  """`run` of `options.sampler` on `options.num_steps` timesteps (default all T) spaced by
-  `options.spacing` (`sampling_grid`), showing the network the original timesteps; defaults as
-  `SamplingOptions.resolved` says. The grid is NumPy on the host, so the denoiser's schedule
-  must be concrete: under `jax.jit`, close over the denoiser."""
+  """`run` of `options.sampler` on the grid of `options.num_steps` steps spaced by
+  `options.spacing` that the denoiser's process makes, defaults as `SamplingOptions.resolved`
+  says. The grid is NumPy on the host, so the process must be concrete: under `jax.jit`, close
+  over the denoiser."""
   options.check_model(denoiser)
-  options = options.resolved(denoiser.schedule.num_timesteps)
-  grid = sampling_grid(denoiser.schedule, options.num_steps, options.spacing)
-  return run(options.make_sampler(), denoiser, params, grid, key, options, labels=labels,
-             trajectory_every=trajectory_every, x_init=x_init)
+  options = options.resolved(denoiser.process)
+  grid = denoiser.process.sampling_grid(options.num_steps, options.spacing)
+  return run(options.make_sampler(denoiser.process), denoiser, params, grid, key, options,
+             labels=labels, trajectory_every=trajectory_every, x_init=x_init)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import validation
+from jaxdiff.errors import ArgumentError
 
 
 class Schedule(NamedTuple):
@@ -156,4 +157,71 @@ def from_config(diffusion_config) -> Schedule:
   betas = SCHEDULES[name](diffusion_config.num_timesteps, **options)
   if diffusion_config.get("rescale_zero_terminal_snr", False):
     betas = rescale_zero_terminal_snr(betas)
+  return from_betas(betas)
+
+
+SPACINGS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+KARRAS_RHO = 7.0
+KARRAS_LOG_SNR_FLOOR = -5.0
+
+
+def spaced_timesteps(schedule: Schedule, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """`num_steps` distinct timesteps of 0 … T−1, increasing.
+
+  uniform:   round(linspace(0, T−1, K))       — even steps, first 0 and last T−1 (iDDPM, DDIM);
+  trailing:  round(i·T/K) − 1, i = 1 … K      — even steps ending at T−1 (Lin et al. 2024);
+  quadratic: round(linspace(0, √(0.8·T), K)²) — dense near t = 0 (DDIM's CIFAR-10 choice);
+  logsnr:    even steps in λ = log(√ᾱ/√(1−ᾱ)) from t = T−1 to 0 (DPM-Solver's choice); where
+             ᾱ_{T−1} = 0 (zero terminal SNR, λ = −∞), T−1 and then the steps as from T−2.
+  karras:    even steps in σ^{1/ρ}, σ = e^{−λ}, ρ = 7 (Karras et al. 2022, eq. 5), from σ_max to
+             σ_min = σ_0; a step is Δλ ∝ σ^{−1/ρ}, so against logsnr, short steps at high noise
+             and long ones at low noise. σ_max is σ_{T−1}, but at most e^5 (λ ≥ −5, where
+             DPM-Solver ends its cosine schedule), so that a schedule that lingers at pure noise
+             (cosine: λ_{T−1} ≈ −10) spends no steps there; T−1 stays the first step.
+  Rounding collisions are pushed apart so that the K timesteps are distinct.
+  """
+  num_timesteps = schedule.num_timesteps
+  if not 1 <= num_steps <= num_timesteps:
+    raise ArgumentError("num_steps", num_steps, f"expected 1 … T = {num_timesteps}")
+  if spacing == "uniform":
+    steps = np.linspace(0, num_timesteps - 1, num_steps)
+  elif spacing == "trailing":
+    steps = np.arange(1, num_steps + 1) * num_timesteps / num_steps - 1
+  elif spacing == "quadratic":
+    steps = np.linspace(0, np.sqrt(0.8 * num_timesteps), num_steps) ** 2
+  elif spacing in ("logsnr", "karras"):
+    alpha_bars = np.asarray(schedule.alpha_bars, np.float64)
+    with np.errstate(divide="ignore"):
+      log_snr = 0.5 * (np.log(alpha_bars) - np.log1p(-alpha_bars))  # decreasing in t
+    finite = np.isfinite(log_snr)  # all but λ_{T−1} = −∞ of a zero-terminal-SNR schedule
+    lowest, highest = log_snr[finite][-1], log_snr[0]
+    if spacing == "logsnr":
+      targets = np.linspace(lowest, highest, num_steps)
+    else:  # σ^{1/ρ} = e^{−λ/ρ}, even from σ_max^{1/ρ} to σ_min^{1/ρ}
+      lowest = max(lowest, KARRAS_LOG_SNR_FLOOR)
+      targets = -KARRAS_RHO * np.log(np.linspace(
+          np.exp(-lowest / KARRAS_RHO), np.exp(-highest / KARRAS_RHO), num_steps))
+    steps = np.interp(targets, log_snr[finite][::-1], np.flatnonzero(finite)[::-1])[::-1]
+    steps[-1] = num_timesteps - 1
+  else:
+    validation.one_of("spacing", spacing, SPACINGS, "spacing")
+  steps = np.clip(np.round(steps).astype(np.int64), 0, num_timesteps - 1)
+  for i in range(1, num_steps):
+    steps[i] = max(steps[i], steps[i - 1] + 1)
+  for i in range(num_steps - 1, -1, -1):
+    steps[i] = min(steps[i], num_timesteps - num_steps + i)
+  return steps
+
+
+def respace(schedule: Schedule, timesteps) -> Schedule:
+  """The process that visits only `timesteps` (Improved DDPM §4): ᾱ'_i = ᾱ_{timesteps[i]}, so
+  β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}} = 1 − ∏_{S_{i−1} < s ≤ S_i} (1 − β_s), computed in float64."""
+  timesteps = np.asarray(timesteps)
+  if timesteps.ndim != 1 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 \
+      or timesteps[-1] >= schedule.num_timesteps:
+    raise ArgumentError("timesteps", timesteps.tolist(), "expected strictly increasing indices "
+                        "into the schedule")
+  alphas = 1.0 - np.asarray(schedule.betas, np.float64)
+  bounds = np.append(-1, timesteps)
+  betas = [1.0 - np.prod(alphas[lo + 1:hi + 1]) for lo, hi in zip(bounds[:-1], bounds[1:])]
   return from_betas(betas)

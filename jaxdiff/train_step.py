@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff import losses, parallel, validation
+from jaxdiff import losses, parallel, phema, validation
 from jaxdiff.denoiser import Denoiser
 
 
@@ -27,6 +27,7 @@ class TrainState(flax.struct.PyTreeNode):
   ema_params: Any
   opt_state: Any
   rng: jax.Array           # typed key; step s uses fold_in(rng, s)
+  phema: tuple = ()        # post-hoc EMA: one average of params per tracked profile, or none
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -76,12 +77,37 @@ def ema_update(ema_params, params, decay):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def phema_profiles(train_config) -> tuple[float, ...]:
+  """The σ_rel of each post-hoc EMA profile training tracks: `train.phema_sigma_rels` when
+  `train.phema_every` > 0 (snapshots are saved), else none."""
+  if not train_config.get("phema_every", 0):
+    return ()
+  return tuple(train_config.phema_sigma_rels)
+
+
+def averages_fn(train_config) -> Callable:
+  """(ema_params, phema, params, step) ↦ the averages after optimizer step number `step` + 1
+  made `params`: the EMA (`ema_update` at `ema_decay_fn`'s decay) and each tracked post-hoc EMA
+  profile (`phema.update`)."""
+  decay_fn, sigma_rels = ema_decay_fn(train_config), phema_profiles(train_config)
+
+  def averages(ema_params, phema_averages, params, step):
+    ema_params = ema_update(ema_params, params, decay_fn(step))
+    if sigma_rels:
+      phema_averages = phema.update(phema_averages, params, step + 1, sigma_rels)
+    return ema_params, phema_averages
+
+  return averages
+
+
 def init_state(denoiser: Denoiser, train_config, key) -> TrainState:
-  """A fresh TrainState: params initialised from `key`, EMA equal to them, step 0."""
+  """A fresh TrainState: params initialised from `key`, EMA and post-hoc EMA profiles equal to
+  them, step 0."""
   init_key, rng = jax.random.split(key)
-  params = denoiser.init(init_key)
+  params, profiles = denoiser.init(init_key), phema_profiles(train_config)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=make_optimizer(train_config).init(params), rng=rng)
+                    opt_state=make_optimizer(train_config).init(params), rng=rng,
+                    phema=phema.init(params, profiles) if profiles else ())
 
 
 def abstract_state(denoiser: Denoiser, train_config, mesh: Mesh | None = None) -> TrainState:
@@ -125,9 +151,9 @@ def make_loss_fn(denoiser: Denoiser, diffusion_config) -> Callable:
     return denoiser.output(params, x_t, t, labels, train=True, rngs={"dropout": key})
 
   def loss_fn(params, batch, draws, dropout_key):
-    return losses.loss_from_draws(denoise_fn, params, denoiser.schedule, batch, draws,
-                                  dropout_key, denoiser.prediction,
-                                  diffusion_config.loss_weighting, diffusion_config.min_snr_gamma)
+    return losses.loss_from_draws(denoise_fn, params, denoiser.process, batch, draws,
+                                  dropout_key, diffusion_config.loss_weighting,
+                                  diffusion_config.min_snr_gamma)
 
   return loss_fn
 
@@ -182,16 +208,18 @@ def accumulated_value_and_grad(loss_fn: Callable, num_micro_batches: int) -> Cal
 
 def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable,
                optimizer: optax.GradientTransformation, learning_rate_fn: optax.Schedule,
-               ema_decay_fn: Callable, num_timesteps: int, loss_bins: int,
+               averages_fn: Callable, time_bins: Callable, loss_bins: int,
                grad_accum_steps: int = 1):
   """One optimizer step on a global batch; returns (new state, metrics).
 
   key = fold_in(rng, step); (draws, dropout key) = `draw_fn(key, batch)` for the whole batch;
   (loss, grads) of `loss_fn(params, batch, draws, dropout_key)`, accumulated over
   `grad_accum_steps` micro-batches (`accumulated_value_and_grad`); params ← optimizer update;
-  θ_ema ← d·θ_ema + (1 − d)·θ with d = `ema_decay_fn(step)`. A step whose loss or gradient
-  is not finite leaves params, EMA and optimizer state as they were (only `step` advances, so
-  the next step draws fresh noise) and reports `finite = False`.
+  the averages of the params after it, `averages_fn` (the EMA θ_ema ← d·θ_ema + (1 − d)·θ, and
+  the post-hoc EMA profiles). A step whose loss or gradient is not finite leaves params, EMA and
+  optimizer state as they were (only `step` advances, so the next step draws fresh noise; the
+  post-hoc profiles average the kept params, staying exact power-function averages) and reports
+  `finite = False`.
   The metrics also give ‖Δθ‖/‖θ‖ (`relative_update`), which shows an exploding but still
   finite update.
   """
@@ -203,30 +231,28 @@ def train_step(state: TrainState, batch, *, draw_fn: Callable, loss_fn: Callable
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = ema_update(state.ema_params, params, ema_decay_fn(state.step))
   keep_if_finite = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
+  params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+  ema_params, phema_averages = averages_fn(state.ema_params, state.phema, params, state.step)
   new_state = state.replace(
-      step=state.step + 1,
-      params=keep_if_finite(params, state.params),
+      step=state.step + 1, params=params,
       ema_params=keep_if_finite(ema_params, state.ema_params),
-      opt_state=keep_if_finite(opt_state, state.opt_state))
+      opt_state=keep_if_finite(opt_state, state.opt_state), phema=phema_averages)
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
       "relative_update": optax.tree.norm(updates) / optax.tree.norm(state.params),
       "learning_rate": learning_rate_fn(state.step),
       "finite": finite,
-      **loss_by_timestep(aux["per_example_loss"], aux["t"], num_timesteps, loss_bins),
+      **loss_by_timestep(aux["per_example_loss"], time_bins(aux["t"], loss_bins), loss_bins),
   }
   return new_state, metrics
 
 
-def loss_by_timestep(per_example_loss, t, num_timesteps: int, num_bins: int):
-  """Sums and counts of the per-example loss (as optimized: weighted where the loss is) in
-  `num_bins` equal bins of t."""
-  bins = t * num_bins // num_timesteps
+def loss_by_timestep(per_example_loss, bins, num_bins: int):
+  """Sums and counts of the per-example loss (as optimized: weighted where the loss is) in the
+  `num_bins` bins of the process's time (`process.time_bin`) that `bins` [B] give."""
   return {
       "loss_bin_sum": jax.ops.segment_sum(per_example_loss, bins, num_bins),
       "loss_bin_count": jax.ops.segment_sum(jnp.ones_like(per_example_loss), bins, num_bins),
@@ -244,16 +270,16 @@ def make_train_step(denoiser: Denoiser, config, mesh: Mesh):
   `lax.scan` of the step): it takes K stacked batches [K, B, ...] and returns the state after
   the K-th step and the metrics of each step stacked [K, ...], as K calls would.
   """
-  train_config, num_timesteps = config.train, denoiser.schedule.num_timesteps
+  train_config, process = config.train, denoiser.process
   parallel.check_divisible(train_config.batch_size, mesh, train_config.grad_accum_steps)
   step = functools.partial(
       train_step,
-      draw_fn=functools.partial(losses.draw_noise, num_timesteps=num_timesteps,
+      draw_fn=functools.partial(losses.draw_noise, process=process,
                                 num_classes=denoiser.num_classes, p_uncond=train_config.p_uncond),
       loss_fn=parallel.split_loss_fn(make_loss_fn(denoiser, config.diffusion), mesh),
       optimizer=make_optimizer(train_config),
       learning_rate_fn=learning_rate_schedule(train_config),
-      ema_decay_fn=ema_decay_fn(train_config), num_timesteps=num_timesteps,
+      averages_fn=averages_fn(train_config), time_bins=process.time_bin,
       loss_bins=train_config.loss_bins, grad_accum_steps=train_config.grad_accum_steps)
   batch_sharding = parallel.batch_sharding(mesh)
   if train_config.steps_per_call > 1:

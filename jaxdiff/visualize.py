@@ -8,26 +8,24 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxdiff import diffusion, images, storage
-from jaxdiff.schedules import Schedule
+from jaxdiff import images, storage
 
-PANEL_TIMESTEPS = (50, 250, 500, 750, 950)
 PANEL_COLUMNS = ("x0", "x_t", "noise ε", "predicted ε̂", "x̂0 in one step")
 
 
-def denoising_rows(predict_fn, schedule: Schedule, x0, noise, timesteps, prediction="eps"):
-  """For each t: [x0, x_t, ε, ε̂, x̂0] with x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, ε̂ from the network,
-  and x̂0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t. Returns float [len(timesteps), N, 5, H, W, C].
-
-  `predict_fn(x_t, t)` is the network output (ε, x0 or v by `prediction`) for a batch.
-  """
+def denoising_rows(process, predict_fn, x0, noise, times):
+  """For each time t of the noise process: [x0, x_t, ε, ε̂, x̂0] with x_t = α_t x0 + σ_t ε shown
+  as x_t/√(α_t² + σ_t²) (unit variance, whatever the process), and (ε̂, x̂0) what the network's
+  output `predict_fn(x_t, t)` means (`process.eps_and_x0`), x̂0 the image recovered in one step.
+  Returns float [len(times), N, 5, H, W, C]."""
   rows = []
-  for timestep in timesteps:
-    t = jnp.full(x0.shape[:1], timestep, jnp.int32)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    eps_hat, _ = diffusion.eps_and_x0(schedule, prediction, x_t, t, predict_fn(x_t, t))
-    x0_hat = diffusion.predict_x0(schedule, x_t, t, eps_hat)
-    rows.append(jnp.stack([x0, x_t, noise, eps_hat, x0_hat], axis=1))
+  for time in times:
+    t = jnp.full(x0.shape[:1], time)
+    x_t = process.q_sample(x0, t, noise)
+    eps_hat, x0_hat = process.eps_and_x0(x_t, t, predict_fn(x_t, t))
+    alpha, sigma = process.alpha_sigma(t)
+    shown = x_t / jnp.sqrt(alpha**2 + sigma**2).reshape(t.shape + (1,) * (x0.ndim - 1))
+    rows.append(jnp.stack([x0, shown, noise, eps_hat, x0_hat], axis=1))
   return np.asarray(jax.device_get(jnp.stack(rows)))
 
 

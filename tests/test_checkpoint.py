@@ -248,7 +248,7 @@ def test_sampling_reads_only_the_ema_params_and_config(tmp_path):
              for leaf in jax.tree.leaves(ema.params))
   trained = workdir.load_model(str(tmp_path), mesh=mesh_of(2))
   assert trained.step == 3 and trained.config == CONFIG
-  assert trained.denoiser.schedule.num_timesteps == CONFIG.diffusion.num_timesteps
+  assert trained.denoiser.process.num_timesteps == CONFIG.diffusion.num_timesteps
   assert_same_tree(trained.params, jax.device_get(state.ema_params))
   assert all(leaf.sharding == parallel.replicated(mesh_of(2))
              for leaf in jax.tree.leaves(trained.params))

@@ -71,7 +71,7 @@ def test_the_shipped_configs_pass(data_dir):
                                   "choose one of constant, cosine, linear"),
     (dict(sample__sampler="dpm"), "--config.sample.sampler=dpm: unknown sampler; choose one of "
                                   "ddpm, ddim, dpm_solver, dpm_solver_3m, dpm_solver_sde, unipc"),
-    (dict(eval__sampler="euler"), "--config.eval.sampler=euler: unknown sampler"),
+    (dict(eval__sampler="eulr"), "--config.eval.sampler=eulr: unknown sampler"),
     (dict(sample__spacing="karas"), "--config.sample.spacing=karas: unknown spacing; choose one "
                                     "of uniform, trailing, quadratic, logsnr, karras"),
     (dict(sample__num_steps=1001),

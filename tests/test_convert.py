@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import convert, models, samplers, schedules
+from jaxdiff import convert, models, processes, samplers, schedules
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import ArgumentError
 from jaxdiff.models import count_params
@@ -104,11 +104,11 @@ def test_ddpm_sampler_equals_diffusers_ddpm_scheduler_over_50_steps():
                                    variance="beta")
   schedule = schedules.from_config(ml_collections.ConfigDict(pipeline.diffusion))
   np.testing.assert_array_equal(
-      samplers.spaced_timesteps(schedule, num_steps, pipeline.sampling["spacing"]),
+      schedules.spaced_timesteps(schedule, num_steps, pipeline.sampling["spacing"]),
       ddpm["timesteps"][::-1])
   network = UNet(**pipeline.model)
-  ddpm_denoiser = Denoiser(network=network, schedule=schedule,
-                           prediction=pipeline.diffusion["prediction"],
+  ddpm_denoiser = Denoiser(network=network,
+                           process=processes.DDPM(schedule, pipeline.diffusion["prediction"]),
                            num_classes=network.num_classes, image_shape=pipeline.image_shape)
   options = samplers.SamplingOptions(num_steps=num_steps, batch_size=batch, **pipeline.sampling)
   sample = jax.jit(lambda params: samplers.sample(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxdiff import checkpoint, denoiser as denoiser_lib, generate, models, parallel, samplers
+from jaxdiff import checkpoint, denoiser as denoiser_lib, generate, models, parallel, processes, samplers
 from jaxdiff import schedules, train_step
 from jaxdiff.jobs import workdir as workdir_lib
 
@@ -64,8 +64,9 @@ def legacy_config():
 
 def legacy_denoiser(num_classes: int) -> denoiser_lib.Denoiser:
   network = models.UNet(**NETWORK, num_classes=num_classes)
-  return denoiser_lib.Denoiser(network=network, schedule=schedules.linear(NUM_TIMESTEPS),
-                               prediction="eps", num_classes=num_classes,
+  return denoiser_lib.Denoiser(network=network,
+                               process=processes.DDPM(schedules.linear(NUM_TIMESTEPS), "eps"),
+                               num_classes=num_classes,
                                image_shape=IMAGE_SHAPE)
 
 
@@ -123,7 +124,7 @@ def test_the_legacy_workdir_and_export_load_as_a_unet(folder):
   denoiser = trained.denoiser
   assert (denoiser.num_classes, denoiser.image_shape, denoiser.prediction) == (0, IMAGE_SHAPE,
                                                                                 "eps")
-  for got, expected in zip(denoiser.schedule, schedules.linear(NUM_TIMESTEPS)):
+  for got, expected in zip(denoiser.process.schedule, schedules.linear(NUM_TIMESTEPS)):
     np.testing.assert_array_equal(got, expected)
   expected = legacy_params(0)
   assert jax.tree.structure(trained.params) == jax.tree.structure(expected)

@@ -5,9 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import diffusion, losses, schedules
+from jaxdiff import diffusion, losses, processes, schedules
 
 SCHEDULE = schedules.linear(1000)
+
+
+def ddpm(prediction="eps", schedule=SCHEDULE):
+  return processes.DDPM(schedule, prediction)
 IMAGE = jnp.linspace(-1, 1, 4 * 4 * 3).reshape(1, 4, 4, 3)
 
 
@@ -26,8 +30,8 @@ def oracle(prediction):
 @pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
 def test_oracle_has_zero_loss(prediction):
   batch = {"image": jnp.broadcast_to(IMAGE, (64, 4, 4, 3))}
-  loss, aux = losses.diffusion_loss(oracle(prediction), None, SCHEDULE, batch,
-                                    jax.random.key(0), prediction)
+  loss, aux = losses.diffusion_loss(oracle(prediction), None, ddpm(prediction), batch,
+                                    jax.random.key(0))
   assert float(loss) < 1e-6
   assert aux["per_example_loss"].shape == (64,) and aux["t"].shape == (64,)
 
@@ -36,8 +40,8 @@ def test_null_network_loss_is_the_target_second_moment():
   """With output 0, L_simple = E‖ε‖²/D = 1 for ε, and E‖x0‖²/D for x0."""
   batch = {"image": jnp.broadcast_to(IMAGE, (4096, 4, 4, 3))}
   zero = lambda params, x_t, t, labels, key: jnp.zeros_like(x_t)
-  loss_eps, aux = losses.diffusion_loss(zero, None, SCHEDULE, batch, jax.random.key(1), "eps")
-  loss_x0, _ = losses.diffusion_loss(zero, None, SCHEDULE, batch, jax.random.key(1), "x0")
+  loss_eps, aux = losses.diffusion_loss(zero, None, ddpm("eps"), batch, jax.random.key(1))
+  loss_x0, _ = losses.diffusion_loss(zero, None, ddpm("x0"), batch, jax.random.key(1))
   assert abs(float(loss_eps) - 1) < 0.02
   np.testing.assert_allclose(loss_x0, jnp.mean(IMAGE**2), rtol=1e-5)
   t = np.asarray(aux["t"])
@@ -53,12 +57,12 @@ def test_labels_reach_the_network_and_are_dropped_at_rate_p_uncond():
 
   labels = jnp.arange(20000) % 10
   batch = {"image": jnp.zeros((20000, 1, 1, 1)), "label": labels}
-  losses.diffusion_loss(record, None, SCHEDULE, batch, jax.random.key(2), num_classes=10,
+  losses.diffusion_loss(record, None, ddpm(), batch, jax.random.key(2), num_classes=10,
                         p_uncond=0.2)
   dropped = np.asarray(seen["labels"] == 10)
   assert abs(dropped.mean() - 0.2) < 0.01
   np.testing.assert_array_equal(np.asarray(seen["labels"])[~dropped], np.asarray(labels)[~dropped])
-  losses.diffusion_loss(record, None, SCHEDULE, {"image": batch["image"]}, jax.random.key(2))
+  losses.diffusion_loss(record, None, ddpm(), {"image": batch["image"]}, jax.random.key(2))
   assert seen["labels"] is None  # unconditional models never see labels
 
 
@@ -117,8 +121,8 @@ def test_min_snr_losses_of_the_three_targets_agree_for_the_same_x0_error(schedul
                                              axis=(1, 2, 3))
   per_target = {}
   for prediction in diffusion.PREDICTIONS:
-    loss, aux = losses.loss_from_draws(denoise_fn(prediction), None, schedule, batch, draws, None,
-                                       prediction, "min_snr", 5.0)
+    loss, aux = losses.loss_from_draws(denoise_fn(prediction), None, ddpm(prediction, schedule),
+                                       batch, draws, None, "min_snr", 5.0)
     per_target[prediction] = aux["per_example_loss"]
     np.testing.assert_allclose(aux["per_example_loss"], expected, rtol=2e-3, atol=1e-7,
                                err_msg=prediction)
@@ -130,12 +134,12 @@ def test_min_snr_losses_of_the_three_targets_agree_for_the_same_x0_error(schedul
 @pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
 def test_no_weighting_is_plain_l_simple_bit_for_bit(prediction):
   batch = {"image": jnp.broadcast_to(IMAGE, (16, 4, 4, 3))}
-  draws, _ = losses.draw_noise(jax.random.key(5), batch, num_timesteps=1000)
+  draws, _ = losses.draw_noise(jax.random.key(5), batch, process=ddpm(prediction))
   x0_error = 0.1 * jax.random.normal(jax.random.key(6), batch["image"].shape)
   denoise_fn = implied_outputs(SCHEDULE, x0_error)(prediction)
-  loss, aux = losses.loss_from_draws(denoise_fn, None, SCHEDULE, batch, draws, None, prediction)
-  explicit, explicit_aux = losses.loss_from_draws(denoise_fn, None, SCHEDULE, batch, draws, None,
-                                                  prediction, "none", 5.0)
+  loss, aux = losses.loss_from_draws(denoise_fn, None, ddpm(prediction), batch, draws, None)
+  explicit, explicit_aux = losses.loss_from_draws(denoise_fn, None, ddpm(prediction), batch,
+                                                  draws, None, "none", 5.0)
   x_t = diffusion.q_sample(SCHEDULE, batch["image"], draws["t"], draws["noise"])
   target = diffusion.training_target(SCHEDULE, prediction, batch["image"], draws["t"],
                                      draws["noise"])
@@ -151,7 +155,7 @@ def test_unknown_loss_weighting():
   batch = {"image": jnp.zeros((2, 1, 1, 1))}
   with pytest.raises(ValueError, match="^loss_weighting = 'p2': unknown loss weighting; "
                                        "choose one of none, min_snr$"):
-    losses.diffusion_loss(lambda *args: jnp.zeros((2, 1, 1, 1)), None, SCHEDULE, batch,
+    losses.diffusion_loss(lambda *args: jnp.zeros((2, 1, 1, 1)), None, ddpm(), batch,
                           jax.random.key(0), weighting="p2")
 
 

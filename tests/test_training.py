@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from jaxdiff import denoiser as denoiser_lib, parallel, train_step
+from jaxdiff import denoiser as denoiser_lib, parallel, processes, schedules, train_step
 from tests.helpers import tiny_config
 
 
@@ -21,13 +21,19 @@ def digits_batch(batch_size=32, index=0):
   return {"image": jnp.float32(images), "label": jnp.int32(digits.target[rows])}
 
 
+# A DiT small enough to compile fast, with tensors large enough to be split over fsdp.
+TINY_DIT = dict(name="dit", patch_size=2, depth=2, width=64, num_heads=4)
+
+
 @functools.cache
 def compiled(mesh_shape=(1, 1), dtype="float32", dropout=0.1, grad_accum_steps=1,
-             steps_per_call=1):
+             steps_per_call=1, network="unet"):
   """(config, fresh-state function, jitted train step, mesh) on a (data, fsdp) mesh of the first
   data × fsdp devices, compiled once per module; the U-Net has one resolution level and no
-  attention, which halves the compile time and changes nothing the tests compare."""
-  config = tiny_config(dtype=dtype, dropout=dropout, ch_mult=(1,), attn_resolutions=())
+  attention, which halves the compile time and changes nothing the tests compare (`network`
+  "dit": `TINY_DIT`)."""
+  model = TINY_DIT if network == "dit" else dict(ch_mult=(1,), attn_resolutions=())
+  config = tiny_config(dtype=dtype, dropout=dropout, **model)
   config.train.update(grad_accum_steps=grad_accum_steps, steps_per_call=steps_per_call)
   data, fsdp = mesh_shape
   mesh = parallel.make_mesh(jax.devices()[:data * fsdp],
@@ -37,8 +43,8 @@ def compiled(mesh_shape=(1, 1), dtype="float32", dropout=0.1, grad_accum_steps=1
   return config, init, train_step.make_train_step(denoiser, config, mesh), mesh
 
 
-def run_steps(mesh_shape, num_steps, batch, dtype="float32"):
-  _, init, step_fn, mesh = compiled(mesh_shape, dtype)
+def run_steps(mesh_shape, num_steps, batch, dtype="float32", network="unet"):
+  _, init, step_fn, mesh = compiled(mesh_shape, dtype, network=network)
   state = init(jax.random.key(0))
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   history = []
@@ -87,6 +93,21 @@ def test_every_mesh_shape_gives_the_losses_of_one_device(mesh_shape):
   batch = digits_batch()
   _, one = run_steps((1, 1), 10, batch)
   _, four = run_steps(mesh_shape, 10, batch)
+  for a, b in zip(one, four):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [(4, 1), (2, 2)])
+def test_the_dit_gives_the_losses_of_one_device_on_every_mesh_shape(mesh_shape):
+  """The second network trains data-parallel and FSDP-sharded as the U-Net does (the state's
+  large tensors split over fsdp = 2)."""
+  batch = digits_batch()
+  _, one = run_steps((1, 1), 6, batch, network="dit")
+  state, four = run_steps(mesh_shape, 6, batch, network="dit")
+  if mesh_shape[1] > 1:
+    assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
   for a, b in zip(one, four):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
     np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
@@ -161,7 +182,8 @@ def test_non_finite_step_leaves_the_state_untouched():
 def test_loss_by_timestep_bins_cover_every_example():
   per_example = jnp.arange(10.0)
   t = jnp.array([0, 9, 10, 19, 50, 55, 90, 99, 99, 0])
-  result = train_step.loss_by_timestep(per_example, t, 100, 10)
+  bins = processes.DDPM(schedules.linear(100)).time_bin(t, 10)
+  result = train_step.loss_by_timestep(per_example, bins, 10)
   np.testing.assert_array_equal(result["loss_bin_count"], [3, 2, 0, 0, 0, 2, 0, 0, 0, 3])
   np.testing.assert_allclose(result["loss_bin_sum"], [0 + 1 + 9, 2 + 3, 0, 0, 0, 4 + 5, 0, 0, 0,
                                                       6 + 7 + 8])

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jaxdiff import schedules, train_step, visualize
+from jaxdiff import processes, schedules, train_step, visualize
 
 SCHEDULE = schedules.linear(1000)
+DDPM = processes.DDPM(SCHEDULE, "eps")
 
 
 def inputs(n=3):
@@ -19,8 +20,7 @@ def inputs(n=3):
 
 def test_recovered_x0_is_x0_when_the_prediction_is_the_true_noise():
   x0, noise = inputs()
-  rows = visualize.denoising_rows(lambda x_t, t: noise, SCHEDULE, x0, noise,
-                                  visualize.PANEL_TIMESTEPS)
+  rows = visualize.denoising_rows(DDPM, lambda x_t, t: noise, x0, noise, DDPM.panel_times())
   assert rows.shape == (5, 3, 5, 8, 8, 1)
   np.testing.assert_array_equal(rows[:, :, 0], np.broadcast_to(x0, rows[:, :, 0].shape))
   np.testing.assert_array_equal(rows[:, :, 3], rows[:, :, 2])
@@ -31,21 +31,21 @@ def test_recovered_x0_is_x0_when_the_prediction_is_the_true_noise():
 def test_a_null_network_recovers_a_rescaled_x_t():
   """ε̂ = 0 gives x̂0 = x_t/√ᾱ_t: the one-step guess of an untrained network."""
   x0, noise = inputs()
-  rows = visualize.denoising_rows(lambda x_t, t: jnp.zeros_like(x_t), SCHEDULE, x0, noise, (500,))
+  rows = visualize.denoising_rows(DDPM, lambda x_t, t: jnp.zeros_like(x_t), x0, noise, (500,))
   np.testing.assert_allclose(rows[0, :, 4], rows[0, :, 1] / np.sqrt(SCHEDULE.alpha_bars[500]),
                              rtol=1e-5)
 
 
 def test_panel_image_has_a_row_per_t_and_image_and_five_columns():
   x0, noise = inputs(2)
-  rows = visualize.denoising_rows(lambda x_t, t: noise, SCHEDULE, x0, noise, (50, 950))
+  rows = visualize.denoising_rows(DDPM, lambda x_t, t: noise, x0, noise, (50, 950))
   panel = visualize.denoising_panel(rows)
   tile = 8 * 4 + 1  # 8×8 images are shown 4× with a 1-pixel gap
   assert panel.shape == (2 * 2 * tile + 1, 5 * tile + 1, 1) and panel.dtype == np.uint8
 
 
 def test_loss_plot_draws_the_loss_curve_and_the_late_bin_means(tmp_path):
-  bins = train_step.loss_by_timestep(jnp.ones(1000), jnp.arange(1000), 1000, 10)
+  bins = train_step.loss_by_timestep(jnp.ones(1000), DDPM.time_bin(jnp.arange(1000), 10), 10)
   np.testing.assert_array_equal(bins["loss_bin_count"], [100] * 10)  # every bin is covered
   with open(tmp_path / "metrics.jsonl", "w") as f:
     for step in range(1, 21):

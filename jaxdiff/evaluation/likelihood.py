@@ -39,7 +39,7 @@ def make_bound_fn(denoiser: Denoiser, params, mesh, *, num_levels: int,
   holds 'image' in [−1, 1] (snapped to the `num_levels` grid here), 'label' and 'mask' (False on
   padding). The params keep the train state's layout (`parallel.state_shardings` of `params`).
   """
-  schedule = denoiser.schedule
+  schedule, prediction = denoiser.process.schedule, denoiser.process.prediction
   num_timesteps = schedule.num_timesteps
 
   def bound(params, batch, key):
@@ -52,7 +52,7 @@ def make_bound_fn(denoiser: Denoiser, params, mesh, *, num_levels: int,
       noise = jax.random.normal(jax.random.fold_in(key, t), x0.shape, x0.dtype)
       t_batch = jnp.full(x0.shape[:1], t, jnp.int32)
       return losses.vb_term(network, params, schedule, x0, t_batch, noise,
-                            num_levels=num_levels, prediction=denoiser.prediction,
+                            num_levels=num_levels, prediction=prediction,
                             variance=variance, clip_x0=clip_x0)
 
     terms = jax.lax.map(term_at, jnp.arange(num_timesteps), batch_size=timestep_chunk)

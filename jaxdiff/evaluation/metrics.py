@@ -48,12 +48,14 @@ class Request(NamedTuple):
 class Metric:
   """`compute(denoiser, params, data_config, mesh, key, request)` → a dict of results;
   `judges_samples`: it scores `request.num_samples` (default `default_num_samples`) samples;
-  `check(data_config)`: ValueError where it cannot run on this dataset or machine."""
+  `check(data_config)`: ValueError where it cannot run on this dataset or machine;
+  `processes`: the noise processes it is defined for (None: every one)."""
 
   compute: Callable[..., dict]
   judges_samples: bool
   default_num_samples: int | None
   check: Callable = lambda data_config: None
+  processes: tuple[str, ...] | None = None
 
 
 def bits_per_dim(denoiser: Denoiser, params, data_config, mesh, key, request: Request) -> dict:
@@ -62,7 +64,7 @@ def bits_per_dim(denoiser: Denoiser, params, data_config, mesh, key, request: Re
   levels = likelihood.pixel_levels(data.dataset_info(data_config), data_config.image_size)
   bound_fn = likelihood.make_bound_fn(
       denoiser, params, mesh, num_levels=levels, variance=request.variance,
-      timestep_chunk=min(request.timestep_chunk, denoiser.schedule.num_timesteps))
+      timestep_chunk=min(request.timestep_chunk, denoiser.process.num_timesteps))
   batch_size, num_images = request.sampling.batch_size, request.num_images
   if num_images is not None:
     batch_size = min(batch_size, math.ceil(num_images / mesh.size) * mesh.size)
@@ -89,7 +91,7 @@ def _sample_metric(judge: Callable) -> Callable[..., dict]:
                                should_stop=request.should_stop)
     sampling_seconds = time.perf_counter() - start
     scores = judge(images.to_uint8(result["images"]), result["labels"], data_config, mesh)
-    options = request.sampling.resolved(denoiser.schedule.num_timesteps)
+    options = request.sampling.resolved(denoiser.process)
     return {**scores, "sampler": options.sampler, "num_steps": options.num_steps,
             "sampling": dataclasses.asdict(options), "sampling_seconds": sampling_seconds,
             **result["timing"]}
@@ -104,7 +106,8 @@ def _check_labelled(data_config) -> None:
 
 
 METRICS = {
-    "bpd": Metric(bits_per_dim, judges_samples=False, default_num_samples=None),
+    "bpd": Metric(bits_per_dim, judges_samples=False, default_num_samples=None,
+                  processes=("ddpm",)),
     "fid": Metric(
         _sample_metric(lambda samples, labels, data_config, mesh:
                        fid.fid_of_samples(samples, data_config, mesh=mesh)),
@@ -117,11 +120,15 @@ METRICS = {
 }
 
 
-def check_metric(name: str, data_config) -> Metric:
-  """The metric `name`, once it is known to run on this dataset and machine (ArgumentError
-  naming 'metric' otherwise)."""
+def check_metric(name: str, data_config, process: str = "ddpm") -> Metric:
+  """The metric `name`, once it is known to run on this dataset, machine and noise process
+  (ArgumentError naming 'metric' otherwise)."""
   if name not in METRICS:
     raise ArgumentError("metric", name, f"unknown metric; choose one of {', '.join(METRICS)}")
+  if METRICS[name].processes is not None and process not in METRICS[name].processes:
+    raise ArgumentError("metric", name, f"defined for the process "
+                        f"{' or '.join(METRICS[name].processes)} only (the bound of its "
+                        f"discrete chain); this model's is {process}")
   try:
     METRICS[name].check(data_config)
   except (ValueError, FileNotFoundError) as error:
@@ -132,7 +139,7 @@ def check_metric(name: str, data_config) -> Metric:
 def evaluate(name: str, denoiser: Denoiser, params, data_config, mesh, key,
              request: Request = Request()) -> dict:
   """Metric `name` of `params`, as `request` says (its defaults: the metric's)."""
-  metric = check_metric(name, data_config)
+  metric = check_metric(name, data_config, denoiser.process.name)
   if metric.judges_samples and request.num_samples is None:
     request = request._replace(num_samples=metric.default_num_samples)
   return metric.compute(denoiser, params, data_config, mesh, key, request)

@@ -20,11 +20,6 @@ def panel_inputs(data_config, key, num_images: int = 4):
   return x0, np.asarray(jax.random.normal(key, x0.shape))
 
 
-def panel_timesteps(schedule) -> tuple[int, ...]:
-  """DDPM's t = 50, 250, 500, 750, 950 of T = 1000, scaled to the schedule's T."""
-  return tuple(t * schedule.num_timesteps // 1000 for t in visualize.PANEL_TIMESTEPS)
-
-
 @functools.lru_cache(maxsize=8)
 def compiled_output(denoiser: Denoiser):
   """`denoiser.output` jitted once per denoiser, so a panel runs it as one program, not op by
@@ -38,5 +33,4 @@ def panel(denoiser: Denoiser, params, x0, noise) -> np.ndarray:
   output = compiled_output(denoiser)
   predict_fn = lambda x_t, t: output(params, x_t, t)
   return visualize.denoising_panel(visualize.denoising_rows(
-      predict_fn, denoiser.schedule, x0, noise, panel_timesteps(denoiser.schedule),
-      denoiser.prediction))
+      denoiser.process, predict_fn, x0, noise, denoiser.process.panel_times()))

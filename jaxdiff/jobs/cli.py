@@ -375,6 +375,12 @@ class SamplingFlags:
     self.guidance_scale = flags.DEFINE_float(
         "guidance_scale", None, "Classifier-free guidance w (default: the model's own, else 0: "
         "the plain conditional model).")
+    self.s_churn = flags.DEFINE_float(
+        "s_churn", None, "edm_stochastic's S_churn: the noise added back each step (default 0: "
+        "the Heun sampler).")
+    self.s_tmin = flags.DEFINE_float("s_tmin", None, "edm_stochastic's S_tmin (default 0).")
+    self.s_tmax = flags.DEFINE_float("s_tmax", None, "edm_stochastic's S_tmax (default ∞).")
+    self.s_noise = flags.DEFINE_float("s_noise", None, "edm_stochastic's S_noise (default 1).")
     self.dtype = flags.DEFINE_string(
         "dtype", None, f"The network's compute dtype, {' or '.join(validation.COMPUTE_DTYPES)} "
         "(default: the model's config.model.dtype). Params, time and the sampler stay float32.")

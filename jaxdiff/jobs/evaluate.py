@@ -42,7 +42,7 @@ def run(workdir: str, metric: str, sampling: dict | None = None, *,
     trained = workdir_lib.load_model(workdir, checkpoint_step)
     config = trained.config
     with cli.naming_flags():
-      metrics.check_metric(metric, config.data)
+      metrics.check_metric(metric, config.data, trained.denoiser.process.name)
       denoiser = trained.denoiser.computing_in(dtype)
       request = metrics.Request(sampling=cli.sampling_options(config.eval, sampling or {}),
                                 num_samples=num_samples, num_images=num_images,

@@ -83,7 +83,7 @@ def run(workdir: str, output_dir: str, sampling: dict | None = None, *,
                           labels=result["labels"] if result["labels"] is not None
                           else np.full(num_samples, -1, np.int32))
     settings = dict(workdir=storage.resolve(workdir), checkpoint_step=step,
-                    **dataclasses.asdict(options.resolved(denoiser.schedule.num_timesteps)),
+                    **dataclasses.asdict(options.resolved(denoiser.process)),
                     num_samples=num_samples, seed=seed,
                     class_label=class_label, trajectory_every=trajectory_every,
                     dtype=denoiser.dtype, **result["timing"], devices=len(mesh.devices.flat),

@@ -248,6 +248,29 @@ class _Outputs:
     self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
 
+class PhemaSnapshotsDue:
+  """The post-hoc EMA snapshots of a run (`checkpoint.PhemaSnapshots`), saved every
+  `train.phema_every` steps and at the last one, of healthy states only; nothing when the run
+  tracks no profiles."""
+
+  def __init__(self, workdir: str, train_config):
+    self.every, self.last_step = train_config.get("phema_every", 0), train_config.num_steps
+    self.sigma_rels = train_step.phema_profiles(train_config)
+    self.snapshots = (checkpoint.PhemaSnapshots(workdir, train_config.phema_keep or None)
+                      if self.every else None)
+
+  def save_if_due(self, step: int, averages, window: "MetricsWindow") -> None:
+    if self.snapshots and is_due(step, self.every, self.last_step):
+      window.flush()  # the health of `step` itself
+      if window.health.healthy:
+        with window.paused():
+          self.snapshots.save(step, averages, self.sigma_rels)
+
+  def close(self) -> None:
+    if self.snapshots:
+      self.snapshots.close()
+
+
 class Profiler:
   """A `jax.profiler` trace of steps first..last (inclusive; with several steps per call, of the
   calls that hold them) into WORKDIR/profile, which TensorBoard's profile tab reads
@@ -426,6 +449,7 @@ def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary
                       train_config.max_relative_update)
   step_fn, window = _metrics_window(config, denoiser, mesh, writer, health, first_step)
   start_time, step, stop = time.perf_counter(), first_step, cli.StopSignal()
+  snapshots = PhemaSnapshotsDue(workdir, train_config)
 
   def save_if_healthy(step: int, *, wait: bool = False) -> None:
     check_lock()
@@ -449,6 +473,7 @@ def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary
         final = step == last_step or stopping
         if final or is_due(step, train_config.checkpoint_every, last_step):
           save_if_healthy(step, wait=final)
+        snapshots.save_if_due(step, state.phema, window)
         if not stopping:
           try:
             with window.paused():
@@ -466,7 +491,8 @@ def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary
       if not health.healthy:
         raise TrainingError(_diverged_message(health, workdir))
   finally:
-    _close_all(profiler.close, window.progress.close, checkpointer.close, writer.close)
+    _close_all(profiler.close, window.progress.close, checkpointer.close, snapshots.close,
+               writer.close)
   if is_chief:
     visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
                           storage.join(workdir, "losses.png"))
