@@ -14,10 +14,12 @@ from jaxdiff.samplers import SamplingOptions
 
 
 class Stopped(Exception):
-  """Generation was asked to stop (`should_stop`) before it drew every batch."""
+  """Work in batches (sampling, an evaluation) was asked to stop (`should_stop`) before its last
+  batch; `done` batches were, of `total` (None: not known)."""
 
-  def __init__(self, done: int, total: int):
-    super().__init__(f"stopped after {done} of {total} sampling batches")
+  def __init__(self, done: int, total: int | None, what: str = "sampling"):
+    of_total = "" if total is None else f" of {total}"
+    super().__init__(f"stopped after {done}{of_total} {what} batches")
     self.done, self.total = done, total
 
 

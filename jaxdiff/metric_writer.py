@@ -77,10 +77,11 @@ class TensorBoardSink:
 def _stop_event_writer(event_writer) -> None:
   """Mark a tensorboardX (2.6) EventFileWriter closed, its thread stopped, and its gs:// record
   writer's upload at collection disabled."""
-  if not event_writer._closed:  # pylint: disable=protected-access  (no public way: see above)
-    event_writer._worker.stop()  # pylint: disable=protected-access
-    event_writer._closed = True  # pylint: disable=protected-access
-  record_writer = event_writer._ev_writer._py_recordio_writer._writer  # pylint: disable=protected-access
+  # pylint: disable=protected-access  (no public way: see TensorBoardSink.close)
+  if not event_writer._closed:
+    event_writer._worker.stop()
+    event_writer._closed = True
+  record_writer = event_writer._ev_writer._py_recordio_writer._writer
   if type(record_writer).__name__ == "GCSRecordWriter":
     record_writer.close = lambda: None
 

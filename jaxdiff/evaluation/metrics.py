@@ -26,8 +26,8 @@ class Request(NamedTuple):
   batch size also batches bpd's images), `num_samples` (sample metrics; None: the metric's
   default), `num_images` (bpd's held-out images; None: all), and bpd's reverse-process
   `variance` (σ_t² = β_t or β̃_t) and `timestep_chunk` (network calls of the bound run at once).
-  `should_stop`: asked before each batch of samples (`generate.generate`), which raises
-  `generate.Stopped` where it answers yes."""
+  `should_stop`: asked before each batch of samples (`generate.generate`) or of bpd's images,
+  which raises `generate.Stopped` where it answers yes."""
 
   sampling: SamplingOptions = SamplingOptions()
   num_samples: int | None = None
@@ -70,12 +70,22 @@ def bits_per_dim(denoiser: Denoiser, params, data_config, mesh, key, request: Re
     batch_size = min(batch_size, math.ceil(num_images / mesh.size) * mesh.size)
   batches = data.make_eval_iterator(data_config, batch_size, mesh, limit=num_images)
   try:
-    result = likelihood.bits_per_dim(bound_fn, params, batches, key, denoiser.image_shape)
+    result = likelihood.bits_per_dim(bound_fn, params, _stoppable(batches, request.should_stop),
+                                     key, denoiser.image_shape)
   finally:
     batches.close()
   return {"metric": f"NLL bound, bits/dim (DDPM L_vlb, {levels}-level discretised decoder, "
                     f"σ² = {request.variance})",
           **result, "uniform_bpd": math.log2(levels), "pixel_levels": levels}
+
+
+def _stoppable(batches, should_stop: Callable[[], bool] | None):
+  """`batches`, with `should_stop()` asked before each is computed (`generate.Stopped` where it
+  answers yes)."""
+  for done, batch in enumerate(batches):
+    if should_stop is not None and should_stop():
+      raise generate.Stopped(done, None, "bits/dim")
+    yield batch
 
 
 def _sample_metric(judge: Callable) -> Callable[..., dict]:
