@@ -15,7 +15,7 @@ import math
 
 from jaxdiff import (config_io, data, denoiser as denoiser_lib, diffusion, errors, losses,
                      metric_writer, models, parallel, phema, processes, samplers, schedules,
-                     train_step, validation)
+                     storage, train_step, validation)
 from jaxdiff.evaluation import metrics
 
 # Whole-number fields and the smallest value each allows.
@@ -254,10 +254,16 @@ def check_dataset(config) -> None:
   with refusing("data."):
     if not isinstance(name, str) or not name:
       raise data.unknown_dataset_error(name, directory)
+    if isinstance(directory, str) and storage.exists(directory) and not storage.isdir(directory):
+      raise usage_error("data.data_dir", directory, "is a file; give a folder (created if absent)")
     try:
       data.dataset_info(config.data)
     except ImportError as error:  # a packaged dataset whose package is not installed
       raise usage_error("data.dataset", name, error) from error
+    except (NotADirectoryError, FileExistsError, PermissionError) as error:  # see the message
+      raise usage_error("data.data_dir", directory,
+                        f"cannot prepare the dataset there ({error.strerror}: {error.filename}); "
+                        f"give a folder this user can write") from error
     except FileNotFoundError as error:  # a missing folder or an unprepared TFDS dataset
       advice = (f"; give {data.FOLDER_PREFIX}PATH of an existing folder of PNG/JPEG images"
                 if name.startswith(data.FOLDER_PREFIX) else "")

@@ -2,6 +2,7 @@
 as `samplers.SamplingOptions` say."""
 
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -12,9 +13,19 @@ from jaxdiff.denoiser import Denoiser
 from jaxdiff.samplers import SamplingOptions
 
 
+class Stopped(Exception):
+  """Work in batches (sampling, an evaluation) was asked to stop (`should_stop`) before its last
+  batch; `done` batches were, of `total` (None: not known)."""
+
+  def __init__(self, done: int, total: int | None, what: str = "sampling"):
+    of_total = "" if total is None else f" of {total}"
+    super().__init__(f"stopped after {done}{of_total} {what} batches")
+    self.done, self.total = done, total
+
+
 def generate(denoiser: Denoiser, params, key, options: SamplingOptions, *, num_samples: int,
              labels=None, trajectory_every: int | None = None, mesh=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, should_stop: Callable[[], bool] | None = None) -> dict:
   """`num_samples` images in [−1, 1], `options.batch_size` at a time, as numpy arrays:
   {'images': [N, H, W, C], 'labels': [N] or None, 'trajectory': [frames, N, H, W, C] or None,
    'timing': {'first_batch_seconds', 'images_per_second'}}: the wall time of the first batch
@@ -27,6 +38,8 @@ def generate(denoiser: Denoiser, params, key, options: SamplingOptions, *, num_s
   axis is split over the mesh, so the images do not depend on the number of devices (or hosts:
   every host gets every image). The params keep the train state's layout
   (`parallel.state_shardings`). The last partial batch is computed whole and cut.
+  `should_stop()` is asked before each batch; where it answers yes, `Stopped` is raised (on
+  several processes it must answer alike on all, as `cli.StopSignal` does).
   """
   mesh = parallel.make_mesh() if mesh is None else mesh
   batch_size = options.batch_size
@@ -60,6 +73,8 @@ def generate(denoiser: Denoiser, params, key, options: SamplingOptions, *, num_s
                             num_batches * batch_size).astype(np.int32)
   batches, seconds = [], []
   for b in tqdm(range(num_batches), desc="sampling", unit="batch", disable=not progress):
+    if should_stop is not None and should_stop():
+      raise Stopped(b, num_batches)
     batch_labels = padded_labels[b * batch_size:(b + 1) * batch_size]
     start = time.perf_counter()
     batches.append(jax.device_get(sample_batch(params, np.int32(b), batch_labels)))
@@ -94,10 +109,10 @@ def _labels(denoiser: Denoiser, labels, num_samples: int, guidance_scale: float)
 
 
 def sample_grid(denoiser: Denoiser, params, options: SamplingOptions, num_samples: int, mesh,
-                key) -> np.ndarray:
+                key, should_stop: Callable[[], bool] | None = None) -> np.ndarray:
   """A uint8 grid of `num_samples` images sampled as `options` say (conditional models: the
-  classes in turn)."""
+  classes in turn); `Stopped` where `should_stop()` answers yes before a batch."""
   result = generate(denoiser, params, key, options, num_samples=num_samples, mesh=mesh,
-                    progress=False)
+                    progress=False, should_stop=should_stop)
   size = denoiser.image_shape[0]
   return images.make_grid(images.to_uint8(result["images"]), scale=images.display_scale(size))

@@ -6,13 +6,17 @@ A sink is a class taken as `Sink(directory)` with `write(step, scalars)`,
 class and a name in SINKS. Both sinks here work in a gs:// workdir: metrics.jsonl is rewritten
 whole at each write (objects cannot be appended to), and tensorboardX uploads its whole event
 file at each flush (google-cloud-storage, installed with the `gcs` extra).
+
+A sink that cannot write or close (a full disk, unreachable storage) is a MetricsError, said in
+one line; `close` closes every sink whatever the others raise, and leaves nothing to retry at
+the interpreter's exit.
 """
 
 import json
 import math
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
-from jaxdiff import storage, validation
+from jaxdiff import errors, storage, validation
 from jaxdiff.errors import ArgumentError
 
 DEFAULT_SINKS = ("jsonl", "tensorboard")
@@ -58,7 +62,28 @@ class TensorBoardSink:
     self._writer.add_image(name, image, int(step), dataformats="HWC")
 
   def close(self) -> None:
-    self._writer.close()
+    """Flush (upload) the events and stop tensorboardX's writers, so that nothing is written
+    after this: tensorboardX marks a writer closed only once its last flush succeeded, so its
+    atexit hook would flush a failed one again (a traceback at exit), and a gs:// event file is
+    uploaded again when collected (retried for 120 s where storage is unreachable)."""
+    file_writers = list((self._writer.all_writers or {}).values())
+    try:
+      self._writer.close()
+    finally:
+      for file_writer in file_writers:
+        _stop_event_writer(file_writer.event_writer)
+
+
+def _stop_event_writer(event_writer) -> None:
+  """Mark a tensorboardX (2.6) EventFileWriter closed, its thread stopped, and its gs:// record
+  writer's upload at collection disabled."""
+  # pylint: disable=protected-access  (no public way: see TensorBoardSink.close)
+  if not event_writer._closed:
+    event_writer._worker.stop()
+    event_writer._closed = True
+  record_writer = event_writer._ev_writer._py_recordio_writer._writer
+  if type(record_writer).__name__ == "GCSRecordWriter":
+    record_writer.close = lambda: None
 
 
 SINKS = {"jsonl": JsonlSink, "tensorboard": TensorBoardSink}
@@ -74,26 +99,45 @@ def check_sinks(names) -> tuple[str, ...]:
   return tuple(names)
 
 
+class MetricsError(errors.JobError):
+  """A metric sink could not write or close; the message says where and why."""
+
+
 class MetricWriter:
   """Writes each row to every sink in `sinks` (names in SINKS) under `directory`. A disabled
   writer (hosts other than process 0) writes nothing. `close` is safe to call twice."""
 
   def __init__(self, directory: str, sinks: Sequence[str] = DEFAULT_SINKS,
                enabled: bool = True):
+    self.directory = storage.resolve(directory)
     self._sinks = [SINKS[name](directory) for name in check_sinks(sinks)] if enabled else []
 
   def write(self, step: int, scalars: dict) -> None:
-    for sink in self._sinks:
-      sink.write(step, scalars)
+    _each_sink(self._sinks, f"write the metrics in {self.directory}",
+               lambda sink: sink.write(step, scalars))
 
   def write_image(self, step: int, name: str, image) -> None:
-    for sink in self._sinks:
-      sink.write_image(step, name, image)
+    _each_sink(self._sinks, f"write the metrics in {self.directory}",
+               lambda sink: sink.write_image(step, name, image))
 
   def close(self) -> None:
+    """Close every sink, whatever the others raise (the first failure is raised after)."""
     sinks, self._sinks = self._sinks, []
-    for sink in sinks:
-      sink.close()
+    _each_sink(sinks, f"close the metrics in {self.directory}", lambda sink: sink.close())
+
+
+def _each_sink(sinks: Sequence[Sink], what: str, action: Callable[[Sink], None]) -> None:
+  """`action(sink)` for every sink, whatever the others raise; then MetricsError for the first
+  that failed."""
+  failures = []
+  for sink in sinks:
+    try:
+      action(sink)
+    except Exception as error:  # pylint: disable=broad-exception-caught  (OSError, GCS errors)
+      failures.append(error)
+  if failures:
+    raise MetricsError(f"could not {what} ({type(failures[0]).__name__}: "
+                       f"{errors.one_line(failures[0], 300)})") from failures[0]
 
 
 def _json_number(value):

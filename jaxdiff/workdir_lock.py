@@ -32,8 +32,10 @@ a long checkpoint interval) and stops with the process; a job-called heartbeat w
 stale time to the longest gap between calls, hours on a big run. A lock not refreshed for the
 `stale_after_s` its holder wrote into it (by the bucket's clock, compared with this host's: NTP
 keeps Cloud VMs within milliseconds) is stale, and is taken over by an upload conditional on its
-generation. A holder whose refresh finds another generation has lost the lock: `check()` says so.
-Unreachable storage is given up after `give_up_s`, a missing bucket refused, each in one line.
+generation; so, at once, is one whose holder is known gone (a process of this host that no
+longer exists: a run killed on this VM and started again). A holder whose refresh finds another
+generation has lost the lock: `check()` says so. Unreachable storage is given up after
+`give_up_s` (default GIVE_UP_S), a missing bucket refused, each in one line.
 """
 
 import atexit
@@ -155,17 +157,17 @@ class WorkdirLock:
 
 
 def acquire(workdir: str, *, stale_after_s: float = STALE_AFTER_S,
-            give_up_s: float = GIVE_UP_S) -> WorkdirLock:
+            give_up_s: float | None = None) -> WorkdirLock:
   """Take WORKDIR's lock (creating the folder) before anything else is written there.
 
   WorkdirLocked (an ArgumentError) where another live run holds it; a stale one is taken over
   and that said in one warning line. For gs://: `stale_after_s` is written into the lock as
-  this holder's promise (it refreshes 4× as often), `give_up_s` bounds the wait for the bucket
-  (LockError); a missing bucket is an ArgumentError.
+  this holder's promise (it refreshes 4× as often), `give_up_s` (None: GIVE_UP_S) bounds the
+  wait for the bucket (LockError); a missing bucket is an ArgumentError.
   """
   workdir = storage.resolve(workdir)
   if storage.is_url(workdir):
-    lock, detail = _ObjectLock.acquire(workdir, stale_after_s, give_up_s)
+    lock, detail = _ObjectLock.acquire(workdir, stale_after_s, give_up_s or GIVE_UP_S)
   else:
     lock, detail = _FileLock.acquire(workdir), "ended without releasing it"
   if lock.took_over:
@@ -292,10 +294,11 @@ class _ObjectLock(WorkdirLock):
           if content:
             previous = Holder.from_bytes(content)
             stale_after = previous.stale_after_s or STALE_AFTER_S
-            if age < stale_after:
+            if age < stale_after and not previous.is_gone():
               raise WorkdirLocked(workdir, previous, f"; it refreshed the lock {age:.0f} s ago, "
                                   f"and a lock not refreshed for {stale_after:.0f} s is stale")
-            detail = (f"stopped refreshing it {age:.0f} s ago (a lock is stale after "
+            detail = ("ended without releasing it" if previous.is_gone() else
+                      f"stopped refreshing it {age:.0f} s ago (a lock is stale after "
                       f"{stale_after:.0f} s)")
         generation = lock_object.write(holder.to_bytes(), generation)
       except exceptions.PreconditionFailed:

@@ -1,8 +1,10 @@
 """The programs' error contract: a bad input is one line on stderr and exit 2, before anything is
 written; a failure at run time one line and exit 1; the traceback only when asked for."""
 
+import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +13,8 @@ import pytest
 from ml_collections import config_dict
 
 from configs import default
-from jaxdiff import errors
+from jaxdiff import errors, generate
+from jaxdiff.evaluation import metrics
 from jaxdiff.jobs import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -143,3 +146,37 @@ def test_override_fields_and_config_path_read_the_command_line():
   assert cli.config_path(["train.py"], "configs/default.py") == "configs/default.py"
   names = cli.config_field_names(config_dict.ConfigDict({"a": 1, "b": {"c": 2}}))
   assert names == ["a", "b", "b.c"]
+
+
+def test_a_signal_is_heard_at_the_next_batch_and_stoppable_work_ends_as_interrupted():
+  stop = cli.StopSignal()
+  with stop.installed():
+    assert not stop.should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.should_stop() and stop.received == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+  batches = metrics._stoppable(iter(["a", "b", "c"]), iter([False, True]).__next__)
+  assert next(batches) == "a"
+  with pytest.raises(generate.Stopped, match="stopped after 1 bits/dim batches"):
+    next(batches)
+  with pytest.raises(cli.Interrupted) as interrupted:
+    with cli.stoppable() as stop:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.should_stop()
+      raise generate.Stopped(2, 5)
+  assert interrupted.value.signum == signal.SIGINT
+  assert str(interrupted.value) == ("SIGINT received: stopped after 2 of 5 sampling batches; "
+                                    "nothing was written")
+
+
+def test_library_failure_records_are_dropped_only_where_contained():
+  record = logging.LogRecord("absl", logging.ERROR, "/x/site-packages/orbax/checkpoint/future.py",
+                             387, "failed", None, None)
+  ours = logging.LogRecord("absl", logging.ERROR, "/x/jaxdiff/checkpoint.py", 1, "ours", None, None)
+  absl_logger = logging.getLogger("absl")
+  try:
+    cli.contain_library_output(True)
+    assert not absl_logger.filter(record) and absl_logger.filter(ours)
+  finally:
+    cli.contain_library_output(False)
+  assert absl_logger.filter(record)

@@ -16,12 +16,14 @@ import pytest
 from jaxdiff import errors, workdir_lock
 from tests.helpers import REPO
 
-# A process that takes the lock (at Unix time START_AT, to race), says what it got as one JSON
-# line, and holds it until its stdin closes.
+# A process that takes the lock (at Unix time START_AT, to race; as if on host HOST where given),
+# says what it got as one JSON line, and holds it until its stdin closes.
 _HOLDER = """
-import json, sys, time
+import json, socket, sys, time
 from jaxdiff import workdir_lock
 workdir, stale_after_s, start_at = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+if sys.argv[4:]:
+  socket.gethostname = lambda: sys.argv[4]
 time.sleep(max(0.0, start_at - time.time()))
 try:
   lock = workdir_lock.acquire(workdir, stale_after_s=stale_after_s, give_up_s=10)
@@ -36,14 +38,17 @@ lock.release()
 # The stale times the gs:// holders declare: short for those the tests kill, long for live ones,
 # which a loaded machine may hold up for seconds between refreshes.
 KILLED_STALE_S, LIVE_STALE_S = 2.0, 30.0
+ANOTHER_VM = "another-vm"  # a host name that is not this one's
 
 
 class Holder:
   """A process running _HOLDER; `said` is its JSON line."""
 
-  def __init__(self, workdir: str, stale_after_s: float = LIVE_STALE_S, start_at: float = 0.0):
+  def __init__(self, workdir: str, stale_after_s: float = LIVE_STALE_S, start_at: float = 0.0,
+               host: str | None = None):
     self.process = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, workdir, str(stale_after_s), str(start_at)],
+        [sys.executable, "-c", _HOLDER, workdir, str(stale_after_s), str(start_at),
+         *([host] if host else [])],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "PYTHONPATH": REPO})
     self._said = None
@@ -109,10 +114,13 @@ def test_a_second_run_is_refused_naming_the_first_and_changes_nothing(workdir):
 
 @pytest.mark.slow
 def test_a_killed_holders_lock_is_taken_over_and_that_said_in_one_line(workdir):
-  dead = Holder(workdir, KILLED_STALE_S)
+  """A holder on another VM (a preempted one) for gs://: whether it lives, a bucket cannot tell
+  until it has not refreshed the lock for a while."""
+  in_bucket = workdir.startswith("gs://")
+  dead = Holder(workdir, KILLED_STALE_S, host=ANOTHER_VM if in_bucket else None)
   assert dead.said["holder"] == dead.process.pid
   dead.kill()
-  if workdir.startswith("gs://"):  # a bucket cannot tell: live until not refreshed for a while
+  if in_bucket:
     with pytest.raises(workdir_lock.WorkdirLocked,
                        match="a lock not refreshed for 2 s is stale") as refused:
       workdir_lock.acquire(workdir)
@@ -123,13 +131,25 @@ def test_a_killed_holders_lock_is_taken_over_and_that_said_in_one_line(workdir):
   said = [line for line in successor.finish().splitlines() if "took over" in line]
   assert len(said) == 1
   assert f"took over the lock of {workdir} from process {dead.process.pid} on host " in said[0]
-  assert (", which stopped refreshing it " if workdir.startswith("gs://")
+  assert (", which stopped refreshing it " if in_bucket
           else ", which ended without releasing it") in said[0]
 
 
 @pytest.mark.slow
+def test_a_gs_lock_of_a_killed_process_of_this_host_is_taken_over_at_once(gcs_path):
+  """A run killed on this VM and started again does not wait for its old lock to go stale."""
+  dead = Holder(gcs_path, LIVE_STALE_S)
+  assert dead.said["holder"] == dead.process.pid
+  dead.kill()
+  successor = Holder(gcs_path)
+  assert successor.said == {"holder": successor.process.pid, "took_over": dead.process.pid}
+  (said,) = [line for line in successor.finish().splitlines() if "took over" in line]
+  assert said.endswith(", which ended without releasing it"), said
+
+
+@pytest.mark.slow
 def test_of_two_processes_racing_for_a_stale_lock_exactly_one_wins(workdir):
-  dead = Holder(workdir, KILLED_STALE_S)
+  dead = Holder(workdir, KILLED_STALE_S, host=ANOTHER_VM if workdir.startswith("gs://") else None)
   assert dead.said["holder"] == dead.process.pid
   dead.kill()
   start_at = time.time() + KILLED_STALE_S + 0.5  # both started, the lock stale

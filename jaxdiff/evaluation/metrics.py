@@ -25,13 +25,16 @@ class Request(NamedTuple):
   """How much to evaluate and how: `sampling` (how sample metrics draw their samples; its
   batch size also batches bpd's images), `num_samples` (sample metrics; None: the metric's
   default), `num_images` (bpd's held-out images; None: all), and bpd's reverse-process
-  `variance` (σ_t² = β_t or β̃_t) and `timestep_chunk` (network calls of the bound run at once)."""
+  `variance` (σ_t² = β_t or β̃_t) and `timestep_chunk` (network calls of the bound run at once).
+  `should_stop`: asked before each batch of samples (`generate.generate`) or of bpd's images,
+  which raises `generate.Stopped` where it answers yes."""
 
   sampling: SamplingOptions = SamplingOptions()
   num_samples: int | None = None
   num_images: int | None = None
   variance: str = "beta"
   timestep_chunk: int = 50
+  should_stop: Callable[[], bool] | None = None
 
   @classmethod
   def from_config(cls, eval_config) -> "Request":
@@ -67,12 +70,22 @@ def bits_per_dim(denoiser: Denoiser, params, data_config, mesh, key, request: Re
     batch_size = min(batch_size, math.ceil(num_images / mesh.size) * mesh.size)
   batches = data.make_eval_iterator(data_config, batch_size, mesh, limit=num_images)
   try:
-    result = likelihood.bits_per_dim(bound_fn, params, batches, key, denoiser.image_shape)
+    result = likelihood.bits_per_dim(bound_fn, params, _stoppable(batches, request.should_stop),
+                                     key, denoiser.image_shape)
   finally:
     batches.close()
   return {"metric": f"NLL bound, bits/dim (DDPM L_vlb, {levels}-level discretised decoder, "
                     f"σ² = {request.variance})",
           **result, "uniform_bpd": math.log2(levels), "pixel_levels": levels}
+
+
+def _stoppable(batches, should_stop: Callable[[], bool] | None):
+  """`batches`, with `should_stop()` asked before each is computed (`generate.Stopped` where it
+  answers yes)."""
+  for done, batch in enumerate(batches):
+    if should_stop is not None and should_stop():
+      raise generate.Stopped(done, None, "bits/dim")
+    yield batch
 
 
 def _sample_metric(judge: Callable) -> Callable[..., dict]:
@@ -84,7 +97,8 @@ def _sample_metric(judge: Callable) -> Callable[..., dict]:
   def compute(denoiser, params, data_config, mesh, key, request: Request) -> dict:
     start = time.perf_counter()
     result = generate.generate(denoiser, params, key, request.sampling,
-                               num_samples=request.num_samples, mesh=mesh, progress=False)
+                               num_samples=request.num_samples, mesh=mesh, progress=False,
+                               should_stop=request.should_stop)
     sampling_seconds = time.perf_counter() - start
     scores = judge(images.to_uint8(result["images"]), result["labels"], data_config, mesh)
     options = request.sampling.resolved(denoiser.process)

@@ -8,29 +8,50 @@
 
 A bad input (a flag that does not parse, a missing config file, an unknown config field, an
 `errors.UsageError`, a library's `errors.ArgumentError` that no job named a flag for, or
-absl's `app.UsageError` from `main`) prints one line `error: …` on stderr and exits 2; a failure at run time (`errors.JobError`, or any other exception) prints
-one line and exits 1. With --verbose, or TRACEBACK_ENV=1 in the environment, the traceback is
-printed before that line.
+absl's `app.UsageError` from `main`) prints one line `error: …` on stderr and exits 2; a failure
+at run time (`errors.JobError`, or any other exception) prints one line and exits 1; a program
+stopped by a signal before it finished (`Interrupted`, or Ctrl-C anywhere in `main`) prints one
+line and exits 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C). With --verbose, or
+TRACEBACK_ENV=1 in the environment, the traceback is printed before that line; without, what
+libraries print of a failure they also raise (Orbax, TensorStore, gcsfs, asyncio) is dropped
+(`contain_library_output`), and a process whose library threads are stuck (Orbax's, after a
+failed save) ends without waiting for them.
+
+SIGTERM and Ctrl-C: where a `StopSignal` listens, they are acted on at the next point where
+stopping is clean (between train steps, between batches of samples): train.py saves the step and
+exits 0; sample.py and evaluate.py, which write nothing until their work is done, stop
+(`stoppable`: exit 128 + the signal's number). Elsewhere (starting up) they stop the program at
+once, with that exit code too.
 """
 
 import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 import re
+import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
+import jax
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from jaxdiff import config_io, errors, samplers, validation
+from jaxdiff import config_io, errors, generate, samplers, validation
 
 TRACEBACK_ENV = "JAXDIFF_TRACEBACK"
 CONFIG_FLAG = "config"
 USAGE_EXIT_CODE = 2
 FAILURE_EXIT_CODE = 1
+SIGNAL_EXIT_CODE_BASE = 128  # the shell's convention: 143 for SIGTERM, 130 for Ctrl-C
+# How long a failing program waits for the library threads still running before it ends
+# without them (Orbax's wait 300 s for a signal that a failed save never sends).
+THREADS_GRACE_S = 5.0
 
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              f"On an error, also print the traceback (or set {TRACEBACK_ENV}=1).")
@@ -49,16 +70,141 @@ def wants_traceback(argv: Sequence[str]) -> bool:
   return any(arg in ("--verbose", "-verbose", "--verbose=true", "--verbose=1") for arg in argv)
 
 
+class Interrupted(Exception):
+  """The program was stopped by a signal (`signum`) before it finished."""
+
+  def __init__(self, signum: signal.Signals, what: str):
+    super().__init__(f"{signum.name} received: {what}")
+    self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+  del frame
+  raise Interrupted(signal.Signals(signum), "stopped before finishing")
+
+
+class StopSignal:
+  """When to stop early on SIGTERM or Ctrl-C (SIGINT): `should_stop()` is asked where stopping
+  is clean (between train steps, between batches of samples) and says whether to stop there.
+
+  One process: the signal sets `received` (a `signal.Signals`). Several processes: SIGTERM to
+  any one of them reaches all through JAX's coordination service (its preemption notifier owns
+  SIGTERM, so no Python handler is installed), and `should_stop()` answers yes on every process
+  at the same call: `multihost_utils.reached_preemption_sync_point` of the number of calls so
+  far, which grows alike on every process because all of them ask at the same points. So all
+  of them stop at the same step or batch, and none is left waiting in a collective.
+  """
+
+  def __init__(self):
+    self.received: signal.Signals | None = None
+    self._asked = 0
+
+  def should_stop(self) -> bool:
+    self._asked += 1
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(self._asked):
+      self.received = signal.SIGTERM
+    return self.received is not None
+
+  @contextlib.contextmanager
+  def installed(self):
+    if jax.process_count() > 1:
+      yield self
+      return
+
+    def handler(signum, frame):
+      del frame
+      self.received = signal.Signals(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stoppable():
+  """For the programs that write nothing until their work is done (sample.py, evaluate.py):
+  inside, SIGTERM and Ctrl-C stop the work before its next batch. Yields the StopSignal whose
+  `should_stop` the batch loops ask; the `generate.Stopped` they raise leaves as Interrupted
+  (nothing was written). A signal after the last batch lets the writing finish."""
+  stop = StopSignal()
+  with stop.installed():
+    try:
+      yield stop
+    except generate.Stopped as error:
+      raise Interrupted(stop.received, f"{error}; nothing was written") from error
+
+
+class _RaisedFailures(logging.Filter):
+  """Drops the records at ERROR and above of a library (the modules under `package`, or all of
+  the logger's where it is '') that logs a failure, with its traceback, and raises it too: the
+  program says it in its one line."""
+
+  def __init__(self, package: str = ""):
+    super().__init__()
+    self.marker = f"{os.sep}{package}{os.sep}" if package else ""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or self.marker not in record.pathname
+
+
+# Orbax logs through absl's logger; gcsfs's retries and asyncio's unretrieved task errors
+# through their own.
+_LIBRARY_FILTERS = {"absl": _RaisedFailures("orbax"), "gcsfs": _RaisedFailures(),
+                    "asyncio": _RaisedFailures()}
+
+
+def _dropped(*args) -> None:
+  del args
+
+
+def contain_library_output(contained: bool = True) -> None:
+  """Drop (or, `contained` False, print as Python does) what libraries print of failures that
+  also reach the program as exceptions: the error records of the loggers in _LIBRARY_FILTERS,
+  and what reaches sys.excepthook and sys.unraisablehook, which the programs themselves never
+  leave to them (every exception of `main` is caught). After a failed save, TensorStore's
+  callbacks (under Orbax) still complete into the closed asyncio loops of Orbax's threads and
+  at the interpreter's exit, and print each failure there (PyErr_Print, PyErr_WriteUnraisable):
+  tens of tracebacks."""
+  for name, record_filter in _LIBRARY_FILTERS.items():
+    if contained:
+      logging.getLogger(name).addFilter(record_filter)
+    else:
+      logging.getLogger(name).removeFilter(record_filter)
+  sys.excepthook = _dropped if contained else sys.__excepthook__
+  sys.unraisablehook = _dropped if contained else sys.__unraisablehook__
+
+
+def _stuck_threads(grace_s: float) -> list[threading.Thread]:
+  """The threads that would keep the interpreter from exiting (not daemons, not this one) and
+  are still running after `grace_s` seconds in all."""
+  deadline = time.monotonic() + grace_s
+  stuck = []
+  for thread in threading.enumerate():
+    if thread is threading.current_thread() or thread.daemon:
+      continue
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+      stuck.append(thread)
+  return stuck
+
+
 def exit_with(error: BaseException, exit_code: int, argv: Sequence[str]) -> None:
-  """Print `error: <message>` as one line on stderr (after the traceback, if asked for) and exit."""
+  """Print `error: <message>` as one line on stderr (after the traceback, if asked for) and exit;
+  without waiting for library threads that are stuck (`_stuck_threads`)."""
   if wants_traceback(argv):
     traceback.print_exception(error)
   message = errors.one_line(error)
   if not isinstance(error, (errors.UsageError, errors.ArgumentError, errors.JobError,
-                            app.UsageError, flags.Error)):
+                            app.UsageError, flags.Error, Interrupted)):
     message = (f"unexpected {type(error).__name__}: {message} (rerun with --verbose or "
                f"{TRACEBACK_ENV}=1 for the traceback)")
   print(f"error: {message}", file=sys.stderr, flush=True)
+  if _stuck_threads(THREADS_GRACE_S):
+    sys.stdout.flush()
+    os._exit(exit_code)  # pylint: disable=protected-access  (the interpreter would join them)
   sys.exit(exit_code)
 
 
@@ -174,10 +320,17 @@ def run(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)` with the error contract of this module."""
 
   def guarded_main(argv: list[str]) -> Any:
+    contain_library_output(not wants_traceback(argv))
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C, where no StopSignal listens
     try:
       return main(argv)
     except (errors.UsageError, errors.ArgumentError, app.UsageError) as error:
       exit_with(error, USAGE_EXIT_CODE, argv)
+    except Interrupted as error:
+      exit_with(error, SIGNAL_EXIT_CODE_BASE + error.signum, argv)
+    except KeyboardInterrupt:  # Ctrl-C where no StopSignal listens
+      exit_with(Interrupted(signal.SIGINT, "stopped before finishing"),
+                SIGNAL_EXIT_CODE_BASE + signal.SIGINT, argv)
     except Exception as error:  # pylint: disable=broad-exception-caught  (the contract: one line)
       exit_with(error, FAILURE_EXIT_CODE, argv)
 

@@ -34,34 +34,37 @@ def run(workdir: str, metric: str, sampling: dict | None = None, *,
   the model's own `config.eval` says, overridden by `sampling` (the flags given). The result,
   which also names the checkpoint, dataset, dtype and device count, is written to `output`
   (default WORKDIR/eval/METRIC_STEP.json) and as a row to the model's metric sinks beside it
-  (`config.train.metric_sinks`); returns (result, the JSON file's path)."""
+  (`config.train.metric_sinks`); returns (result, the JSON file's path). SIGTERM or Ctrl-C stops
+  it before its next batch of samples, writing nothing (`cli.stoppable`)."""
   sample_job.check_dtype(dtype)
   cli.check_sampling_flags(sampling or {})
-  trained = workdir_lib.load_model(workdir, checkpoint_step)
-  config = trained.config
-  with cli.naming_flags():
-    metrics.check_metric(metric, config.data, trained.denoiser.process.name)
-    denoiser = trained.denoiser.computing_in(dtype)
-    request = metrics.Request(sampling=cli.sampling_options(config.eval, sampling or {}),
-                              num_samples=num_samples, num_images=num_images, variance=variance)
-  mesh = parallel.make_mesh(jax.local_devices())
-  start = time.perf_counter()
-  with cli.naming_flags():
-    result = metrics.evaluate(metric, denoiser, trained.params, config.data, mesh,
-                              jax.random.key(seed), request)
-  result = {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset,
-            "seed": seed, "dtype": denoiser.dtype, "devices": mesh.devices.size,
-            "seconds": time.perf_counter() - start}
-  output = storage.resolve(output or storage.join(workdir, "eval",
-                                                  f"{metric}_{trained.step:07d}.json"))
-  storage.write_text(output, json.dumps(result, indent=2))
-  writer = MetricWriter(os.path.dirname(output),
-                        config.train.get("metric_sinks", metric_writer.DEFAULT_SINKS))
-  try:
-    writer.write(trained.step, metrics.scalars_of(metric, result))
-  finally:
-    writer.close()
-  return result, output
+  with cli.stoppable() as stop:  # nothing is written until every batch is drawn
+    trained = workdir_lib.load_model(workdir, checkpoint_step)
+    config = trained.config
+    with cli.naming_flags():
+      metrics.check_metric(metric, config.data, trained.denoiser.process.name)
+      denoiser = trained.denoiser.computing_in(dtype)
+      request = metrics.Request(sampling=cli.sampling_options(config.eval, sampling or {}),
+                                num_samples=num_samples, num_images=num_images,
+                                variance=variance, should_stop=stop.should_stop)
+    mesh = parallel.make_mesh(jax.local_devices())
+    start = time.perf_counter()
+    with cli.naming_flags():
+      result = metrics.evaluate(metric, denoiser, trained.params, config.data, mesh,
+                                jax.random.key(seed), request)
+    result = {**result, "checkpoint_step": trained.step, "dataset": config.data.dataset,
+              "seed": seed, "dtype": denoiser.dtype, "devices": mesh.devices.size,
+              "seconds": time.perf_counter() - start}
+    output = storage.resolve(output or storage.join(workdir, "eval",
+                                                    f"{metric}_{trained.step:07d}.json"))
+    storage.write_text(output, json.dumps(result, indent=2))
+    writer = MetricWriter(os.path.dirname(output),
+                          config.train.get("metric_sinks", metric_writer.DEFAULT_SINKS))
+    try:
+      writer.write(trained.step, metrics.scalars_of(metric, result))
+    finally:
+      writer.close()
+    return result, output
 
 
 def format_table(result: dict) -> str:

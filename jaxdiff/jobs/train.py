@@ -1,17 +1,20 @@
 """The training job: data → compiled train step → metrics, sample grids and checkpoints.
 
-`run(config, workdir)` is everything `train.py` does. It resumes from the newest good
-checkpoint in `workdir` and runs until `config.train.num_steps` steps in total. SIGTERM or
-Ctrl-C saves a checkpoint at the current step and returns cleanly. A run whose loss turns
-non-finite or explodes stops with a TrainingError and never saves the state it diverged to.
+`run(config, workdir)` is everything `train.py` does. It owns `workdir` while it runs (its
+lock, `workdir_lock`: a second run on it is refused), resumes from the newest good checkpoint
+there and runs until `config.train.num_steps` steps in total. SIGTERM or Ctrl-C, between steps
+or between the batches of a sample grid or an evaluation, saves a checkpoint at the current
+step and returns cleanly. A run whose loss turns non-finite or explodes stops with a
+TrainingError and never saves the state it diverged to.
 """
 
 import collections
 import contextlib
 import dataclasses
 import os
-import signal
+import sys
 import time
+from typing import Callable, TypeVar
 
 import jax
 import numpy as np
@@ -20,11 +23,15 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxdiff import (checkpoint, config_check, config_io, data, errors, generate, images,
-                     metric_writer, parallel, samplers, storage, telemetry, train_step, visualize)
+                     metric_writer, parallel, samplers, storage, telemetry, train_step, visualize,
+                     workdir_lock)
 from jaxdiff import denoiser as denoiser_lib
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.evaluation import metrics, panels
+from jaxdiff.jobs import cli
 from jaxdiff.metric_writer import MetricWriter
+
+_Result = TypeVar("_Result")
 
 
 class TrainingError(errors.JobError):
@@ -45,42 +52,6 @@ class TrainSummary:
     return (f"trained steps {self.first_step}→{self.last_step} in {self.seconds:.0f}s, final loss "
             f"{self.final_loss:.4f}{stopped}; checkpoints, metrics.jsonl, tensorboard/ and "
             f"samples/ are in {self.workdir}")
-
-
-class StopSignal:
-  """When to stop early, save and exit 0, decided between steps.
-
-  One process: SIGTERM or Ctrl-C (SIGINT) sets a flag. Several processes: SIGTERM to any one of
-  them reaches all through JAX's coordination service (its preemption notifier owns SIGTERM, so
-  no Python handler is installed), and `should_stop(step)` is true on every process at the same
-  step (`multihost_utils.reached_preemption_sync_point`), so that all of them save that step
-  and none is left waiting in the next step's collectives.
-  """
-
-  def __init__(self):
-    self.received = None
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
-      self.received = "SIGTERM (agreed by every process)"
-    return self.received is not None
-
-  @contextlib.contextmanager
-  def installed(self):
-    if jax.process_count() > 1:
-      yield self
-      return
-
-    def handler(signum, frame):
-      del frame
-      self.received = signal.Signals(signum).name
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-      yield self
-    finally:
-      for s, h in previous.items():
-        signal.signal(s, h)
 
 
 def is_due(step: int, every: int, last_step: int) -> bool:
@@ -248,7 +219,8 @@ def restore_or_init(config, denoiser: Denoiser, mesh, checkpointer: checkpoint.C
 
 class _Outputs:
   """What the run writes besides metrics: EMA sample grids and denoising panels (as
-  `config.sample` says), evaluations (`config.eval`'s metrics)."""
+  `config.sample` says), evaluations (`config.eval`'s metrics); each stops with
+  `generate.Stopped` where `should_stop()` answers yes before one of its batches."""
 
   def __init__(self, config, workdir, denoiser: Denoiser, mesh, writer, key):
     self.workdir, self.denoiser, self.mesh, self.writer = workdir, denoiser, mesh, writer
@@ -256,22 +228,22 @@ class _Outputs:
     panel_key, self.eval_key, self.sample_key = jax.random.split(key, 3)
     self.panel_x0, self.panel_noise = panels.panel_inputs(config.data, panel_key)
 
-  def samples(self, step: int, ema_params) -> None:
+  def samples(self, step: int, ema_params, should_stop: Callable[[], bool]) -> None:
     grid = generate.sample_grid(self.denoiser, ema_params,
                                 samplers.SamplingOptions.from_config(self.sample_config),
                                 self.sample_config.num_samples, self.mesh,
-                                jax.random.fold_in(self.sample_key, step))
+                                jax.random.fold_in(self.sample_key, step), should_stop)
     panel = panels.panel(self.denoiser, ema_params, self.panel_x0, self.panel_noise)
     if jax.process_index() == 0:
       for folder, image in (("samples", grid), ("panels", panel)):
         images.save_png(storage.join(self.workdir, folder, f"step_{step:07d}.png"), image)
         self.writer.write_image(step, folder, image)
 
-  def evaluation(self, step: int, ema_params) -> None:
+  def evaluation(self, step: int, ema_params, should_stop: Callable[[], bool]) -> None:
     start = time.perf_counter()
+    request = metrics.Request.from_config(self.eval_config)._replace(should_stop=should_stop)
     scalars = metrics.training_scalars(self.denoiser, ema_params, self.data_config,
-                                       self.eval_config.metrics,
-                                       metrics.Request.from_config(self.eval_config), self.mesh,
+                                       self.eval_config.metrics, request, self.mesh,
                                        jax.random.fold_in(self.eval_key, step))
     self.writer.write(step, {**scalars, "eval/seconds": time.perf_counter() - start})
 
@@ -380,10 +352,79 @@ def _metrics_window(config, denoiser: Denoiser, mesh, writer, health, first_step
   return step_fn, window
 
 
+_REFUSALS = (errors.UsageError, errors.ArgumentError)
+
+
+def agreed(action: Callable[[], _Result], what: str) -> _Result | None:
+  """`action()` on process 0 alone, its outcome shared by every process, so that all refuse or
+  all go on: where it raises, process 0 raises that and the others an error of the same kind
+  (UsageError or JobError) saying that process 0 could not `what`. None on the other
+  processes."""
+  result, failure = None, None
+  if jax.process_index() == 0:
+    try:
+      result = action()
+    except Exception as error:  # pylint: disable=broad-exception-caught  (raised below)
+      failure = error
+  if jax.process_count() > 1:
+    outcome = 0 if failure is None else 2 if isinstance(failure, _REFUSALS) else 1
+    outcome = int(multihost_utils.broadcast_one_to_all(np.int32(outcome)))
+    if outcome and failure is None:
+      kind = errors.UsageError if outcome == 2 else errors.JobError
+      raise kind(f"process 0 could not {what}; its error line says why")
+  if failure is not None:
+    raise failure
+  return result
+
+
+@contextlib.contextmanager
+def owning(workdir: str):
+  """The workdir's lock (`workdir_lock`), taken by process 0 for every process (`agreed`) and
+  released on leaving, however that happens. A workdir that another live run holds, or that is
+  a file, is refused (UsageError naming --workdir, and the holder). Yields a function that
+  raises `workdir_lock.LockLost` on every process once the lock was taken away."""
+
+  def take() -> workdir_lock.WorkdirLock:
+    with cli.naming_flags():
+      return workdir_lock.acquire(workdir)
+
+  lock = agreed(take, f"take the lock of {workdir}")
+  try:
+    yield lambda: agreed(lambda: lock.check(), f"keep the lock of {workdir}")
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _close_all(*closes: Callable[[], None]) -> None:
+  """Call each of `closes` whatever the others raise. Where an error is already propagating
+  (this runs in a `finally`), their failures are added to it as notes (shown with --verbose)
+  and it goes on; otherwise the first failure is raised after all of them ran."""
+  in_flight = sys.exc_info()[1]
+  failures = []
+  for close in closes:
+    try:
+      close()
+    except Exception as error:  # pylint: disable=broad-exception-caught  (raised or noted below)
+      failures.append(error)
+  if in_flight is not None:
+    for failure in failures:
+      in_flight.add_note(f"while closing: {type(failure).__name__}: {errors.one_line(failure)}")
+  elif failures:
+    raise failures[0]
+
+
 def run(config, workdir: str) -> TrainSummary:
-  """Train `config` in `workdir` until config.train.num_steps; returns a summary."""
+  """Train `config` in `workdir` until config.train.num_steps; returns a summary. The config is
+  checked before anything is written; the workdir is owned (`owning`) from its first write."""
   workdir = storage.resolve(workdir)
   config_check.check_train_config(config, jax.device_count(), jax.process_count())
+  with owning(workdir) as check_lock:
+    return _train(config, workdir, check_lock)
+
+
+def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary:
+  """`run` once the config is checked and the workdir is owned."""
   train_config = config.train
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh(mesh_config=config.mesh)
@@ -407,10 +448,11 @@ def run(config, workdir: str) -> TrainSummary:
   health = LossHealth(train_config.max_nonfinite_steps, train_config.spike_factor,
                       train_config.max_relative_update)
   step_fn, window = _metrics_window(config, denoiser, mesh, writer, health, first_step)
-  start_time, step, stop = time.perf_counter(), first_step, StopSignal()
+  start_time, step, stop = time.perf_counter(), first_step, cli.StopSignal()
   snapshots = PhemaSnapshotsDue(workdir, train_config)
 
   def save_if_healthy(step: int, *, wait: bool = False) -> None:
+    check_lock()
     window.flush()  # the health of `step` itself
     if health.healthy:
       with window.paused():
@@ -427,28 +469,30 @@ def run(config, workdir: str) -> TrainSummary:
         window.push(step, call_metrics)
         if health.diverged:
           raise TrainingError(_diverged_message(health, workdir))
-        stopping = stop.should_stop(step)
+        stopping = stop.should_stop()
         final = step == last_step or stopping
         if final or is_due(step, train_config.checkpoint_every, last_step):
           save_if_healthy(step, wait=final)
         snapshots.save_if_due(step, state.phema, window)
+        if not stopping:
+          try:
+            with window.paused():
+              if is_due(step, train_config.sample_every, last_step):
+                outputs.samples(step, state.ema_params, stop.should_stop)
+              if is_due(step, train_config.eval_every, last_step):
+                outputs.evaluation(step, state.ema_params, stop.should_stop)
+          except generate.Stopped:  # between two batches of a grid or an evaluation
+            stopping = True
+            save_if_healthy(step, wait=True)
         if stopping:
-          logging.warning("received %s: stopped at step %d", stop.received, step)
+          logging.warning("received %s: stopped at step %d", stop.received.name, step)
           break
-        with window.paused():
-          if is_due(step, train_config.sample_every, last_step):
-            outputs.samples(step, state.ema_params)
-          if is_due(step, train_config.eval_every, last_step):
-            outputs.evaluation(step, state.ema_params)
       window.flush()
       if not health.healthy:
         raise TrainingError(_diverged_message(health, workdir))
   finally:
-    profiler.close()
-    window.progress.close()
-    checkpointer.close()
-    snapshots.close()
-    writer.close()
+    _close_all(profiler.close, window.progress.close, checkpointer.close, snapshots.close,
+               writer.close)
   if is_chief:
     visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
                           storage.join(workdir, "losses.png"))
