@@ -91,9 +91,17 @@ class EmaCheckpoint:
   step: int
 
 
+# The operating system's causes a storage error may bury deep in a long message.
+_OS_CAUSES = ("No space left on device", "Disk quota exceeded", "Permission denied",
+              "Read-only file system")
+
+
 def _describe(error: BaseException, limit: int = 300) -> str:
-  """`Type: message` on one line, cut to `limit` characters (TensorStore's errors are long)."""
-  return f"{type(error).__name__}: {errors.one_line(error, limit)}"
+  """`Type: message` on one line, cut to `limit` characters (TensorStore's errors are long),
+  with the operating system's cause appended where the cut lost it."""
+  text, whole = errors.one_line(error, limit), errors.one_line(error)
+  lost = [cause for cause in _OS_CAUSES if cause in whole and cause not in text]
+  return f"{type(error).__name__}: {text}" + (f" [{lost[0]}]" if lost else "")
 
 
 def _checkpoints_folder(workdir: str) -> str:

@@ -431,3 +431,16 @@ def test_a_failed_write_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path):
     restored = checkpointer.restore(tiny_abstract_state())
   assert restored.data_state == {"n": 1}
   assert_same_state(restored.state, tiny_state())
+
+
+def test_a_long_storage_error_keeps_the_operating_systems_cause():
+  """TensorStore's RESOURCE_EXHAUSTED messages run to hundreds of characters before the cause."""
+  error = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/w/checkpoints/4.orbax-"
+                     "checkpoint-tmp/train/_sharding\": " + "x" * 400 + " [OS error: No space left "
+                     "on device]")
+  describe = checkpoint._describe  # pylint: disable=protected-access
+  described = describe(error)
+  assert described.startswith("ValueError: RESOURCE_EXHAUSTED: Error writing local file")
+  assert described.endswith(" ... [No space left on device]") and len(described) < 400
+  assert describe(OSError(28, "No space left on device")) == (
+      "OSError: [Errno 28] No space left on device")

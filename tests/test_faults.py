@@ -218,7 +218,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_earlier_step(local_
   steps = checkpoint.list_steps(workdir)
   assert steps and re.fullmatch(
       rf"error: could not write checkpoint step \d+ to {workdir}/checkpoints \((OSError: \[Errno "
-      rf"28\] No space left on device|ValueError: RESOURCE_EXHAUSTED: Error writing .*)\); the "
+      rf"28\] No space left on device|ValueError: RESOURCE_EXHAUSTED: Error writing .*No space left "
+      rf"on device.*)\); the "
       rf"earlier steps {re.escape(str(steps))} are intact\. Free disk space .* then rerun to "
       rf"resume\.", line), (line, steps)
 
