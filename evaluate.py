@@ -22,7 +22,8 @@ from jaxdiff.jobs import cli, evaluate, sample
 
 _SAMPLING = cli.SamplingFlags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or export).", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, export or diffusers folder.",
+                               required=True)
 _METRIC = flags.DEFINE_enum("metric", "quality", ["panel", *metrics.METRICS], "What to compute.")
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None, "Default: the newest.")
 _OUTPUT = flags.DEFINE_string(

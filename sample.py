@@ -21,7 +21,7 @@ from jaxdiff.jobs import cli, sample
 
 _SAMPLING = cli.SamplingFlags()
 flags.adopt_module_key_flags(cli)  # --help lists the shared flags too
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or export folder.",
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, export or diffusers folder.",
                                required=True)
 _CHECKPOINT_STEP = flags.DEFINE_integer("checkpoint_step", None,
                                         "Which checkpoint (default: the newest good one).")
