@@ -109,6 +109,11 @@ def check_sizes(config) -> None:
     raise usage_error("train.resume_step", resume_step,
                       "expected the step number of a checkpoint in the workdir (≥ 1), or None "
                       "for the newest good one")
+  profile_steps = tuple(get(config, "train.profile_steps", ()))
+  if profile_steps and not (len(profile_steps) == 2 and all(map(validation.is_whole, profile_steps))
+                            and 1 <= profile_steps[0] <= profile_steps[1]):
+    raise usage_error("train.profile_steps", profile_steps, "expected two steps FIRST,LAST with "
+                      "1 ≤ FIRST ≤ LAST (or () for no trace)")
   if get(config, "train.phema_every", 0):
     check_whole_numbers(config, {"train.phema_keep": 0})
     sigma_rels = get(config, "train.phema_sigma_rels")

@@ -57,6 +57,8 @@ def test_the_shipped_configs_pass(data_dir):
      "--config.train.learning_rate=0.0: expected a finite number > 0"),
     (dict(train__ema_decay=1.0), "--config.train.ema_decay=1.0: expected a number in [0, 1)"),
     (dict(train__p_uncond=1.5), "--config.train.p_uncond=1.5: expected a number in [0, 1]"),
+    (dict(train__profile_steps=(3, 2)), "--config.train.profile_steps=(3, 2): expected two steps "
+     "FIRST,LAST with 1 ≤ FIRST ≤ LAST (or () for no trace)"),
     (dict(model__dropout=-0.1), "--config.model.dropout=-0.1: expected a number in [0, 1)"),
     (dict(data__image_size=0), "--config.data.image_size=0: expected a whole number ≥ 1"),
     (dict(data__num_channels=True), "--config.data.num_channels=True: expected a whole number ≥ 1"),

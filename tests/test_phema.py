@@ -273,8 +273,8 @@ def test_the_phema_program_makes_exports_from_a_runs_snapshots_and_sample_py_rea
   assert not np.allclose(other, flat(averages[1]), atol=1e-6)
 
   exit_code, _, stderr = run_program("sample.py", [[
-      f"--workdir={between}", "--num_samples=4", "--batch_size=4", "--num_steps=4",
+      f"--workdir={between}", "--num_samples=8", "--batch_size=8", "--num_steps=4",
       f"--output_dir={tmp_path}/samples"]])[0]
   assert exit_code == 0, stderr
   images = np.load(tmp_path / "samples" / "samples.npz")["images"]
-  assert images.shape == (4, 8, 8, 1) and np.all(np.isfinite(images))
+  assert images.shape == (8, 8, 8, 1) and images.dtype == np.uint8

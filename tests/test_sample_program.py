@@ -84,7 +84,9 @@ def test_sample_py_from_the_command_line(trained_workdir, tmp_path):
   assert np.load(tmp_path / "samples.npz")["images"].shape == (4, 8, 8, 1)
   assert re.search(r"^sampling: first batch \(compile and run\) [0-9.e+-]+ s, one batch only",
                    result.stdout, re.MULTILINE), result.stdout
-  bad_flags = [("--sampler=euler", "--sampler=euler: unknown sampler"),
+  bad_flags = [("--sampler=plms", "--sampler=plms: unknown sampler"),
+               ("--sampler=edm_stochastic", "--sampler=edm_stochastic: defined for the process "
+                "edm only; this model's is ddpm"),
                ("--num_steps=0", "--num_steps=0: expected a whole number ≥ 1"),
                ("--num_steps=101", "--num_steps=101: more than the model's T = 100"),
                ("--batch_size=0", "--batch_size=0: expected a whole number ≥ 1"),

@@ -274,13 +274,11 @@ class PhemaSnapshotsDue:
 class Profiler:
   """A `jax.profiler` trace of steps first..last (inclusive; with several steps per call, of the
   calls that hold them) into WORKDIR/profile, which TensorBoard's profile tab reads
-  (`profile_steps` = () or (first, last)). `before` and `after` take a call's last step."""
+  (`profile_steps` = () or (first, last), checked by `config_check`). `before` and `after` take
+  a call's last step."""
 
   def __init__(self, profile_steps, workdir: str):
     self.steps = tuple(profile_steps)
-    if self.steps and not (len(self.steps) == 2 and 1 <= self.steps[0] <= self.steps[1]):
-      raise errors.UsageError(f"--config.train.profile_steps={profile_steps!r}: expected two steps "
-                              f"FIRST,LAST with 1 ≤ FIRST ≤ LAST (or () for no trace)")
     self.directory = storage.join(workdir, "profile")
     self.active = False
 
