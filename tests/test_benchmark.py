@@ -18,6 +18,7 @@ TINY_UNET = ["model.ch=8", "model.ch_mult=(1,)", "model.num_res_blocks=1",
              "model.attn_resolutions=()"]
 
 
+@pytest.mark.slow
 def test_benchmark_reports_throughput_flops_and_mfu(tmp_path):
   args = argparse.Namespace(config="configs/default.py", batch_size=8, num_samples=8,
                             dtype="float32", samplers="ddim:2", repeats=1, matmul_size=256,
@@ -217,6 +218,7 @@ def test_op_profile_attributes_each_instruction_to_its_pass_and_kind():
       "ynn_fusion.4": ("backward", "convolution (weight gradient)")}
 
 
+@pytest.mark.slow
 def test_op_profile_of_a_train_step_accounts_for_its_instructions():
   args = op_profile.make_parser().parse_args(
       ["--config=configs/default.py", "--batch_size=8", "--steps=1", "--top=5",

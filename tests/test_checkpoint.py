@@ -135,6 +135,7 @@ def test_an_existing_step_is_never_overwritten(tmp_path):
   assert_same_state(restored.state, state)
 
 
+@pytest.mark.slow
 def test_a_broken_newest_step_is_reported_left_in_place_and_skipped(tmp_path, caplog):
   older, newer = saved_state(1), saved_state(1, seed=8)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2) as checkpointer:
@@ -173,6 +174,7 @@ def test_every_step_broken_is_a_clear_error(tmp_path):
   assert files_under(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_clean_up_never_removes_a_good_step_for_an_unverified_newer_one(tmp_path):
   state = saved_state(1)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as checkpointer:
@@ -187,6 +189,7 @@ def test_clean_up_never_removes_a_good_step_for_an_unverified_newer_one(tmp_path
     assert checkpoint.list_steps(str(tmp_path)) == [4, 5]  # two good steps newer than the rest
 
 
+@pytest.mark.slow
 def test_clean_up_after_falling_back_keeps_max_to_keep_good_steps(tmp_path):
   state = saved_state(1)
   with checkpoint.Checkpointer(str(tmp_path), max_to_keep=3) as checkpointer:
@@ -200,6 +203,7 @@ def test_clean_up_after_falling_back_keeps_max_to_keep_good_steps(tmp_path):
   assert os.listdir(tmp_path / "checkpoints_broken") == ["3"]
 
 
+@pytest.mark.slow
 def test_half_written_steps_are_ignored(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
     checkpointer.save(3, saved_state(1), {"n": 3}, CONFIG, wait=True)

@@ -86,6 +86,7 @@ def results(tmp_path_factory) -> dict:
   return finished
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_and_exit_2_with_nothing_written(results):
   expected = {
       "missing_config_file": f"error: --config=configs/nope.py: no such file (relative paths "

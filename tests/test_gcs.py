@@ -73,6 +73,7 @@ def test_files_folders_appends_and_moves_in_a_bucket(gcs_path):
     storage.move(f"{gcs_path}/c.bin", f"{gcs_path}/aside/a/b.txt")
 
 
+@pytest.mark.slow
 def test_a_train_state_saves_and_restores_exactly_in_a_bucket(gcs_path):
   older, newer = saved_state(2), saved_state(2, seed=8)
   with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
@@ -98,6 +99,7 @@ def test_a_step_without_its_commit_file_is_not_listed(gcs_path):
   assert checkpoint.load_ema(gcs_path, ema_shapes(1)).step == 3
 
 
+@pytest.mark.slow
 def test_a_broken_step_in_a_bucket_is_skipped_and_then_set_aside(gcs_path, caplog):
   older, newer = saved_state(1), saved_state(1, seed=8)
   with checkpoint.Checkpointer(gcs_path, max_to_keep=2) as checkpointer:
@@ -119,6 +121,7 @@ def test_a_broken_step_in_a_bucket_is_skipped_and_then_set_aside(gcs_path, caplo
   assert_same_state(restored.state, newer)
 
 
+@pytest.mark.slow
 def test_exports_and_sampling_read_from_a_bucket(gcs_path):
   state = saved_state(1)
   with checkpoint.Checkpointer(f"{gcs_path}/work") as checkpointer:

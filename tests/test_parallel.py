@@ -115,6 +115,7 @@ def test_sampling_from_a_sharded_state_gives_the_images_of_a_whole_one():
   np.testing.assert_allclose(sharded["images"], whole["images"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_on, restored_on", [
     ((4, 1), [(2, 2), (1, 4), (1, 1)]), ((1, 4), [(4, 1), (2, 2), (1, 1)])])
 def test_restore_across_mesh_shapes(tmp_path, saved_on, restored_on):

@@ -44,6 +44,7 @@ def test_xla_counts_a_sharded_matmul_whole_before_partitioning():
   assert lowered.cost_analysis()["flops"] == 2 * 64 * 64 * 32
 
 
+@pytest.mark.slow
 def test_step_flops_are_about_three_forward_passes_whatever_the_accumulation():
   """Forward + backward ≈ 3 forward passes of the batch; micro-batches and steps per call do not
   change the count (it is taken from the plain step)."""
