@@ -108,6 +108,7 @@ def test_bad_inputs_are_one_line_and_exit_2_with_nothing_written(results):
     assert not workdir.exists(), name
 
 
+@pytest.mark.slow
 def test_a_valid_command_runs(results):
   exit_code, lines, workdir = results["valid"]
   assert exit_code == 0, lines
