@@ -458,8 +458,8 @@ def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary
     else:
       logging.warning("step %d not saved: %s", step, health.reason)
 
-  try:
-    with stop.installed():
+  with stop.installed():  # to the end: a signal while closing is noted, not an exit 143
+    try:
       for step in range(first_step + steps_per_call, last_step + 1, steps_per_call):
         profiler.before(step)
         state, call_metrics = step_fn(state, next(train_iter))
@@ -488,11 +488,11 @@ def _train(config, workdir: str, check_lock: Callable[[], None]) -> TrainSummary
       window.flush()
       if not health.healthy:
         raise TrainingError(_diverged_message(health, workdir))
-  finally:
-    _close_all(profiler.close, window.progress.close, checkpointer.close, snapshots.close,
-               writer.close)
-  if is_chief:
-    visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
-                          storage.join(workdir, "losses.png"))
+    finally:
+      _close_all(profiler.close, window.progress.close, checkpointer.close, snapshots.close,
+                 writer.close)
+    if is_chief:
+      visualize.plot_losses(storage.join(workdir, "metrics.jsonl"),
+                            storage.join(workdir, "losses.png"))
   return TrainSummary(first_step, step, time.perf_counter() - start_time, health.last_good_loss,
                       workdir, preempted=bool(stop.received))
