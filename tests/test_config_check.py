@@ -57,6 +57,20 @@ def test_the_shipped_configs_pass(data_dir):
      "--config.train.learning_rate=0.0: expected a finite number > 0"),
     (dict(train__ema_decay=1.0), "--config.train.ema_decay=1.0: expected a number in [0, 1)"),
     (dict(train__p_uncond=1.5), "--config.train.p_uncond=1.5: expected a number in [0, 1]"),
+    (dict(diffusion__process="vdm"), "--config.diffusion.process=vdm: unknown process; choose "
+     "one of ddpm, edm, flow"),
+    (dict(diffusion__process="edm", diffusion__sigma_min=100.0),
+     "--config.diffusion.sigma_min=100.0: must be below sigma_max = 80.0"),
+    (dict(diffusion__process="flow", diffusion__time_distribution="beta"),
+     "--config.diffusion.time_distribution=beta: unknown time distribution; choose one of "
+     "uniform, logit_normal"),
+    (dict(sample__sampler="edm_stochastic"), "--config.sample.sampler=edm_stochastic: defined "
+     "for the process edm only; this model's is ddpm"),
+    (dict(diffusion__process="flow", sample__spacing="trailing"),
+     "--config.sample.spacing=trailing: unknown spacing for the flow process; choose one of "
+     "uniform, logsnr, karras"),
+    (dict(diffusion__process="edm", diffusion__loss_weighting="min_snr"),
+     "--config.diffusion.loss_weighting=min_snr: DDPM's chain only, not the edm process"),
     (dict(train__profile_steps=(3, 2)), "--config.train.profile_steps=(3, 2): expected two steps "
      "FIRST,LAST with 1 ≤ FIRST ≤ LAST (or () for no trace)"),
     (dict(model__dropout=-0.1), "--config.model.dropout=-0.1: expected a number in [0, 1)"),

@@ -70,3 +70,22 @@ def test_configs_without_a_network_name_are_unets_and_another_network_is_named()
   dit.model.name = "dit"
   differences = config_io.config_differences(older, dit)
   assert differences[0] == "model.name 'dit' (config) vs 'unet' (checkpoint)"
+
+
+def test_a_checkpoint_fixes_its_noise_process_and_what_its_network_learned_of_it():
+  """Checkpoints from before processes had names are DDPM's; another process, or EDM's σ_data,
+  is named; EDM's sampling range and training distribution may change."""
+  saved = config_io.config_to_json(small_config())
+  del saved["diffusion"]["process"]
+  older = config_io.config_from_json(saved)
+  assert config_io.config_differences(older, small_config()) == []
+  edm = small_config()
+  edm.diffusion.process = "edm"
+  assert config_io.config_differences(older, edm)[0] == (
+      "diffusion.process 'edm' (config) vs 'ddpm' (checkpoint)")
+  resumed = small_config()
+  resumed.diffusion.update(process="edm", sigma_data=0.5, sigma_max=40.0, p_mean=-1.0)
+  assert config_io.config_differences(edm, resumed) == []
+  resumed.diffusion.sigma_data = 0.6
+  assert config_io.config_differences(edm, resumed) == [
+      "diffusion.sigma_data 0.6 (config) vs 0.5 (checkpoint)"]
