@@ -9,10 +9,7 @@
 The formats themselves are `jaxdiff.convert`'s.
 """
 
-import json
-
 import jax
-import orbax.checkpoint as ocp
 
 from jaxdiff import checkpoint, convert, errors, parallel, storage
 from jaxdiff.jobs import sample as sample_job
@@ -40,22 +37,12 @@ def to_diffusers(path: str, out_dir: str, step: int | None = None) -> str:
 
 def export_diffusers(path: str, export_dir: str, base_config=None) -> str:
   """Write the diffusers folder `path` as a new jaxdiff export `export_dir`, in the format
-  `checkpoint.export_ema` writes (ema_params/, config.json and export.json, in one piece), with
+  `checkpoint.write_export` writes (ema_params/, config.json and export.json, in one piece), with
   the config `from_diffusers` makes on `base_config` (default: configs/default.py); returns its
   path. sample.py and evaluate.py read it as they read any export."""
-  export_dir = storage.resolve(export_dir)
-  if storage.exists(export_dir):
-    raise checkpoint.CheckpointError(f"{export_dir} already exists; choose a new export folder")
   trained = from_diffusers(path, _one_device(), base_config)
-  with storage.staged(export_dir) as staging:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(storage.join(staging, "ema_params"), trained.params)
-      checkpointer.wait_until_finished()
-    storage.write_text(storage.join(staging, "config.json"),
-                       trained.config.to_json_best_effort(indent=2))
-    storage.write_text(storage.join(staging, checkpoint.EXPORT_MARKER), json.dumps(
-        {"step": trained.step, "diffusers": storage.resolve(path)}, indent=2))
-  return export_dir
+  return checkpoint.write_export(export_dir, trained.params, trained.config,
+                                 {"step": trained.step, "diffusers": storage.resolve(path)})
 
 
 def check_flags(**given) -> None:

@@ -33,7 +33,7 @@ def run(workdir: str, sigma_rel: float, output: str, step: int | None = None) ->
   with cli.naming_flags():
     phema.gamma_from_sigma_rel(sigma_rel)
   if storage.exists(output):
-    raise errors.UsageError(f"--output={output}: exists; choose a new export folder")
+    raise errors.UsageError(f"--output={output}: exists; choose a new folder")
   steps = _snapshot_steps(workdir, step)
   config = config_io.config_from_json(json.loads(storage.read_text(
       storage.join(workdir, "config.json"))))
