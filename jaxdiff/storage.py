@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 import uuid
 from typing import IO, Iterator
 
@@ -79,9 +80,13 @@ def _configure_clients() -> None:
   _gcsfs_defaults().setdefault("use_listings_cache", False)
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(path: str) -> bool:
-  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
-  return "://" in str(path)
+  """Whether `path` names an object store (`gs://...`: a scheme, then ://, at the start) rather
+  than the local file system, where `/tmp/gs://b` is a folder named `gs:`."""
+  return _URL.match(str(path)) is not None
 
 
 def resolve(path: str) -> str:

@@ -54,6 +54,10 @@ def test_local_paths_resolve_as_before_and_urls_stay_as_they_are(tmp_path):
   assert storage.resolve("gs://bucket/run/") == "gs://bucket/run"
   assert storage.join("gs://bucket/run", "checkpoints", "3") == "gs://bucket/run/checkpoints/3"
   assert not storage.is_url(str(tmp_path)) and storage.is_url("gs://bucket")
+  local = f"{tmp_path}/gs://bucket/run"  # a scheme only counts at the start
+  assert not storage.is_url(local) and storage.resolve(local) == f"{tmp_path}/gs:/bucket/run"
+  storage.write_text(f"{local}/a.txt", "here")
+  assert storage.read_text(f"{tmp_path}/gs:/bucket/run/a.txt") == "here"
 
 
 def test_files_folders_appends_and_moves_in_a_bucket(gcs_path):
