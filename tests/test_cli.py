@@ -115,6 +115,7 @@ def test_a_valid_command_runs(results):
   assert workdir.is_dir()
 
 
+@pytest.mark.slow
 def test_run_time_failures_are_one_line_and_exit_1_the_traceback_on_request(results):
   assert results["job"][:2] == (1, ["error: the job could not go on"])
   assert results["bug"][:2] == (1, [
