@@ -1,9 +1,8 @@
 """The training config is refused before anything is written, in one line naming the field."""
 
+import importlib
 import math
 import random
-
-import importlib
 
 import pytest
 
